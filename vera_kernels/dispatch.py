@@ -1,0 +1,112 @@
+"""One dispatch for every op of the package.
+
+Backends:
+  torch   plain PyTorch on any device: the float64 oracle and the fallback;
+  triton  Triton kernels on a CUDA GPU, or on CPU tensors under the interpreter (TRITON_INTERPRET=1
+          set before vera_kernels' Triton kernels are first used);
+  cpu     the C++ extension ``vera_kernels._C`` on CPU tensors;
+  cuda    the same extension's CUDA kernels (built when torch had CUDA and nvcc was found).
+``auto`` picks, for the tensors' device, the first available of: cuda -> cuda, triton, torch;
+cpu -> cpu, torch.
+
+A backend module registers its implementations with :func:`register`; the modules of the optional
+backends are imported on first use, so ``import vera_kernels`` never needs Triton or the extension.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+NAMES = ("torch", "triton", "cpu", "cuda")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+_implementations: dict[tuple[str, str], object] = {}
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    devices: tuple[str, ...]
+    reason: str  # what it runs on when available, why not when missing; one line
+
+
+def register(backend: str, op: str, fn) -> None:
+    _implementations[(backend, op)] = fn
+
+
+def _triton_status() -> BackendStatus:
+    try:
+        from .triton import interpreted
+    except Exception as exc:  # ImportError, or a broken Triton install
+        return BackendStatus("triton", False, (), f"triton could not be imported: {exc!s}".splitlines()[0])
+    if interpreted():
+        return BackendStatus("triton", True, ("cpu",), "Triton interpreter on CPU tensors (TRITON_INTERPRET=1)")
+    if torch.cuda.is_available():
+        return BackendStatus("triton", True, ("cuda",), f"Triton on {torch.cuda.get_device_name()}")
+    return BackendStatus(
+        "triton", False, (), "no CUDA GPU is visible and the Triton interpreter is off (set TRITON_INTERPRET=1)"
+    )
+
+
+def _extension_status(name: str) -> BackendStatus:
+    from . import _extension
+
+    ext, error = _extension.load()
+    if ext is None:
+        return BackendStatus(name, False, (), error)
+    if name == "cpu":
+        return BackendStatus("cpu", True, ("cpu",), "C++ extension vera_kernels._C")
+    if not ext.built_with_cuda():
+        return BackendStatus("cuda", False, (), "vera_kernels._C was built without CUDA (CPU-only torch or no nvcc)")
+    if not torch.cuda.is_available():
+        return BackendStatus("cuda", False, (), "vera_kernels._C has CUDA kernels but no CUDA GPU is visible")
+    return BackendStatus("cuda", True, ("cuda",), f"CUDA extension on {torch.cuda.get_device_name()}")
+
+
+def status(name: str) -> BackendStatus:
+    if name == "torch":
+        return BackendStatus("torch", True, ("cpu", "cuda"), "plain PyTorch")
+    if name == "triton":
+        return _triton_status()
+    if name in ("cpu", "cuda"):
+        return _extension_status(name)
+    raise ValueError(f"backend must be 'auto' or one of {', '.join(NAMES)}; got {name!r}")
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Every backend with whether it is available here and, in one line, on what or why not."""
+    return {name: status(name) for name in NAMES}
+
+
+def _implementation(backend: str, op: str):
+    if (backend, op) not in _implementations:
+        if backend == "triton":
+            importlib.import_module(".triton", __package__)
+        elif backend in ("cpu", "cuda"):
+            importlib.import_module("._extension", __package__)
+    return _implementations.get((backend, op))
+
+
+def lookup(op: str, backend: str, device: torch.device):
+    """The implementation of ``op`` on ``backend`` for tensors on ``device``; errors say why not."""
+    if backend == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+            found = status(candidate)
+            if found.available and device.type in found.devices and _implementation(candidate, op):
+                return _implementation(candidate, op)
+        raise RuntimeError(f"no backend implements {op} on device {device}")
+    found = status(backend)
+    if not found.available:
+        raise RuntimeError(f"backend {backend!r} is not available: {found.reason}")
+    if device.type not in found.devices:
+        raise RuntimeError(
+            f"backend {backend!r} runs on {' or '.join(found.devices)} tensors, not {device.type} ({found.reason})"
+        )
+    fn = _implementation(backend, op)
+    if fn is None:
+        raise NotImplementedError(f"backend {backend!r} does not implement {op} yet")
+    return fn

@@ -1,0 +1,316 @@
+"""``python -m vera_kernels.verify``: correctness checks of every backend available on this machine.
+
+One printed row per check: backend, check, error (differing bits/elements for the projection scheme,
+relative error against float64 for the math) and pass/fail. Exit status 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass
+from importlib import resources
+
+import torch
+
+GOLDEN_FILE = "philox_projections.json"
+_DTYPE_BITS = {
+    torch.float32: (torch.int32, 0xFFFFFFFF),
+    torch.bfloat16: (torch.int16, 0xFFFF),
+    torch.float16: (torch.int16, 0xFFFF),
+}
+
+
+@dataclass
+class Row:
+    backend: str
+    check: str
+    error: float  # a count of differing elements, or a relative error
+    unit: str  # "elements" or "rel"
+    passed: bool
+    detail: str = ""
+
+
+def load_golden() -> dict:
+    """Known answers from an independent implementation of the scheme (shipped with the package)."""
+    return json.loads(resources.files("vera_kernels").joinpath("data", GOLDEN_FILE).read_text())
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a float tensor as non-negative int64."""
+    int_dtype, mask = _DTYPE_BITS[t.dtype]
+    return t.contiguous().view(int_dtype).to(torch.int64) & mask
+
+
+def ieee_cast_bits(fp32_bits: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """fp32 bit patterns rounded to ``dtype`` by torch's own cast (IEEE nearest-even), as bits.
+
+    The golden file has no fp16 column: torch's cast is an independent check of our integer rounding."""
+    values = torch.tensor(fp32_bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    return bits_of(values.to(dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# Projection scheme checks. Each returns the number of elements that differ from the known answer.
+
+
+def philox_kat_mismatches(backend: str, device, golden: dict) -> int:
+    from .dispatch import lookup
+
+    philox = lookup("philox4x32_10", backend, torch.device(device))
+    vectors = golden["kat_philox4x32_10"]
+    counters = torch.tensor([v["counter"] for v in vectors], dtype=torch.int64, device=device)
+    keys = torch.tensor([v["key"] for v in vectors], dtype=torch.int64, device=device)
+    expected = torch.tensor([v["out"] for v in vectors], dtype=torch.int64)
+    return int((philox(counters, keys).cpu() != expected).sum())
+
+
+def golden_word_mismatches(backend: str, device, golden: dict) -> int:
+    """The raw Philox word of every sampled element: checks the counter and key layout."""
+    from .dispatch import lookup
+
+    philox = lookup("philox4x32_10", backend, torch.device(device))
+    counters, keys, lanes, expected = [], [], [], []
+    for case in golden["cases"]:
+        for row, col, word in zip(case["row"], case["col"], case["word_u32"]):
+            counters.append([col >> 2, row, case["tag"], 0])
+            keys.append([case["seed"] & 0xFFFFFFFF, case["seed"] >> 32])
+            lanes.append(col & 3)
+            expected.append(word)
+    words = philox(torch.tensor(counters, device=device), torch.tensor(keys, device=device)).cpu()
+    got = words[torch.arange(len(lanes)), torch.tensor(lanes)]
+    return int((got != torch.tensor(expected)).sum())
+
+
+def golden_element_mismatches(backend: str, device, golden: dict, dtype: torch.dtype) -> int:
+    """Every sampled element, generated alone as a 1 x 1 block at its (row, col)."""
+    from .projections import projection_block
+
+    mismatches = 0
+    for case in golden["cases"]:
+        got = torch.stack(
+            [
+                bits_of(
+                    projection_block(
+                        case["seed"], case["tag"], 1, 1, case["fan_in"], row_offset=row, col_offset=col,
+                        dtype=dtype, device=device, backend=backend,
+                    ).cpu()
+                )[0, 0]
+                for row, col in zip(case["row"], case["col"])
+            ]
+        )
+        mismatches += int((got != _expected_bits(case, dtype)).sum())
+    return mismatches
+
+
+def golden_block_mismatches(backend: str, device, golden: dict, dtype: torch.dtype) -> int:
+    """The full small blocks, element for element."""
+    from .projections import projection_block
+
+    mismatches = 0
+    for block in golden["blocks_row_major"]:
+        got = projection_block(
+            block["seed"], block["tag"], block["rows"], block["cols"], block["fan_in"],
+            dtype=dtype, device=device, backend=backend,
+        )
+        mismatches += int((bits_of(got.cpu()).flatten() != _expected_bits(block, dtype)).sum())
+    return mismatches
+
+
+def _expected_bits(entry: dict, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float32:
+        return torch.tensor(entry["fp32_bits"], dtype=torch.int64)
+    if dtype == torch.bfloat16:
+        return torch.tensor(entry["bf16_bits"], dtype=torch.int64)
+    return ieee_cast_bits(entry["fp32_bits"], dtype)
+
+
+def cross_backend_mismatches(backend: str, device, dtype: torch.dtype, rank=256, dim=4096, seed=0) -> int:
+    """The full pair A (rank x dim) and B (dim x rank) against the torch backend on CPU."""
+    from .projections import generate_projections
+
+    got = generate_projections(seed, rank, dim, dim, dtype=dtype, device=device, backend=backend)
+    want = generate_projections(seed, rank, dim, dim, dtype=dtype, device="cpu", backend="torch")
+    return sum(int((bits_of(g.cpu()) != bits_of(w)).sum()) for g, w in zip(got, want))
+
+
+def slice_mismatches(backend: str, device, dtype: torch.dtype, seed=2**63 - 1) -> int:
+    """Slices of the max pair equal blocks generated alone: a layer's A_max[:, :in] and B_max[:out, :], and
+    an interior block. The scale follows fan_in (max_in for A, rank for B), not the slice's width."""
+    from .projections import TAG_A, generate_projections, projection_block
+
+    common = dict(dtype=dtype, device=device, backend=backend)
+    A_max, B_max = generate_projections(seed, 17, 1000, 700, **common)
+    _, B = generate_projections(seed, 17, 333, 130, **common)
+    pairs = [
+        (A_max[:, :333], projection_block(seed, TAG_A, 17, 333, 1000, **common)),
+        (B_max[:130], B),
+        (A_max[5:12, 101:998], projection_block(seed, TAG_A, 7, 897, 1000, row_offset=5, col_offset=101, **common)),
+    ]
+    return sum(int((bits_of(a) != bits_of(b)).sum()) for a, b in pairs)
+
+
+def projection_rows(backend: str, device, golden: dict) -> list[Row]:
+    def row(check, mismatches):
+        return Row(backend, check, mismatches, "elements", mismatches == 0)
+
+    rows = [
+        row("philox4x32-10 known answers", philox_kat_mismatches(backend, device, golden)),
+        row("golden words (counter/key layout)", golden_word_mismatches(backend, device, golden)),
+    ]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        name = str(dtype).removeprefix("torch.")
+        rows.append(row(f"golden elements {name}", golden_element_mismatches(backend, device, golden, dtype)))
+        rows.append(row(f"golden blocks {name}", golden_block_mismatches(backend, device, golden, dtype)))
+        if backend != "torch" or torch.device(device).type != "cpu":
+            rows.append(row(f"A 256x4096, B 4096x256 == torch {name}", cross_backend_mismatches(backend, device, dtype)))
+        rows.append(row(f"slices of the max pair {name}", slice_mismatches(backend, device, dtype)))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference math checks (float64).
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖ in float64; NaN or inf anywhere gives inf, so it never passes."""
+    got, want = got.detach().double(), want.detach().double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float(torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want).clamp_min(1e-300))
+
+
+def random_problem(m, in_features, out_features, rank, *, device="cpu", dtype=torch.float64, seed=0, batch=None):
+    """Fresh random inputs with PEFT's slicing of a larger shared pair (max dims = dims + 7)."""
+    from .projections import generate_projections
+
+    A_max, B_max = generate_projections(seed, rank, in_features + 7, out_features + 5, device=device)
+    shape = (batch, m, in_features) if batch else (m, in_features)
+    return dict(
+        x=torch.randn(*shape, device=device, dtype=dtype),
+        weight=torch.randn(out_features, in_features, device=device, dtype=dtype) / in_features**0.5,
+        bias=torch.randn(out_features, device=device, dtype=dtype),
+        A=A_max[:, :in_features].to(dtype),
+        B=B_max[:out_features, :].to(dtype),
+        lambda_d=torch.randn(rank, device=device, dtype=dtype),
+        lambda_b=torch.randn(out_features, device=device, dtype=dtype),
+    )
+
+
+TRAINABLE = ("x", "bias", "lambda_d", "lambda_b")
+
+
+def analytic_vs_autograd_errors(problem: dict) -> dict[str, float]:
+    """Relative errors of the analytic forward/backward against autograd on the naive formula."""
+    from .reference import vera_linear, vera_linear_naive
+
+    results = {}
+    for fn in (vera_linear, vera_linear_naive):
+        inputs = {k: v.detach().clone().requires_grad_(k in TRAINABLE) for k, v in problem.items()}
+        y = fn(**inputs)
+        y.backward(torch.ones_like(y).normal_(generator=torch.Generator(y.device).manual_seed(1)))
+        results[fn.__name__] = [y] + [inputs[k].grad for k in TRAINABLE]
+    names = ("y", "dx", "dbias", "dd", "db")
+    return {n: relative_error(a, b) for n, a, b in zip(names, results["vera_linear"], results["vera_linear_naive"])}
+
+
+def reference_rows(device) -> list[Row]:
+    from .reference import vera_linear
+
+    rows = []
+    for shape in ((17, 40, 130, 17), (1, 130, 40, 1)):
+        problem = random_problem(*shape, device=device, batch=3 if shape[0] > 1 else None)
+        for name, err in analytic_vs_autograd_errors(problem).items():
+            rows.append(Row("torch", f"reference {name} vs autograd, M,in,out,r={shape}", err, "rel", err < 1e-12))
+
+    small = random_problem(5, 7, 6, 3, device=device)
+    inputs = tuple(v.requires_grad_(k in TRAINABLE) for k, v in small.items())
+    ok = torch.autograd.gradcheck(vera_linear, inputs, eps=1e-6, atol=1e-8, rtol=1e-6, raise_exception=False)
+    rows.append(Row("torch", "reference gradcheck (float64)", 0.0 if ok else 1.0, "rel", ok))
+
+    # A fresh adapter (d = d_initial, b = 0) is the identity: the base layer's output, bit for bit.
+    fresh = random_problem(9, 40, 30, 8, device=device)
+    fresh["lambda_d"] = torch.full_like(fresh["lambda_d"], 0.1)
+    fresh["lambda_b"] = torch.zeros_like(fresh["lambda_b"])
+    base = fresh["x"] @ fresh["weight"].t() + fresh["bias"]
+    err = relative_error(vera_linear(**fresh), base)
+    rows.append(Row("torch", "fresh adapter (d=0.1, b=0) is the base layer", err, "rel", err == 0.0))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def run(device: str, backend_names: list[str] | None = None) -> list[Row]:
+    from .dispatch import backends
+
+    golden = load_golden()
+    rows: list[Row] = []
+    for status in backends().values():
+        if backend_names and status.name not in backend_names:
+            continue
+        if not status.available or torch.device(device).type not in status.devices:
+            why = status.reason if not status.available else f"runs on {'/'.join(status.devices)} only"
+            print(f"[skip] {status.name}: {why}", flush=True)
+            continue
+        print(f"[run ] {status.name}: projection scheme on {device}", flush=True)
+        rows += projection_rows(status.name, device, golden)
+    if not backend_names or "torch" in backend_names:
+        print(f"[run ] torch: reference math on {device}", flush=True)
+        rows += reference_rows(device)
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    header = ("backend", "check", "error", "result")
+    body = [
+        (r.backend, r.check, f"{int(r.error)} differ" if r.unit == "elements" else f"{r.error:.2e}",
+         "pass" if r.passed else "FAIL" + (f" ({r.detail})" if r.detail else ""))
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header] + body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vera_kernels.verify", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
+    parser.add_argument("--backend", action="append", help="check only this backend (repeatable)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows and the environment as JSON")
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to torch")
+    if torch.device(device).type == "cpu" and "TRITON_INTERPRET" not in os.environ:
+        # Triton runs on CPU tensors only under its interpreter, chosen when our kernels are first loaded.
+        os.environ["TRITON_INTERPRET"] = "1"
+
+    environment = {
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        environment["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print("vera_kernels.verify on " + ", ".join(f"{k} {v}" for k, v in environment.items()), flush=True)
+    rows = run(device, args.backend)
+    print(format_table(rows))
+    failed = [r for r in rows if not r.passed]
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    return 1 if failed or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
