@@ -19,25 +19,37 @@ from __future__ import annotations
 import torch
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    # What the kernels accumulate and scale in: fp32 for every kernel dtype, float64 for the oracle.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def vera_forward(x, weight, bias, A, B, lambda_d, lambda_b):
-    """Returns (y, s) with s = x Aᵀ, the only activation the backward needs."""
+    """Returns (y, s) with s = x Aᵀ, the only activation the backward needs.
+
+    The GEMM operands are in x's dtype; the scalings by d and b and the sum are in the accumulation
+    dtype, as the kernels do them, so fp32 lambdas on a bf16 layer keep their precision."""
+    acc = _accumulation_dtype(x.dtype)
     s = x @ A.t()
-    y = x @ weight.t() + lambda_b * ((lambda_d * s) @ B.t())
+    t = (lambda_d.to(acc) * s.to(acc)).to(x.dtype)
+    y = (x @ weight.t()).to(acc) + lambda_b.to(acc) * (t @ B.t()).to(acc)
     if bias is not None:
-        y = y + bias
-    return y, s
+        y = y + bias.to(acc)
+    return y.to(x.dtype), s
 
 
 def vera_backward(grad_out, s, weight, A, B, lambda_d, lambda_b):
-    """Returns (dx, dd, db, dbias) from the output gradient and the saved s alone."""
+    """Returns (dx, dd, db, dbias) from the output gradient and the saved s alone; the reductions over M
+    are in the accumulation dtype, then cast to the dtype of the parameter they belong to."""
     g = grad_out.reshape(-1, grad_out.shape[-1])
     s2 = s.reshape(-1, s.shape[-1])
-    u = (lambda_d * s2) @ B.t()
-    db = (g * u).sum(0)
-    dt = (g * lambda_b) @ B
-    dd = (dt * s2).sum(0)
-    dx = g @ weight + (lambda_d * dt) @ A
-    dbias = g.sum(0)
+    acc = _accumulation_dtype(g.dtype)
+    u = (lambda_d.to(acc) * s2.to(acc)).to(g.dtype) @ B.t()
+    db = (g.to(acc) * u.to(acc)).sum(0).to(lambda_b.dtype)
+    dt = (g.to(acc) * lambda_b.to(acc)).to(g.dtype) @ B
+    dd = (dt.to(acc) * s2.to(acc)).sum(0).to(lambda_d.dtype)
+    dx = g @ weight + (lambda_d.to(acc) * dt.to(acc)).to(g.dtype) @ A
+    dbias = g.to(acc).sum(0)
     return dx.reshape(*grad_out.shape[:-1], weight.shape[1]), dd, db, dbias
 
 
@@ -51,7 +63,7 @@ class VeRAFunction(torch.autograd.Function):
                 raise ValueError(f"{name} must be frozen (requires_grad=False): VeRA trains only lambda_d, lambda_b and bias")
         y, s = vera_forward(x, weight, bias, A, B, lambda_d, lambda_b)
         ctx.save_for_backward(s, weight, A, B, lambda_d, lambda_b)
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
@@ -61,7 +73,7 @@ class VeRAFunction(torch.autograd.Function):
         return (
             dx if ctx.needs_input_grad[0] else None,
             None,
-            dbias if ctx.has_bias and ctx.needs_input_grad[2] else None,
+            dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None,
             None,
             None,
             dd if ctx.needs_input_grad[5] else None,

@@ -1,0 +1,109 @@
+"""The public VeRA ops: argument checks, then one dispatch to the backend's implementation.
+
+    vera_linear(x, weight, bias, A, B, lambda_d, lambda_b)  y = x W0ᵀ + bias + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ)
+    vera_delta(x, A, B, lambda_d, lambda_b, base_out)       base_out + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ)
+
+``vera_delta`` is the card's ``x + ((x @ Aᵀ) * d) @ Bᵀ * b`` form: the adapter accumulated onto any tensor,
+e.g. the output of a base layer that cannot be fused (a quantized one) or the residual stream.
+
+Shapes: x (..., in), weight (out, in), bias (out) or None, A (r, in) (a slice ``A_max[:, :in]`` may be
+strided), B (out, r), lambda_d (r), lambda_b (out), base_out (..., out). x, weight, bias, A, B and
+base_out share one floating dtype (float32, bfloat16, float16; float64 on the torch backend); lambda_d
+and lambda_b are float32 or that dtype. All on one device. Gradients flow to x, bias, lambda_d, lambda_b
+(and base_out); weight, A and B are frozen.
+
+Every backend registers ``vera_linear`` and ``vera_delta`` with :func:`vera_kernels.dispatch.register`;
+they receive checked arguments with x flattened to 2-D (M, in) and return (M, out) with autograd wired.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch, reference
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fail(name: str, expected: str, got) -> None:
+    raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
+
+
+def check_vera_args(x, weight, bias, A, B, lambda_d, lambda_b, base_out=None, *, backend="auto"):
+    """Validate everything before any kernel runs; errors name the argument and what was expected."""
+    named = dict(x=x, weight=weight, bias=bias, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b, base_out=base_out)
+    for name, t in named.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        _fail("x", "a tensor of shape (..., in_features) with in_features >= 1", _describe(x))
+    in_features = x.shape[-1]
+    rank = A.shape[0] if A.dim() == 2 else -1
+    if A.dim() != 2 or A.shape[1] != in_features or rank < 1:
+        _fail("A", f"shape (rank, {in_features}) (x's last dimension)", _describe(A))
+    if B.dim() != 2 or B.shape[1] != rank:
+        _fail("B", f"shape (out_features, {rank}) (A's rank)", _describe(B))
+    out_features = B.shape[0]
+    if weight is not None and tuple(weight.shape) != (out_features, in_features):
+        _fail("weight", f"shape ({out_features}, {in_features}) (B's rows, x's last dimension)", _describe(weight))
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        _fail("bias", f"shape ({out_features},)", _describe(bias))
+    if tuple(lambda_d.shape) != (rank,):
+        _fail("lambda_d", f"shape ({rank},) (the rank)", _describe(lambda_d))
+    if tuple(lambda_b.shape) != (out_features,):
+        _fail("lambda_b", f"shape ({out_features},) (out_features)", _describe(lambda_b))
+    if base_out is not None and tuple(base_out.shape) != (*x.shape[:-1], out_features):
+        _fail("base_out", f"shape {(*x.shape[:-1], out_features)}", _describe(base_out))
+
+    allowed = KERNEL_DTYPES + ((torch.float64,) if backend == "torch" else ())
+    if x.dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise TypeError(f"x: expected dtype in ({names}) for backend {backend!r}, got {x.dtype}")
+    for name in ("weight", "bias", "A", "B", "base_out"):
+        t = named[name]
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (x's dtype), got {t.dtype}")
+    for name in ("lambda_d", "lambda_b"):
+        if named[name].dtype not in (torch.float32, x.dtype):
+            raise TypeError(f"{name}: expected dtype torch.float32 or {x.dtype} (x's dtype), got {named[name].dtype}")
+    for name, t in named.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (x's device), got {t.device}")
+    for name in ("weight", "A", "B"):
+        t = named[name]
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{name}: must be frozen (requires_grad=False); VeRA trains lambda_d, lambda_b and bias")
+    return in_features, out_features, rank
+
+
+def vera_linear(x, weight, bias, A, B, lambda_d, lambda_b, *, backend: str = "auto") -> torch.Tensor:
+    """y = x W0ᵀ + bias + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ), the base GEMM fused with the adapter."""
+    if weight is None:
+        raise TypeError("weight: expected a torch.Tensor of shape (out_features, in_features), got None")
+    in_features, out_features, _ = check_vera_args(x, weight, bias, A, B, lambda_d, lambda_b, backend=backend)
+    impl = dispatch.lookup("vera_linear", backend, x.device)
+    y = impl(x.reshape(-1, in_features), weight, bias, A, B, lambda_d, lambda_b)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def vera_delta(x, A, B, lambda_d, lambda_b, base_out, *, backend: str = "auto") -> torch.Tensor:
+    """base_out + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ): the adapter accumulated onto a given tensor."""
+    if base_out is None:
+        raise TypeError("base_out: expected a torch.Tensor of shape (..., out_features), got None")
+    in_features, out_features, _ = check_vera_args(x, None, None, A, B, lambda_d, lambda_b, base_out, backend=backend)
+    impl = dispatch.lookup("vera_delta", backend, x.device)
+    y = impl(x.reshape(-1, in_features), A, B, lambda_d, lambda_b, base_out.reshape(-1, out_features))
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def _vera_delta_torch(x, A, B, lambda_d, lambda_b, base_out):
+    s = x @ A.t()
+    return base_out + lambda_b * ((lambda_d * s) @ B.t())
+
+
+dispatch.register("torch", "vera_linear", reference.vera_linear)
+dispatch.register("torch", "vera_delta", _vera_delta_torch)
