@@ -15,6 +15,7 @@ backends are imported on first use, so ``import vera_kernels`` never needs Trito
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 
@@ -110,3 +111,25 @@ def lookup(op: str, backend: str, device: torch.device):
     if fn is None:
         raise NotImplementedError(f"backend {backend!r} does not implement {op} yet")
     return fn
+
+
+_poison_outputs = False
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Within this block, :func:`new_output` fills fresh buffers with NaN, so an element a kernel fails
+    to write shows up in the result instead of passing by luck. For tests and verify."""
+    global _poison_outputs
+    previous, _poison_outputs = _poison_outputs, True
+    try:
+        yield
+    finally:
+        _poison_outputs = previous
+
+
+def new_output(*shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Every backend allocates the buffers its kernels write with this (torch.empty, or NaN when poisoned)."""
+    if _poison_outputs:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)

@@ -3,11 +3,11 @@
 Runs in the dtype of its inputs: in float64 it is the oracle every kernel is checked against; in other
 dtypes it is the fallback. With s = x Aᵀ, t = d ⊙ s, u = t Bᵀ and g = dL/dy:
 
-    y     = x W0ᵀ + bias + b ⊙ u
+    y     = x W0ᵀ + bias + b ⊙ u     (vera_linear)   or   base_out + b ⊙ u   (vera_delta)
     db    = Σ_m g ⊙ u           (u recomputed from s: no M x out tensor is saved)
     dt    = (g ⊙ b) B
     dd    = Σ_m dt ⊙ s
-    dx    = g W0 + (d ⊙ dt) A
+    dx    = g W0 + (d ⊙ dt) A      (vera_delta: (d ⊙ dt) A; d base_out = g)
     dbias = Σ_m g
 
 Shapes: x (..., in), weight W0 (out, in), bias (out) or None, A (r, in), B (out, r), d (r), b (out).
@@ -24,23 +24,36 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def vera_forward(x, weight, bias, A, B, lambda_d, lambda_b):
-    """Returns (y, s) with s = x Aᵀ, the only activation the backward needs.
+def _adapter_term(x, A, B, lambda_d, lambda_b):
+    """(b ⊙ ((d ⊙ s) Bᵀ) in the accumulation dtype, s = x Aᵀ).
 
-    The GEMM operands are in x's dtype; the scalings by d and b and the sum are in the accumulation
+    The GEMM operands are in x's dtype; the scalings by d and b and the sums are in the accumulation
     dtype, as the kernels do them, so fp32 lambdas on a bf16 layer keep their precision."""
     acc = _accumulation_dtype(x.dtype)
     s = x @ A.t()
     t = (lambda_d.to(acc) * s.to(acc)).to(x.dtype)
-    y = (x @ weight.t()).to(acc) + lambda_b.to(acc) * (t @ B.t()).to(acc)
+    return lambda_b.to(acc) * (t @ B.t()).to(acc), s
+
+
+def vera_forward(x, weight, bias, A, B, lambda_d, lambda_b):
+    """Returns (y, s) with s = x Aᵀ, the only activation the backward needs."""
+    term, s = _adapter_term(x, A, B, lambda_d, lambda_b)
+    y = (x @ weight.t()).to(term.dtype) + term
     if bias is not None:
-        y = y + bias.to(acc)
+        y = y + bias.to(term.dtype)
     return y.to(x.dtype), s
 
 
+def vera_delta_forward(x, A, B, lambda_d, lambda_b, base_out):
+    """Returns (base_out + b ⊙ ((d ⊙ s) Bᵀ), s)."""
+    term, s = _adapter_term(x, A, B, lambda_d, lambda_b)
+    return (base_out.to(term.dtype) + term).to(base_out.dtype), s
+
+
 def vera_backward(grad_out, s, weight, A, B, lambda_d, lambda_b):
-    """Returns (dx, dd, db, dbias) from the output gradient and the saved s alone; the reductions over M
-    are in the accumulation dtype, then cast to the dtype of the parameter they belong to."""
+    """Returns (dx, dd, db, dbias) from the output gradient and the saved s alone (weight None: the
+    adapter's part of dx only). Reductions over M are in the accumulation dtype, then cast to the dtype
+    of the parameter they belong to."""
     g = grad_out.reshape(-1, grad_out.shape[-1])
     s2 = s.reshape(-1, s.shape[-1])
     acc = _accumulation_dtype(g.dtype)
@@ -48,19 +61,25 @@ def vera_backward(grad_out, s, weight, A, B, lambda_d, lambda_b):
     db = (g.to(acc) * u.to(acc)).sum(0).to(lambda_b.dtype)
     dt = (g.to(acc) * lambda_b.to(acc)).to(g.dtype) @ B
     dd = (dt.to(acc) * s2.to(acc)).sum(0).to(lambda_d.dtype)
-    dx = g @ weight + (lambda_d.to(acc) * dt.to(acc)).to(g.dtype) @ A
+    dx = (lambda_d.to(acc) * dt.to(acc)).to(g.dtype) @ A
+    if weight is not None:
+        dx = g @ weight + dx
     dbias = g.to(acc).sum(0)
-    return dx.reshape(*grad_out.shape[:-1], weight.shape[1]), dd, db, dbias
+    return dx.reshape(*grad_out.shape[:-1], A.shape[1]), dd, db, dbias
+
+
+def _check_frozen(**tensors):
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{name} must be frozen (requires_grad=False): VeRA trains only lambda_d, lambda_b and bias")
 
 
 class VeRAFunction(torch.autograd.Function):
-    """Autograd with the analytic backward; saves only s (M x r). W0, A and B are frozen: no gradient."""
+    """vera_linear with the analytic backward; saves only s (M x r). W0, A and B are frozen."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, lambda_d, lambda_b):
-        for name, frozen in (("weight", weight), ("A", A), ("B", B)):
-            if frozen.requires_grad:
-                raise ValueError(f"{name} must be frozen (requires_grad=False): VeRA trains only lambda_d, lambda_b and bias")
+        _check_frozen(weight=weight, A=A, B=B)
         y, s = vera_forward(x, weight, bias, A, B, lambda_d, lambda_b)
         ctx.save_for_backward(s, weight, A, B, lambda_d, lambda_b)
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -70,20 +89,51 @@ class VeRAFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         s, weight, A, B, lambda_d, lambda_b = ctx.saved_tensors
         dx, dd, db, dbias = vera_backward(grad_out, s, weight, A, B, lambda_d, lambda_b)
+        needs = ctx.needs_input_grad
         return (
-            dx if ctx.needs_input_grad[0] else None,
+            dx if needs[0] else None,
             None,
-            dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None,
+            dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None and needs[2] else None,
             None,
             None,
-            dd if ctx.needs_input_grad[5] else None,
-            db if ctx.needs_input_grad[6] else None,
+            dd if needs[5] else None,
+            db if needs[6] else None,
+        )
+
+
+class VeRADeltaFunction(torch.autograd.Function):
+    """vera_delta with the analytic backward; saves only s (M x r)."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, lambda_d, lambda_b, base_out):
+        _check_frozen(A=A, B=B)
+        y, s = vera_delta_forward(x, A, B, lambda_d, lambda_b, base_out)
+        ctx.save_for_backward(s, A, B, lambda_d, lambda_b)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        s, A, B, lambda_d, lambda_b = ctx.saved_tensors
+        dx, dd, db, _ = vera_backward(grad_out, s, None, A, B, lambda_d, lambda_b)
+        needs = ctx.needs_input_grad
+        return (
+            dx if needs[0] else None,
+            None,
+            None,
+            dd if needs[3] else None,
+            db if needs[4] else None,
+            grad_out if needs[5] else None,
         )
 
 
 def vera_linear(x, weight, bias, A, B, lambda_d, lambda_b):
     """y = x W0ᵀ + bias + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ) with the analytic backward."""
     return VeRAFunction.apply(x, weight, bias, A, B, lambda_d, lambda_b)
+
+
+def vera_delta(x, A, B, lambda_d, lambda_b, base_out):
+    """base_out + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ) with the analytic backward."""
+    return VeRADeltaFunction.apply(x, A, B, lambda_d, lambda_b, base_out)
 
 
 def vera_linear_naive(x, weight, bias, A, B, lambda_d, lambda_b):

@@ -242,9 +242,75 @@ def reference_rows(device) -> list[Row]:
 
 
 # --------------------------------------------------------------------------------------------------
+# The ops on each backend against the float64 oracle: y, dx, dd, db, dbias of vera_linear, and vera_delta.
+
+# (M, in, out, r, batch): decode M = 1, odd sizes, r = 1 and r not a multiple of 16, a 3-D input.
+OP_SHAPES = ((1, 40, 130, 1, None), (17, 130, 40, 17, None), (300, 40, 130, 64, None), (9, 40, 40, 17, 2))
+OP_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def op_errors(backend: str, device, dtype: torch.dtype, shape, seed: int) -> dict[str, float]:
+    """Relative errors of vera_linear's y, dx, dd, db, dbias and of vera_delta on ``backend`` in ``dtype``
+    against the float64 torch path on the same (rounded) inputs; outputs are poisoned with NaN first.
+    ``seed`` seeds the random inputs and the projections."""
+    from .dispatch import poisoned_outputs
+    from .ops import vera_delta, vera_linear
+
+    m, in_features, out_features, rank, batch = shape
+    torch.manual_seed(seed)
+    problem = random_problem(m, in_features, out_features, rank, batch=batch, seed=seed)
+    problem["lambda_d"] = problem["lambda_d"].float()  # trained vectors stay fp32 whatever the layer dtype
+    problem["lambda_b"] = problem["lambda_b"].float()
+    low = {k: (v if k.startswith("lambda") else v.to(dtype)).to(device) for k, v in problem.items()}
+    exact = {k: v.double() for k, v in low.items()}  # the same rounded inputs, in float64
+    grad = torch.randn(*low["x"].shape[:-1], out_features, dtype=torch.float64).to(dtype).to(device)
+
+    results = {}
+    for name, inputs, use in (("kernel", low, backend), ("oracle", exact, "torch")):
+        leaves = {k: v.detach().clone().requires_grad_(k in TRAINABLE) for k, v in inputs.items()}
+        with poisoned_outputs():
+            y = vera_linear(**leaves, backend=use)
+            y.backward(grad.to(y.dtype))
+            base = leaves["x"].detach() @ leaves["weight"].t()
+            delta = vera_delta(leaves["x"].detach(), leaves["A"], leaves["B"], leaves["lambda_d"].detach(),
+                               leaves["lambda_b"].detach(), base, backend=use)
+        grads = {f"d{k.removeprefix('lambda_')}": leaves[k].grad for k in TRAINABLE}
+        results[name] = dict(y=y, **grads, delta=delta)
+    return {k: relative_error(results["kernel"][k], results["oracle"][k]) for k in results["oracle"]}
+
+
+def op_check(backend: str, device, dtype: torch.dtype, shape, seed: int) -> tuple[bool, dict, dict]:
+    """(passed, errors, PyTorch's own errors). Each output passes when its relative error is under the
+    dtype's tolerance, or at most twice the error of PyTorch's own computation in the same dtype on the
+    same inputs (the flash-attention criterion: a tiny sum with cancellation, e.g. dd at M = r = 1, is
+    ill-conditioned in any low-precision implementation). NaN or inf never passes."""
+    errors = op_errors(backend, device, dtype, shape, seed)
+    baseline = errors if backend == "torch" else op_errors("torch", device, dtype, shape, seed)
+    tolerance = OP_TOLERANCE[dtype]
+    passed = all(err < tolerance or err <= 2 * baseline[k] for k, err in errors.items())
+    return passed and all(err < float("inf") for err in errors.values()), errors, baseline
+
+
+def op_rows(backend: str, device, dtypes=tuple(OP_TOLERANCE), shapes=OP_SHAPES) -> list[Row]:
+    """Fresh random inputs each run; a row's detail names the seed that reproduces it."""
+    rows = []
+    for dtype in dtypes:
+        name = str(dtype).removeprefix("torch.")
+        for shape in shapes:
+            seed = int(torch.randint(0, 2**31, ()))
+            passed, errors, baseline = op_check(backend, device, dtype, shape, seed)
+            worst = max(errors, key=errors.get)
+            label = f"ops {name} M,in,out,r={shape[:4]}" + (f" batch {shape[4]}" if shape[4] else "")
+            detail = f"seed {seed}: " + ", ".join(f"{k} {v:.1e} (torch {baseline[k]:.1e})" for k, v in errors.items())
+            rows.append(Row(backend, label, errors[worst], "rel", passed, detail))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def run(device: str, backend_names: list[str] | None = None) -> list[Row]:
+    from . import ops  # noqa: F401  registers the torch backend's ops
     from .dispatch import backends
 
     golden = load_golden()
@@ -258,10 +324,19 @@ def run(device: str, backend_names: list[str] | None = None) -> list[Row]:
             continue
         print(f"[run ] {status.name}: projection scheme on {device}", flush=True)
         rows += projection_rows(status.name, device, golden)
+        if _implements(status.name, "vera_linear"):
+            print(f"[run ] {status.name}: vera_linear and vera_delta against float64 on {device}", flush=True)
+            rows += op_rows(status.name, device)
     if not backend_names or "torch" in backend_names:
         print(f"[run ] torch: reference math on {device}", flush=True)
         rows += reference_rows(device)
     return rows
+
+
+def _implements(backend: str, op: str) -> bool:
+    from .dispatch import _implementation
+
+    return _implementation(backend, op) is not None
 
 
 def format_table(rows: list[Row]) -> str:
