@@ -1,0 +1,130 @@
+"""Build of vera_kernels: the Python package and its optional C++/CUDA extension vera_kernels._C.
+
+Environment switches, read at build time only:
+  VERA_KERNELS_BUILD_EXT=0         pure-Python install, no extension (torch need not be importable)
+  VERA_KERNELS_CUDA=auto|1|0       CUDA kernels when torch has CUDA and nvcc is found (auto, default),
+                                   always (1: fails if impossible) or never (0)
+  TORCH_CUDA_ARCH_LIST             GPU targets; default sm_80 and sm_90a code plus compute_90 PTX
+  MAX_JOBS                         parallel compile jobs; default from cores and free memory
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent.resolve()
+
+# Without TORCH_CUDA_ARCH_LIST: Ampere and Hopper (with its wgmma/setmaxnreg features) as code, and
+# compute_90 PTX so that newer GPUs can JIT-compile it. sm_90a code alone would not run on them.
+DEFAULT_GENCODE = [
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90a,code=sm_90a",
+    "-gencode=arch=compute_90,code=compute_90",
+]
+
+# One compile job per this much available memory: nvcc and torch-header compiles take 1-3 GB each.
+BYTES_PER_JOB = 3 * 1024**3
+
+
+def _env_flag(name, allowed, default):
+    value = os.environ.get(name, default).strip().lower()
+    if value not in allowed:
+        sys.exit(f"setup.py: {name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _available_memory():
+    """MemAvailable from /proc/meminfo in bytes, or None where there is no such file."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _default_max_jobs():
+    cores = os.cpu_count() or 1
+    memory = _available_memory()
+    if memory is None:
+        return cores
+    return max(1, min(cores, memory // BYTES_PER_JOB))
+
+
+def _want_cuda(torch, cuda_home):
+    mode = _env_flag("VERA_KERNELS_CUDA", ("auto", "0", "1"), "auto")
+    if mode == "0":
+        return False
+    # torch leaves CUDA_HOME unset in its CPU builds, so nvcc is only worth looking for in CUDA builds.
+    if torch.version.cuda is None:
+        reason = f"torch {torch.__version__} is not a CUDA build"
+    elif cuda_home is None:
+        reason = "nvcc was not found (set CUDA_HOME)"
+    else:
+        return True
+    if mode == "1":
+        sys.exit(f"setup.py: VERA_KERNELS_CUDA=1 but the CUDA kernels cannot be built: {reason}")
+    return False
+
+
+def _extensions():
+    """The extension list and the build_ext command class, or nothing for a pure-Python install."""
+    if _env_flag("VERA_KERNELS_BUILD_EXT", ("0", "1"), "1") == "0":
+        return [], {}
+
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
+
+    sources = ["csrc/projection_cpu.cpp", "csrc/vera_ops.cpp", "python_bindings/bindings.cpp"]
+    # No -std flag: torch adds the standard its headers need (C++17 or C++20 by version). -g0 overrides
+    # the -g some Pythons put in their CFLAGS: debug info for the torch headers makes the module ~40x
+    # larger and its heaviest compile ~1.5x slower.
+    cxx_flags = ["-O3", "-g0"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for runs serially unless compiled with OpenMP; the libgomp it links is the one
+        # torch has already loaded.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    common = dict(
+        name="vera_kernels._C",
+        include_dirs=[str(ROOT / "csrc")],
+        extra_link_args=link_flags,
+    )
+    if _want_cuda(torch, CUDA_HOME):
+        nvcc_flags = ["-O3"]
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # Any flag naming an arch makes torch skip its own arch selection.
+            nvcc_flags += DEFAULT_GENCODE
+        ext = CUDAExtension(
+            sources=sources + ["csrc/projection_cuda.cu"],
+            define_macros=[("VERA_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            **common,
+        )
+    else:
+        ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="vera_kernels",
+    version="0.1.0",
+    description="Fused VeRA (vector-based random matrix adaptation) kernels for PyTorch",
+    packages=find_packages(include=["vera_kernels", "vera_kernels.*"]),
+    package_data={"vera_kernels": ["data/*.json"]},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4"],
+    extras_require={"triton": ["triton"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
