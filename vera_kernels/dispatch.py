@@ -25,6 +25,11 @@ NAMES = ("torch", "triton", "cpu", "cuda")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 _implementations: dict[tuple[str, str], object] = {}
+# (op, backend, device type) -> implementation, filled by lookup. Resolving means status checks and
+# imports that torch.compile cannot trace; once cached, a compiled forward only reads this dict
+# (FusedVeRALinear fills it eagerly for its device). What a backend offers is fixed for the process
+# (Triton's interpreter mode, the extension, CUDA's presence), except registrations: register clears it.
+_resolved: dict[tuple[str, str, str], object] = {}
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class BackendStatus:
 
 def register(backend: str, op: str, fn) -> None:
     _implementations[(backend, op)] = fn
+    _resolved.clear()
 
 
 def _triton_status() -> BackendStatus:
@@ -94,6 +100,15 @@ def _implementation(backend: str, op: str):
 
 def lookup(op: str, backend: str, device: torch.device):
     """The implementation of ``op`` on ``backend`` for tensors on ``device``; errors say why not."""
+    key = (op, backend, device.type)
+    fn = _resolved.get(key)
+    if fn is None:
+        fn = _resolve(op, backend, device)
+        _resolved[key] = fn
+    return fn
+
+
+def _resolve(op: str, backend: str, device: torch.device):
     if backend == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             found = status(candidate)
