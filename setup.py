@@ -76,7 +76,14 @@ def _extensions():
     if _env_flag("VERA_KERNELS_BUILD_EXT", ("0", "1"), "1") == "0":
         return [], {}
 
-    import torch
+    try:
+        import torch
+    except ImportError:
+        sys.exit(
+            "setup.py: the extension is built against the installed torch, which this Python cannot import. "
+            "Install torch first and build with `pip install --no-build-isolation .` (an isolated build "
+            "has no torch), or set VERA_KERNELS_BUILD_EXT=0 for a pure-Python install."
+        )
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
