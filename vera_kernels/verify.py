@@ -357,7 +357,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
     parser.add_argument("--backend", action="append", help="check only this backend (repeatable)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and the environment as JSON")
+    parser.add_argument("--static", action="store_true",
+                        help="instead: compile the Triton kernels for sm_90 and sm_80 (no GPU needed) and print "
+                        "registers, shared memory, spills and the instruction mix per kernel and config")
     args = parser.parse_args(argv)
+    if args.static:
+        return static_main()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to torch")
@@ -385,6 +390,17 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"environment": environment, "rows": [asdict(r) for r in rows]}, f, indent=1)
     return 1 if failed or not rows else 0
+
+
+def static_main() -> int:
+    """``--static``: exit status 1 when a kernel spills to local memory."""
+    from .triton import static
+
+    rows = static.report()
+    print(static.format_rows(rows))
+    spilling = [r for r in rows if r["stack"] or r["local"]]
+    print(f"{len(rows)} kernels compiled, {len(spilling)} spill to local memory")
+    return 1 if spilling else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
-"""The ``triton`` backend: Triton kernels on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+"""The ``triton`` backend: Triton kernels on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.
+
+Beyond the ops registered with the dispatch, it offers the on-the-fly projection mode
+(:func:`vera_linear_on_the_fly`, :func:`vera_delta_on_the_fly`) and :func:`pin_config`."""
 
 from .. import dispatch
-from . import projection
+from . import function, projection
+from .autotune import pin_config
+from .function import vera_delta_on_the_fly, vera_linear_on_the_fly
+
+__all__ = ["interpreted", "pin_config", "vera_delta_on_the_fly", "vera_linear_on_the_fly"]
 
 
 def interpreted() -> bool:
@@ -11,3 +18,5 @@ def interpreted() -> bool:
 
 dispatch.register("triton", "fill_projection_", projection.fill_projection_)
 dispatch.register("triton", "philox4x32_10", projection.philox4x32_10)
+dispatch.register("triton", "vera_linear", function.vera_linear)
+dispatch.register("triton", "vera_delta", function.vera_delta)

@@ -1,0 +1,219 @@
+"""Triton-specific checks of the fused kernels; generic correctness against float64 (y, dx, dd, db, dbias,
+vera_delta on odd shapes and every dtype) comes from test_backend_ops.py.
+
+Here: what autograd saves, the two projection modes give the same bits, strided inputs, determinism,
+large ranks, pinned configs, torch.compile, and the static check of the compiled kernels (SASS)."""
+
+import pytest
+import torch
+
+from vera_kernels import generate_projections, verify
+from vera_kernels.ops import vera_delta, vera_linear
+
+from conftest import DEVICE, backend_params
+
+pytestmark = pytest.mark.parametrize("backend", backend_params("triton"))
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _problem(m, in_features, out_features, rank, dtype, *, seed=0, batch=None):
+    problem = verify.random_problem(m, in_features, out_features, rank, seed=seed, batch=batch)
+    return {k: (v.float() if k.startswith("lambda") else v.to(dtype)).to(DEVICE) for k, v in problem.items()}
+
+
+def _run(fn, inputs, grad, **kwargs):
+    """Outputs and gradients of one forward and backward, on fresh leaves."""
+    leaves = {k: v.detach().clone().requires_grad_(k in verify.TRAINABLE) for k, v in inputs.items()}
+    y = fn(**leaves, **kwargs)
+    y.backward(grad)
+    return [y.detach()] + [leaves[k].grad for k in verify.TRAINABLE if k in leaves]
+
+
+def _bits_equal(a, b):
+    return all(torch.equal(verify.bits_of(x.cpu()), verify.bits_of(y.cpu())) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture
+def pinned():
+    """Pins every kernel's config for the test and unpins after, so that two calls whose autotune keys
+    differ (e.g. the two projection modes) still use the same tiles and summation order."""
+    from vera_kernels.triton import autotune, pin_config
+
+    pin_config("shrink", dict(BLOCK_M=32, BLOCK_R=16, BLOCK_K=16))
+    pin_config("gemm", dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2))
+    pin_config("backward", dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=32))
+    pin_config("sum", dict(BLOCK_P=4, BLOCK_N=32))
+    yield
+    for kernel in autotune.KERNELS:
+        pin_config(kernel, None)
+
+
+def test_saves_only_s(backend):
+    # Sizes chosen so that M x r differs from every parameter's size and from M x in, M x out.
+    m, in_features, out_features, rank = 37, 40, 130, 17
+    inputs = _problem(m, in_features, out_features, rank, torch.bfloat16)
+    leaves = {k: v.requires_grad_(k in verify.TRAINABLE) for k, v in inputs.items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = vera_linear(**leaves, backend=backend)
+    parameters = {leaves[k].data_ptr() for k in ("weight", "A", "B", "lambda_d", "lambda_b")}
+    activations = [t for t in saved if t.data_ptr() not in parameters]
+    assert saved, "nothing went through the hooks: the test would pass vacuously"
+    assert not [t.shape for t in saved if t.numel() in (m * out_features, m * in_features)]
+    assert [tuple(t.shape) for t in activations] == [(m, rank)]
+    assert sum(t.numel() * t.element_size() for t in activations) == m * rank * 2
+    y.backward(torch.randn_like(y))
+    assert all(torch.isfinite(leaves[k].grad).all() for k in verify.TRAINABLE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_projection_modes_equal(backend, dtype, pinned):
+    from vera_kernels.triton import vera_delta_on_the_fly, vera_linear_on_the_fly
+
+    m, in_features, out_features, rank, max_in, seed = 19, 40, 70, 17, 52, 2**62 + 3
+    inputs = _problem(m, in_features, out_features, rank, dtype, batch=2)
+    A_max, B_max = generate_projections(seed, rank, max_in, out_features + 9, dtype=dtype, device=DEVICE)
+    inputs["A"], inputs["B"] = A_max[:, :in_features], B_max[:out_features]
+    grad = torch.randn(2, m, out_features, device=DEVICE).to(dtype)
+    materialized = _run(vera_linear, inputs, grad, backend=backend)
+    generated = {k: v for k, v in inputs.items() if k not in ("A", "B")}
+    on_the_fly = _run(vera_linear_on_the_fly, generated, grad, seed=seed, max_in=max_in)
+    assert _bits_equal(materialized, on_the_fly)
+    # The modes agree, and both are right: against float64 on the same inputs.
+    exact = _run(vera_linear, {k: v.double() for k, v in inputs.items()}, grad.double(), backend="torch")
+    for got, want in zip(on_the_fly, exact):
+        assert verify.relative_error(got, want) < verify.OP_TOLERANCE[dtype]
+
+    base = torch.randn(2, m, out_features, device=DEVICE).to(dtype)
+    args = (inputs["x"], inputs["A"], inputs["B"], inputs["lambda_d"], inputs["lambda_b"], base)
+    want = vera_delta(*args, backend=backend)
+    got = vera_delta_on_the_fly(inputs["x"], inputs["lambda_d"], inputs["lambda_b"], base, seed=seed, max_in=max_in)
+    assert _bits_equal([want], [got])
+
+
+def test_on_the_fly_argument_checks(backend):
+    from vera_kernels.triton import vera_linear_on_the_fly
+
+    inputs = _problem(3, 40, 30, 8, torch.float32)
+    del inputs["A"], inputs["B"]
+    with pytest.raises(ValueError, match="max_in"):
+        vera_linear_on_the_fly(**inputs, seed=0, max_in=39)
+    with pytest.raises(ValueError, match="seed"):
+        vera_linear_on_the_fly(**inputs, seed=-1, max_in=40)
+    with pytest.raises(ValueError, match="lambda_b"):
+        vera_linear_on_the_fly(**{**inputs, "lambda_b": inputs["lambda_b"][:5]}, seed=0, max_in=40)
+
+
+def test_strided_inputs(backend):
+    # Every operand a non-contiguous view (x a column slice, W0 a transpose, B and the lambdas strided,
+    # A = A_max[:, :in], g broadcast along M): the same bits as contiguous copies.
+    m, in_features, out_features, rank = 33, 40, 50, 17
+    dtype = torch.bfloat16
+    inputs = _problem(m, in_features, out_features, rank, dtype)
+    wide = torch.randn(m, 2 * in_features, device=DEVICE).to(dtype)
+    A_max, _ = generate_projections(5, rank, in_features + 7, out_features, dtype=dtype, device=DEVICE)
+    strided = dict(
+        x=wide[:, ::2],
+        weight=inputs["weight"].t().contiguous().t(),
+        bias=torch.stack([inputs["bias"], inputs["bias"]], 1)[:, 0],
+        A=A_max[:, :in_features],
+        B=inputs["B"].t().contiguous().t(),
+        lambda_d=torch.stack([inputs["lambda_d"]] * 3, 1)[:, 1],
+        lambda_b=torch.stack([inputs["lambda_b"]] * 2, 1)[:, 1],
+    )
+    assert not any(v.is_contiguous() for v in strided.values())
+    contiguous = {k: v.contiguous() for k, v in strided.items()}
+    grad = torch.randn(1, out_features, device=DEVICE).to(dtype).expand(m, out_features)
+    assert _bits_equal(_run(vera_linear, strided, grad, backend=backend),
+                       _run(vera_linear, contiguous, grad.contiguous(), backend=backend))
+
+
+def test_two_runs_same_bits(backend):
+    inputs = _problem(300, 40, 130, 64, torch.bfloat16)
+    grad = torch.randn(300, 130, device=DEVICE).to(torch.bfloat16)
+    first, second = (_run(vera_linear, inputs, grad, backend=backend) for _ in range(2))
+    assert _bits_equal(first, second)
+
+
+@pytest.mark.parametrize("rank", [1000, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_rank(backend, dtype, rank):
+    # r beyond one block: the shrink splits r over programs, the GEMMs loop over r, the backward pass
+    # splits r over programs and sums their db partials.
+    seed = int(torch.randint(0, 2**31, ()))
+    passed, errors, baseline = verify.op_check(backend, DEVICE, dtype, (5, 40, 48, rank, None), seed)
+    assert passed, f"seed {seed}: errors {errors}, PyTorch's own: {baseline}"
+
+
+def test_pinned_config_is_used(backend, pinned):
+    from vera_kernels.triton import autotune, linear, pin_config
+
+    assert linear.backward_blocks(1000, 1000, on_the_fly=False) == (16, 16)
+    assert autotune.fixed_config("gemm", interpreted=False).kwargs["BLOCK_K"] == 16
+    # Small tiles: many programs, K loops of several steps, r split into blocks of 16.
+    seed = int(torch.randint(0, 2**31, ()))
+    for dtype in (torch.float32, torch.bfloat16):
+        passed, errors, baseline = verify.op_check(backend, DEVICE, dtype, (37, 40, 70, 40, None), seed)
+        assert passed, f"seed {seed}: errors {errors}, PyTorch's own: {baseline}"
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        pin_config("matmul", dict(BLOCK_M=16))
+
+
+def test_autotune_pruning(backend):
+    # The GPU path, called the way triton.autotune calls it (keyword launch arguments in kwargs): decode
+    # gets the narrow-M configs, on-the-fly generation the tiles that compile without spilling.
+    from vera_kernels.triton import autotune
+
+    prune = autotune._pruner("gemm")
+    for arch in (80, 90):
+        configs = autotune.configs("gemm", arch)
+        decode = prune(configs, {}, M_BUCKET=16, ON_THE_FLY=False)
+        wide = prune(configs, {}, M_BUCKET=8192, ON_THE_FLY=False)
+        generated = prune(configs, {}, M_BUCKET=8192, ON_THE_FLY=True)
+        assert decode and all(c.kwargs["BLOCK_M"] <= 32 for c in decode)
+        assert wide and all(c.kwargs["BLOCK_M"] >= 64 for c in wide)
+        assert generated and set(generated) < set(wide)
+    assert autotune.m_bucket(1) == 16 and autotune.m_bucket(300) == 512 and autotune.m_bucket(10**6) == 8192
+
+
+def test_torch_compile_fullgraph(backend):
+    inputs = _problem(17, 40, 30, 8, torch.float32)
+    grad = torch.randn(17, 30, device=DEVICE)
+
+    def layer(x, weight, bias, A, B, lambda_d, lambda_b):
+        return vera_linear(x, weight, bias, A, B, lambda_d, lambda_b, backend=backend) * 2
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert _bits_equal(_run(compiled, inputs, grad), _run(layer, inputs, grad))
+
+
+def test_static_sass(backend):
+    """Every kernel compiled for sm_90 and sm_80 with each autotune config: the GEMMs on tensor cores
+    (HGMMA with wgmma-sized tiles on sm_90, HMMA otherwise), and nothing in local memory."""
+    from vera_kernels.triton import autotune, static
+
+    try:
+        rows = static.report()
+    except RuntimeError as exc:
+        if "cuobjdump not found" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    for kernel in ("shrink", "gemm", "backward", "sum"):
+        for arch in (80, 90):
+            compiled = [r for r in rows if r["kernel"] == kernel and r["arch"] == arch and "materialized" in r["variant"]]
+            assert len(compiled) == len(autotune.configs(kernel, arch)) * (2 if kernel == "gemm" else 1)
+    assert {r["variant"] for r in rows if r["kernel"] == "gemm"} == {
+        "forward materialized", "dx materialized", "forward on-the-fly", "dx on-the-fly"}
+    for r in rows:
+        where = f"{r['kernel']} {r['variant']} sm_{r['arch']} {r['config']}"
+        assert r["stack"] == 0 and r["local"] == 0, f"{where} spills: {r}"
+        assert not r["opcodes"].get("STL") and not r["opcodes"].get("LDL"), where
+        if r["kernel"] == "sum":
+            continue
+        if r["arch"] == 80:
+            assert r["opcodes"].get("HMMA", 0) > 0, f"{where}: no HMMA"
+        elif r["kernel"] == "backward" or int(r["config"].split("x")[0]) >= 64:
+            # wgmma takes 64-row warpgroup tiles: the backward pass runs 64 rows at this M.
+            assert r["opcodes"].get("HGMMA", 0) > 0, f"{where}: no HGMMA"
+        else:
+            assert r["opcodes"].get("HMMA", 0) > 0, f"{where}: no HMMA (decode tiles are below wgmma's 64 rows)"

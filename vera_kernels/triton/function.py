@@ -1,0 +1,137 @@
+"""The Triton backend's ops: torch.library custom ops around the kernel launches, with fake (meta)
+implementations so that torch.compile(fullgraph=True) traces through them, and autograd registered on
+the forward op. The autograd context keeps only s (M x r) and the parameters: no M x out or M x in
+tensor is saved (the backward recomputes t, u from s).
+
+Namespace ``vera_triton`` (not ``vera_kernels``: the C++ extension owns that library name).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import projections
+from . import linear
+
+
+@torch.library.custom_op("vera_triton::forward", mutates_args=())
+def forward_op(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], A: Optional[Tensor], B: Optional[Tensor],
+    lambda_d: Tensor, lambda_b: Tensor, base_out: Optional[Tensor], seed: int, max_in: int,
+) -> tuple[Tensor, Tensor]:
+    """(y, s) for x (M, in); A and B None: generated from (seed, max_in)."""
+    return linear.forward(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed, max_in)
+
+
+@forward_op.register_fake
+def _(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed, max_in):
+    m = x.shape[0]
+    return x.new_empty(m, lambda_b.shape[0]), x.new_empty(m, lambda_d.shape[0])
+
+
+@torch.library.custom_op("vera_triton::backward", mutates_args=())
+def backward_op(
+    grad: Tensor, s: Tensor, weight: Optional[Tensor], A: Optional[Tensor], B: Optional[Tensor],
+    lambda_d: Tensor, lambda_b: Tensor, in_features: int, with_bias: bool, need_dx: bool, seed: int, max_in: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dd, db, dbias); dx and dbias are empty when not asked for (a custom op returns tensors)."""
+    dx, dd, db, dbias = linear.backward(
+        grad, s, weight, A, B, lambda_d, lambda_b, in_features=in_features, with_bias=with_bias,
+        need_dx=need_dx, seed=seed, max_in=max_in,
+    )
+    empty = grad.new_empty(0)
+    return (empty if dx is None else dx), dd, db, (empty if dbias is None else dbias)
+
+
+@backward_op.register_fake
+def _(grad, s, weight, A, B, lambda_d, lambda_b, in_features, with_bias, need_dx, seed, max_in):
+    m, n = grad.shape
+    return (
+        grad.new_empty(m, in_features) if need_dx else grad.new_empty(0),
+        lambda_d.new_empty(lambda_d.shape[0]),
+        lambda_b.new_empty(n),
+        grad.new_empty(n) if with_bias else grad.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed, max_in = inputs
+    _, s = output
+    ctx.save_for_backward(s, weight, A, B, lambda_d, lambda_b)
+    ctx.in_features = x.shape[1]
+    ctx.seed, ctx.max_in = seed, max_in
+    ctx.with_bias, ctx.with_base_out = bias is not None, base_out is not None
+
+
+def _backward(ctx, grad_y, grad_s):
+    # grad_s is always None or zero: s leaves the op only to be saved.
+    s, weight, A, B, lambda_d, lambda_b = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dx, dd, db, dbias = backward_op(
+        grad_y, s, weight, A, B, lambda_d, lambda_b, ctx.in_features, ctx.with_bias and needs[2], needs[0],
+        ctx.seed, ctx.max_in,
+    )
+    return (
+        dx if needs[0] else None, None, dbias if ctx.with_bias and needs[2] else None, None, None,
+        dd if needs[5] else None, db if needs[6] else None, grad_y if ctx.with_base_out and needs[7] else None,
+        None, None,
+    )
+
+
+forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The dispatch entry points (x already 2-D and checked by vera_kernels.ops) and the on-the-fly API.
+
+
+def vera_linear(x, weight, bias, A, B, lambda_d, lambda_b):
+    return forward_op(x, weight, bias, A, B, lambda_d, lambda_b, None, 0, 0)[0]
+
+
+def vera_delta(x, A, B, lambda_d, lambda_b, base_out):
+    return forward_op(x, None, None, A, B, lambda_d, lambda_b, base_out, 0, 0)[0]
+
+
+def _check_on_the_fly(x, lambda_d, lambda_b, seed, max_in, weight=None, bias=None, base_out=None):
+    from .. import dispatch
+    from ..ops import check_vera_args
+
+    dispatch.lookup("vera_linear", "triton", x.device)  # says why not when Triton can't run on x's device
+    in_features = x.shape[-1] if x.dim() >= 1 else 0
+    projections.check_seed(seed)
+    projections.check_positive_int("max_in", max_in)
+    if max_in < in_features:
+        raise ValueError(f"max_in: expected >= in_features = {in_features} (A is A_max[:, :in]), got {max_in}")
+    # Stand-ins with the shapes, dtype and device the generated A and B will have, for the shared checks
+    # (the rank is lambda_d's length; out_features the weight's or base_out's).
+    A = torch.empty((), device=x.device, dtype=x.dtype).expand(lambda_d.shape[0], in_features)
+    out_features = weight.shape[0] if weight is not None else base_out.shape[-1]
+    B = torch.empty((), device=x.device, dtype=x.dtype).expand(out_features, lambda_d.shape[0])
+    check_vera_args(x, weight, bias, A, B, lambda_d, lambda_b, base_out, backend="triton")
+    return in_features
+
+
+def vera_linear_on_the_fly(x, weight, bias, lambda_d, lambda_b, *, seed: int, max_in: int) -> Tensor:
+    """vera_linear with A = A_max[:, :in] and B = B_max[:out, :] generated inside the kernels from ``seed``
+    (fan-ins max_in and the rank, as ``vera_kernels.generate_projections``): no projection is read from
+    memory. Same results, bit for bit, as the materialized pair in x's dtype."""
+    if weight is None:
+        raise TypeError("weight: expected a torch.Tensor of shape (out_features, in_features), got None")
+    in_features = _check_on_the_fly(x, lambda_d, lambda_b, seed, max_in, weight=weight, bias=bias)
+    y = forward_op(x.reshape(-1, in_features), weight, bias, None, None, lambda_d, lambda_b, None, seed, max_in)[0]
+    return y.reshape(*x.shape[:-1], lambda_b.shape[0])
+
+
+def vera_delta_on_the_fly(x, lambda_d, lambda_b, base_out, *, seed: int, max_in: int) -> Tensor:
+    """vera_delta with the projections generated inside the kernels (see :func:`vera_linear_on_the_fly`)."""
+    if base_out is None:
+        raise TypeError("base_out: expected a torch.Tensor of shape (..., out_features), got None")
+    in_features = _check_on_the_fly(x, lambda_d, lambda_b, seed, max_in, base_out=base_out)
+    out_features = lambda_b.shape[0]
+    y = forward_op(x.reshape(-1, in_features), None, None, None, None, lambda_d, lambda_b,
+                   base_out.reshape(-1, out_features), seed, max_in)[0]
+    return y.reshape(*x.shape[:-1], out_features)
