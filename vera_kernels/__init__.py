@@ -1,16 +1,30 @@
 """vera-kernels: fused kernels and a drop-in layer for VeRA adapters."""
 
+from .adapters import load_adapter, read_adapter, save_adapter
 from .dispatch import backends
+from .layer import ExplicitProjections, FusedVeRALinear, SeededProjections, VeRAWrapper
 from .ops import vera_delta, vera_linear
+from .patching import apply_vera, from_peft, to_peft, vera_layers
 from .projections import SCHEME, clear_projection_cache, generate_projections, get_projections
 
 __all__ = [
     "SCHEME",
+    "ExplicitProjections",
+    "FusedVeRALinear",
+    "SeededProjections",
+    "VeRAWrapper",
+    "apply_vera",
     "backends",
     "clear_projection_cache",
+    "from_peft",
     "generate_projections",
     "get_projections",
+    "load_adapter",
+    "read_adapter",
+    "save_adapter",
+    "to_peft",
     "vera_delta",
+    "vera_layers",
     "vera_linear",
 ]
 __version__ = "0.1.0"

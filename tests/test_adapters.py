@@ -1,0 +1,192 @@
+"""Adapter files: safetensors with the seed and sizes in the metadata and only the trained vectors; loading
+checks everything before it touches the model."""
+
+import copy
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import vera_kernels
+from vera_kernels import apply_vera, load_adapter, save_adapter
+
+
+class Net(nn.Module):
+    def __init__(self, dim=16, hidden=24):
+        super().__init__()
+        self.encoder = nn.ModuleDict({"q": nn.Linear(dim, dim), "v": nn.Linear(dim, dim)})
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        x = x + self.encoder["q"](x) * torch.sigmoid(self.encoder["v"](x))
+        return self.mlp(x)
+
+
+TARGETS = ["q", "v", "mlp.0", "mlp.2"]
+
+
+def trained(model, seed=0, **kwargs):
+    """A base model with an adapter whose vectors are random (as if trained)."""
+    apply_vera(model, TARGETS, rank=8, seed=5, dropout=0.1, d_initial=0.05, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def snapshot(model):
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
+    }
+
+
+def assert_untouched(model, before):
+    after = snapshot(model)
+    assert after["modules"] == before["modules"] and after["grad"] == before["grad"]
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
+
+
+@pytest.fixture
+def base():
+    torch.manual_seed(0)
+    return Net()
+
+
+@pytest.fixture
+def saved(base, tmp_path):
+    model = trained(copy.deepcopy(base))
+    path = tmp_path / "adapter.safetensors"
+    save_adapter(model, path)
+    return model, path
+
+
+def test_file_holds_the_config_and_the_vectors_only(saved):
+    model, path = saved
+    tensors = load_file(path)
+    expected = {f"{name}.{v}" for name in ("encoder.q", "encoder.v", "mlp.0", "mlp.2") for v in ("lambda_d", "lambda_b")}
+    assert set(tensors) == expected
+    assert torch.equal(tensors["mlp.0.lambda_b"], model.mlp[0].lambda_b)
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        metadata = json.loads(f.read(header_len))["__metadata__"]
+    assert metadata == {
+        "format": "vera-kernels-adapter", "format_version": "1", "scheme": vera_kernels.SCHEME,
+        "seed": "5", "rank": "8", "max_in": "24", "max_out": "24", "dropout": "0.1", "d_initial": "0.05",
+    }
+    # 4 layers x (8 + out) fp32 values plus the header: no weights, no projections.
+    assert path.stat().st_size < 4 * (8 + 24) * 4 + 2000
+
+
+def test_load_onto_a_fresh_base_rebuilds_the_adapter(base, saved):
+    model, path = saved
+    fresh = load_adapter(copy.deepcopy(base), path).eval()
+    x = torch.randn(3, 16)
+    assert torch.equal(fresh(x), model(x))
+    layer = fresh.encoder["q"]
+    assert (layer.projections.seed, layer.rank, layer.dropout, layer.d_initial) == (5, 8, 0.1, 0.05)
+    assert sum(p.numel() for p in fresh.parameters() if p.requires_grad) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
+
+
+def test_load_onto_an_adapted_model_replaces_the_vectors(base, saved):
+    model, path = saved
+    other = copy.deepcopy(base)
+    apply_vera(other, TARGETS, rank=8, seed=5)
+    load_adapter(other, path)
+    x = torch.randn(3, 16)
+    assert torch.equal(other.eval()(x), model(x))
+
+
+def test_trained_biases_round_trip(base, tmp_path):
+    model = trained(copy.deepcopy(base), bias="vera_only")
+    path = tmp_path / "with_bias.safetensors"
+    save_adapter(model, path)
+    assert "mlp.2.bias" in load_file(path)
+    fresh = load_adapter(copy.deepcopy(base), path).eval()
+    assert torch.equal(fresh.mlp[2].bias, model.mlp[2].bias) and fresh.mlp[2].bias.requires_grad
+    x = torch.randn(2, 16)
+    assert torch.equal(fresh(x), model(x))
+
+
+def rewrite(path, tmp_path, tensors=None, **metadata_changes):
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        metadata = json.loads(f.read(header_len))["__metadata__"]
+    metadata.update(metadata_changes)
+    metadata = {k: v for k, v in metadata.items() if v is not None}
+    out = tmp_path / f"changed{len(list(tmp_path.iterdir()))}.safetensors"
+    save_file(tensors if tensors is not None else load_file(path), out, metadata=metadata)
+    return out
+
+
+def bad_files(path, tmp_path):
+    tensors = load_file(path)
+    yield "projection scheme 'vera-philox-v0'", rewrite(path, tmp_path, scheme="vera-philox-v0")
+    yield "metadata 'seed' missing", rewrite(path, tmp_path, seed=None)
+    yield "not a vera-kernels adapter", rewrite(path, tmp_path, format="lora")
+    yield "lambda_d is \\(8,\\) torch.float64", rewrite(path, tmp_path, {**tensors, "mlp.0.lambda_d": tensors["mlp.0.lambda_d"].double()})
+    yield "lambda_b is \\(23,\\)", rewrite(path, tmp_path, {**tensors, "mlp.0.lambda_b": tensors["mlp.0.lambda_b"][:23].clone()})
+    yield "unexpected tensor 'mlp.0.weight'", rewrite(path, tmp_path, {**tensors, "mlp.0.weight": torch.zeros(24, 16)})
+    yield "without both lambda_d and lambda_b", rewrite(path, tmp_path, {k: v for k, v in tensors.items() if k != "mlp.2.lambda_b"})
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-40])
+    yield "not a valid safetensors file", truncated
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 5)
+    yield "not a valid safetensors file", garbage
+    pickled = tmp_path / "pickled.pt"
+    torch.save(tensors, pickled)  # a pickle is never unpickled: it fails as not being safetensors
+    yield "not a valid safetensors file", pickled
+
+
+@pytest.mark.parametrize("adapted", [False, True], ids=["fresh-base", "adapted"])
+def test_bad_files_fail_clearly_and_leave_the_model_untouched(base, saved, tmp_path, adapted):
+    _, path = saved
+    for words, bad in bad_files(path, tmp_path):
+        target = copy.deepcopy(base)
+        if adapted:
+            apply_vera(target, TARGETS, rank=8, seed=5)
+        before = snapshot(target)
+        with pytest.raises(ValueError, match=words):
+            load_adapter(target, bad)
+        assert_untouched(target, before)
+
+
+def mismatched_models(base):
+    """(expected words, a model the file does not fit)."""
+    yield "has projections .*'seed': 5.*'seed': 6", apply_vera(copy.deepcopy(base), TARGETS, rank=8, seed=6)
+    yield "has projections .*'rank': 8.*'rank': 4", apply_vera(copy.deepcopy(base), TARGETS, rank=4, seed=5)
+    yield "not in the file \\[\\].*not in the model \\['mlp.2'\\]", apply_vera(copy.deepcopy(base), TARGETS[:3], rank=8, seed=5)
+    yield "lambda_b is \\(24,\\) torch.float32, the model expects \\(20,\\)", Net(hidden=20)
+    renamed = copy.deepcopy(base)
+    renamed.encoder["k"] = renamed.encoder.pop("q")
+    yield "it has no module \\['encoder.q'\\]", renamed
+
+
+def test_models_that_differ_fail_clearly_and_stay_untouched(base, saved):
+    _, path = saved
+    for words, model in mismatched_models(base):
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=words):
+            load_adapter(model, path)
+        assert_untouched(model, before)
+
+
+def test_save_needs_an_adapter_and_seeded_projections(base, tmp_path):
+    with pytest.raises(ValueError, match="no VeRA layer"):
+        save_adapter(base, tmp_path / "a.safetensors")
+    A, B = torch.randn(4, 24), torch.randn(24, 4)
+    model = apply_vera(copy.deepcopy(base), TARGETS, rank=4, projections=vera_kernels.ExplicitProjections(A, B))
+    with pytest.raises(ValueError, match="explicit projections"):
+        save_adapter(model, tmp_path / "a.safetensors")
+    with pytest.raises(FileNotFoundError):
+        load_adapter(base, tmp_path / "missing.safetensors")

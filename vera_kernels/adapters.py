@@ -1,0 +1,220 @@
+"""Adapter files: safetensors only (data, never code).
+
+A file holds, as string metadata, the format and its version, the projection scheme (``vera_kernels.SCHEME``),
+seed, rank, max_in, max_out, dropout and d_initial; as tensors, ``<module>.lambda_d`` and
+``<module>.lambda_b`` per adapted layer and ``<parameter>.bias`` for every trained bias: nothing else. The
+projections are regenerated from the seed, so a file for a 7B model's attention layers is a few hundred KB.
+
+load_adapter checks everything (format, scheme, sizes, names, shapes, dtypes) before it changes the model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+
+import torch
+from torch import nn
+
+from .layer import SeededProjections
+from .patching import _fusable, _shared_projections, apply_vera, find_targets, vera_layers
+from .projections import SCHEME
+
+FORMAT = "vera-kernels-adapter"
+FORMAT_VERSION = "1"
+_INT_FIELDS = ("seed", "rank", "max_in", "max_out")
+_FLOAT_FIELDS = ("dropout", "d_initial")
+
+
+def _import_safetensors():
+    try:
+        import safetensors
+        import safetensors.torch
+    except ImportError as exc:
+        raise ImportError(f"adapter files need the safetensors package (pip install safetensors): {exc}") from None
+    return safetensors
+
+
+def _is_bias(name: str) -> bool:
+    return name == "bias" or name.endswith(".bias")
+
+
+def save_adapter(model: nn.Module, path) -> None:
+    """Write the model's VeRA adapters (lambdas, trained biases, the seed and sizes) to a safetensors file."""
+    safetensors = _import_safetensors()
+    layers = vera_layers(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no VeRA layer (apply_vera first)")
+    projections = _shared_projections(layers)
+    if not isinstance(projections, SeededProjections):
+        raise ValueError(
+            "save_adapter: the model uses explicit projections (e.g. PEFT's), which a seed cannot describe; "
+            "export it with vera_kernels.to_peft(model).save_pretrained(directory)"
+        )
+    tensors = {}
+    for name, module in layers:
+        tensors[f"{name}.lambda_d"] = module.lambda_d.detach().cpu().contiguous()
+        tensors[f"{name}.lambda_b"] = module.lambda_b.detach().cpu().contiguous()
+    adapter_names = set(tensors)
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad or name in adapter_names:
+            continue
+        if _is_bias(name):
+            tensors[name] = parameter.detach().cpu().contiguous()
+        else:
+            warnings.warn(f"save_adapter: trainable parameter {name!r} is neither a VeRA vector nor a bias: not saved")
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "scheme": SCHEME,
+        "seed": str(projections.seed),
+        "rank": str(projections.rank),
+        "max_in": str(projections.max_in),
+        "max_out": str(projections.max_out),
+        "dropout": repr(_single(layers, "dropout")),
+        "d_initial": repr(_single(layers, "d_initial")),
+    }
+    safetensors.torch.save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def _single(layers, attribute):
+    values = {getattr(module, attribute) for _, module in layers}
+    if len(values) != 1:
+        raise ValueError(f"save_adapter: the VeRA layers have different {attribute} values {sorted(values)}")
+    return values.pop()
+
+
+def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of an adapter file, the config's fields parsed and checked; ValueError naming the
+    file for anything that is not a complete adapter file of this format and scheme."""
+    safetensors = _import_safetensors()
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"adapter file {path!r} does not exist")
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"adapter file {path!r} is not a valid safetensors file: {exc}") from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"adapter file {path!r} is not a vera-kernels adapter (metadata format={metadata.get('format')!r})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"adapter file {path!r} has format version {metadata.get('format_version')!r}; this version reads {FORMAT_VERSION!r}")
+    if metadata.get("scheme") != SCHEME:
+        raise ValueError(
+            f"adapter file {path!r} was made with projection scheme {metadata.get('scheme')!r}; this version "
+            f"generates {SCHEME!r}: its projections would differ"
+        )
+    config = {}
+    for field, parse in [(f, int) for f in _INT_FIELDS] + [(f, float) for f in _FLOAT_FIELDS]:
+        try:
+            config[field] = parse(metadata[field])
+        except (KeyError, ValueError):
+            raise ValueError(f"adapter file {path!r}: metadata {field!r} missing or not a number ({metadata.get(field)!r})") from None
+    for key in tensors:
+        if not (key.endswith(".lambda_d") or key.endswith(".lambda_b") or _is_bias(key)):
+            raise ValueError(f"adapter file {path!r}: unexpected tensor {key!r} (only lambda_d, lambda_b and biases belong)")
+    return config, tensors
+
+
+def _layer_names(path, tensors) -> list[str]:
+    names_d = {k[: -len(".lambda_d")] for k in tensors if k.endswith(".lambda_d")}
+    names_b = {k[: -len(".lambda_b")] for k in tensors if k.endswith(".lambda_b")}
+    if names_d != names_b:
+        raise ValueError(f"adapter file {path!r}: layers without both lambda_d and lambda_b: {sorted(names_d ^ names_b)}")
+    if not names_d:
+        raise ValueError(f"adapter file {path!r} holds no VeRA layer")
+    return sorted(names_d)
+
+
+def _check_tensor(path, key, tensor, shape, dtype):
+    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+        raise ValueError(
+            f"adapter file {path!r}: {key} is {tuple(tensor.shape)} {tensor.dtype}, the model expects {tuple(shape)} {dtype}"
+        )
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Load an adapter file into ``model`` and return it.
+
+    If the model has VeRA layers they must be exactly the file's (names, seed, rank, sizes); if it has none,
+    the file's layers are added first (apply_vera with the file's seed, rank, sizes, dropout and d_initial).
+    Every check runs before the model is changed, so a failed load leaves it as it was.
+    """
+    path = os.fspath(path)
+    config, tensors = read_adapter(path)
+    names = _layer_names(path, tensors)
+    existing = dict(vera_layers(model))
+    if existing:
+        missing, unknown = sorted(set(existing) - set(names)), sorted(set(names) - set(existing))
+        if missing or unknown:
+            raise ValueError(
+                f"adapter file {path!r} does not fit the model's VeRA layers: not in the file {missing[:5]}, "
+                f"not in the model {unknown[:5]}"
+            )
+        projections = _shared_projections(existing.items())
+        ours = {f: getattr(projections, f, None) for f in _INT_FIELDS}
+        theirs = {f: config[f] for f in _INT_FIELDS}
+        if ours != theirs:
+            raise ValueError(f"adapter file {path!r} has projections {theirs}; the model's VeRA layers use {ours}")
+        shapes = {name: (existing[name].rank, existing[name].out_features) for name in names}
+        dtypes = {name: (existing[name].lambda_d.dtype, existing[name].lambda_b.dtype) for name in names}
+        wrapped = ()
+    else:
+        # Exact names: the file says which modules were adapted.
+        pattern = "|".join(re.escape(name) for name in names)
+        try:
+            targets = find_targets(model, pattern)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"adapter file {path!r} does not fit the model: {exc}") from None
+        found = {name: features for name, _, features in targets}
+        if set(found) != set(names):
+            raise ValueError(f"adapter file {path!r} does not fit the model: it has no module {sorted(set(names) - set(found))[:5]}")
+        for name, (in_features, out_features) in found.items():
+            if in_features > config["max_in"] or out_features > config["max_out"]:
+                raise ValueError(
+                    f"adapter file {path!r}: module {name!r} ({in_features} -> {out_features}) is larger than the "
+                    f"file's max_in={config['max_in']}, max_out={config['max_out']}"
+                )
+        shapes = {name: (config["rank"], found[name][1]) for name in names}
+        dtypes = {name: (torch.float32, torch.float32) for name in names}
+        wrapped = [name for name, module, _ in targets if not _fusable(module)]
+    for name in names:
+        (rank, out_features), (dtype_d, dtype_b) = shapes[name], dtypes[name]
+        _check_tensor(path, f"{name}.lambda_d", tensors[f"{name}.lambda_d"], (rank,), dtype_d)
+        _check_tensor(path, f"{name}.lambda_b", tensors[f"{name}.lambda_b"], (out_features,), dtype_b)
+    biases = {}
+    for key in (k for k in tensors if _is_bias(k)):
+        parameter = _parameter_after_patching(model, key, wrapped)
+        if parameter is None:
+            raise ValueError(f"adapter file {path!r}: the model has no parameter {key!r}")
+        _check_tensor(path, key, tensors[key], parameter.shape, parameter.dtype)
+        biases[key] = parameter
+
+    if not existing:
+        projections = SeededProjections(config["seed"], config["rank"], config["max_in"], config["max_out"])
+        apply_vera(model, pattern, rank=config["rank"], d_initial=config["d_initial"], dropout=config["dropout"],
+                   projections=projections)
+    layers = dict(vera_layers(model))
+    with torch.no_grad():
+        for name in names:
+            layers[name].lambda_d.copy_(tensors[f"{name}.lambda_d"])
+            layers[name].lambda_b.copy_(tensors[f"{name}.lambda_b"])
+        for key, parameter in biases.items():
+            parameter.copy_(tensors[key])
+            parameter.requires_grad_(True)
+    return model
+
+
+def _parameter_after_patching(model, key, wrapped):
+    """The parameter ``key`` names once the modules in ``wrapped`` sit inside a VeRAWrapper (as base_layer)."""
+    for name in wrapped:
+        prefix = f"{name}.base_layer."
+        if key.startswith(prefix):
+            key = f"{name}.{key[len(prefix):]}"
+    try:
+        return model.get_parameter(key)
+    except AttributeError:
+        return None

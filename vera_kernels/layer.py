@@ -1,0 +1,435 @@
+"""FusedVeRALinear, the drop-in VeRA layer, and VeRAWrapper for bases that cannot be fused.
+
+    y = x W0ᵀ + bias + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ)     W0, bias (by default), A, B frozen; d (r) and b (out) trained
+
+A and B are the slices ``A_max[:, :in]`` and ``B_max[:out, :]`` of one pair shared by every adapted layer of
+a model (PEFT's convention). The pair comes from a projection source held by reference, not from buffers:
+:class:`SeededProjections` regenerates it from a seed with the package's scheme (nothing random is stored
+in the state_dict), :class:`ExplicitProjections` holds a given pair (PEFT's, drawn from torch's CPU
+generator). Either materializes the pair on first use per (device, dtype), so ``.to()``, ``.cuda()`` and
+``.half()`` just work.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import dispatch, ops
+from .projections import check_positive_int, check_seed, get_projections
+
+
+def _conv1d_type():
+    """transformers' GPT-2 ``Conv1D`` (weight stored in x out), or None when transformers isn't loaded: then
+    no module can be one, and importing it (seconds) is not worth it."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_base_dtype(dtype: torch.dtype, backend: str) -> None:
+    allowed = ops.KERNEL_DTYPES + ((torch.float64,) if backend == "torch" else ())
+    if dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise TypeError(f"base weight dtype {dtype} can't run on backend {backend!r}; expected one of {names}")
+
+
+class _ProjectionSource:
+    """The shared pair (A_max: rank x max_in, B_max: max_out x rank), materialized once per (device, dtype)."""
+
+    def __init__(self, rank: int, max_in: int, max_out: int):
+        self.rank = check_positive_int("rank", rank)
+        self.max_in = check_positive_int("max_in", max_in)
+        self.max_out = check_positive_int("max_out", max_out)
+        self._pairs: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def pair(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # A compiled forward only reads this dict (layers fill it eagerly for their device and dtype);
+        # materializing runs outside the graph.
+        found = self._pairs.get((device, dtype))
+        if found is None:
+            found = self._materialize(device, dtype)
+        return found
+
+    @torch.compiler.disable
+    def _materialize(self, device, dtype):
+        made = self._make(device, dtype)
+        self._pairs[(device, dtype)] = made
+        return made
+
+    def _make(self, device, dtype):
+        raise NotImplementedError
+
+    def __getstate__(self):
+        # Pickles and deep copies carry the definition, not the per-device copies.
+        state = dict(self.__dict__)
+        state["_pairs"] = {}
+        return state
+
+
+class SeededProjections(_ProjectionSource):
+    """The pair regenerated from ``seed`` with the package's scheme (``vera_kernels.SCHEME``): bit-identical
+    on every device, backend and process, so a file needs only the seed and the sizes."""
+
+    def __init__(self, seed: int, rank: int, max_in: int, max_out: int):
+        super().__init__(rank, max_in, max_out)
+        self.seed = check_seed(seed)
+
+    def _make(self, device, dtype):
+        if dtype == torch.float64:
+            # The scheme's values are fp32 numbers; float64 (the torch backend's oracle) holds them exactly.
+            A, B = get_projections(self.seed, self.rank, self.max_in, self.max_out, dtype=torch.float32, device=device)
+            return A.double(), B.double()
+        return get_projections(self.seed, self.rank, self.max_in, self.max_out, dtype=dtype, device=device)
+
+    def key(self) -> tuple:
+        return ("seeded", self.seed, self.rank, self.max_in, self.max_out)
+
+    def describe(self) -> str:
+        return f"seed={self.seed}"
+
+
+class ExplicitProjections(_ProjectionSource):
+    """A given pair, e.g. PEFT's ``vera_A``/``vera_B`` (drawn from torch's CPU generator, which the seed
+    scheme cannot reproduce). Kept as given (detached) and converted per (device, dtype) on first use."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, *, prng_key: int | None = None):
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"projections: expected A (r, max_in) and B (max_out, r), got {tuple(A.shape)} and {tuple(B.shape)}")
+        super().__init__(A.shape[0], A.shape[1], B.shape[0])
+        self.A = A.detach()
+        self.B = B.detach()
+        self.prng_key = prng_key  # PEFT's projection_prng_key they came from, when known
+
+    def _make(self, device, dtype):
+        return self.A.to(device=device, dtype=dtype), self.B.to(device=device, dtype=dtype)
+
+    def key(self) -> tuple:
+        return ("explicit", id(self))
+
+    def describe(self) -> str:
+        return "projections=explicit"
+
+
+class _VeRABase(nn.Module):
+    """The adapter half shared by FusedVeRALinear and VeRAWrapper: lambda_d, lambda_b, the projection source,
+    dropout and the backend."""
+
+    def _init_adapter(self, in_features, out_features, rank, *, seed, d_initial, dropout, max_in, max_out,
+                      projections, backend, device):
+        check_positive_int("rank", rank)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if backend != "auto" and backend not in dispatch.NAMES:
+            raise ValueError(f"backend must be 'auto' or one of {', '.join(dispatch.NAMES)}; got {backend!r}")
+        if projections is None:
+            projections = SeededProjections(seed, rank, max_in or in_features, max_out or out_features)
+        elif max_in is not None or max_out is not None:
+            raise ValueError("max_in/max_out come from the given projections; pass one or the other")
+        if projections.rank != rank:
+            raise ValueError(f"rank {rank} differs from the projections' rank {projections.rank}")
+        if projections.max_in < in_features or projections.max_out < out_features:
+            raise ValueError(
+                f"projections of max_in={projections.max_in}, max_out={projections.max_out} are too small for "
+                f"a layer of in_features={in_features}, out_features={out_features}"
+            )
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.projections = projections
+        self.d_initial, self.dropout = float(d_initial), float(dropout)
+        self.backend = backend
+        # fp32 whatever the base dtype: small vectors whose updates would vanish in bf16.
+        self.lambda_d = nn.Parameter(torch.full((rank,), float(d_initial), dtype=torch.float32, device=device))
+        self.lambda_b = nn.Parameter(torch.zeros(out_features, dtype=torch.float32, device=device))
+
+    def _projection_slices(self, device, dtype):
+        A, B = self.projections.pair(device, dtype)
+        return A[:, : self.in_features], B[: self.out_features]
+
+    def _check_input(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: input's last dimension is {x.shape[-1]}, expected in_features={self.in_features} "
+                f"(input shape {tuple(x.shape)})"
+            )
+
+    def _prepare(self, op: str, dtype: torch.dtype) -> None:
+        """Resolve the backend and materialize the projections for the layer's device now, eagerly, so that
+        a torch.compile'd forward finds both cached and traces no dispatch logic."""
+        device = self.lambda_d.device
+        if device.type == "meta":
+            return
+        self.projections.pair(device, dtype)
+        try:
+            dispatch.lookup(op, self.backend, device)
+        except (RuntimeError, NotImplementedError):
+            # A layer may be built where its backend can't run (on CPU, then moved to the GPU): the forward
+            # raises the same error if it is still unavailable there.
+            pass
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self._prepare_for_device()
+        return module
+
+    def _adapter_repr(self) -> str:
+        parts = [f"rank={self.rank}", self.projections.describe(), f"max_in={self.projections.max_in}",
+                 f"max_out={self.projections.max_out}", f"d_initial={self.d_initial}"]
+        if self.dropout:
+            parts.append(f"dropout={self.dropout}")
+        if self.backend != "auto":
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)
+
+
+class FusedVeRALinear(_VeRABase):
+    """A linear layer with a VeRA adapter, computed by one fused op (``vera_kernels.vera_linear``).
+
+    The base weight (out x in; in x out for GPT-2's Conv1D with ``fan_in_fan_out``) and, unless
+    ``train_bias``, the bias are frozen. Trainable: ``lambda_d`` (rank), initialized to ``d_initial``, and
+    ``lambda_b`` (out), initialized to 0, so a fresh layer computes the base layer exactly.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 256,
+        bias: bool = True,
+        *,
+        seed: int = 0,
+        d_initial: float = 0.1,
+        dropout: float = 0.0,
+        max_in: int | None = None,
+        max_out: int | None = None,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+        projections: _ProjectionSource | None = None,
+        train_bias: bool = False,
+    ):
+        super().__init__()
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
+        _check_base_dtype(dtype if dtype is not None else torch.get_default_dtype(), backend)
+        # The same initialization as nn.Linear, so the layer is a drop-in for it.
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_layer(base.weight, base.bias, False, rank, seed=seed, d_initial=d_initial, dropout=dropout,
+                         max_in=max_in, max_out=max_out, projections=projections, backend=backend,
+                         train_bias=train_bias)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        rank: int = 256,
+        *,
+        seed: int = 0,
+        d_initial: float = 0.1,
+        dropout: float = 0.0,
+        max_in: int | None = None,
+        max_out: int | None = None,
+        backend: str = "auto",
+        projections: _ProjectionSource | None = None,
+        train_bias: bool = False,
+    ) -> "FusedVeRALinear":
+        """Adapt an ``nn.Linear`` or a GPT-2 ``Conv1D``: the new layer holds the same weight and bias
+        Parameters (no copy; they are frozen in place)."""
+        conv1d = _conv1d_type()
+        if conv1d is not None and isinstance(linear, conv1d):
+            fan_in_fan_out = True
+        elif isinstance(linear, nn.Linear):
+            fan_in_fan_out = False
+        else:
+            raise TypeError(
+                f"from_linear: expected nn.Linear or transformers' Conv1D, got {type(linear).__name__}; "
+                "wrap other modules with VeRAWrapper"
+            )
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init_layer(linear.weight, linear.bias, fan_in_fan_out, rank, seed=seed, d_initial=d_initial,
+                          dropout=dropout, max_in=max_in, max_out=max_out, projections=projections,
+                          backend=backend, train_bias=train_bias)
+        return layer
+
+    def _init_layer(self, weight, bias, fan_in_fan_out, rank, *, train_bias, **adapter):
+        _check_base_dtype(weight.dtype, adapter["backend"])
+        in_features, out_features = weight.shape[::-1] if not fan_in_fan_out else weight.shape
+        # Every check first: the base's Parameters are changed (frozen) only once nothing can fail.
+        self._init_adapter(in_features, out_features, rank, device=weight.device, **adapter)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.weight = weight
+        self.weight.requires_grad_(False)
+        self.bias = bias
+        if bias is not None:
+            bias.requires_grad_(train_bias)
+        self.merged = False
+        self._prepare_for_device()
+
+    def _prepare_for_device(self):
+        self._prepare("vera_linear", self.weight.dtype)
+
+    def _weight_out_in(self) -> torch.Tensor:
+        # Conv1D stores W0ᵀ: its transpose is a view, never a copy.
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        weight, bias = self._weight_out_in(), self.bias
+        if self.merged:
+            if self.training and torch.is_grad_enabled():
+                raise RuntimeError(
+                    "FusedVeRALinear is merged: lambda_d/lambda_b would get no gradient; call unmerge() before training"
+                )
+            return F.linear(x, weight, bias)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # What autocast does for nn.Linear: run the GEMMs in its dtype. The lambdas stay fp32, as the op allows.
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                return self._adapted(x, weight, bias)
+        return self._adapted(x, weight, bias)
+
+    def _adapted(self, x, weight, bias):
+        A, B = self._projection_slices(x.device, x.dtype)
+        if self.dropout and self.training:
+            # The adapter sees dropout(x), the base sees x: two inputs, so the base GEMM runs on its own.
+            base_out = F.linear(x, weight, bias)
+            x_drop = F.dropout(x, self.dropout, training=True)
+            return ops.vera_delta(x_drop, A, B, self.lambda_d, self.lambda_b, base_out, backend=self.backend)
+        return ops.vera_linear(x, weight, bias, A, B, self.lambda_d, self.lambda_b, backend=self.backend)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = (b ⊙ B)(d ⊙ A), out x in, in fp32 (float64 for a float64 base), from the projections in the
+        base dtype: exactly the adapter the unmerged forward applies."""
+        acc = _accumulation_dtype(self.weight.dtype)
+        A, B = self._projection_slices(self.weight.device, self.weight.dtype)
+        return (self.lambda_b.to(acc)[:, None] * B.to(acc)) @ (self.lambda_d.to(acc)[:, None] * A.to(acc))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the base weight in place (one rounding to its dtype); the forward is then the base alone."""
+        if self.merged:
+            raise RuntimeError("FusedVeRALinear is already merged; unmerge() first")
+        weight = self._weight_out_in()
+        weight.copy_((weight.to(_accumulation_dtype(weight.dtype)) + self.delta_weight()).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take ΔW out of the base weight again (exact in fp32 up to rounding; in bf16/fp16 within a few ulps)."""
+        if not self.merged:
+            raise RuntimeError("FusedVeRALinear is not merged")
+        weight = self._weight_out_in()
+        weight.copy_((weight.to(_accumulation_dtype(weight.dtype)) - self.delta_weight()).to(weight.dtype))
+        self.merged = False
+
+    def to_base(self) -> nn.Module:
+        """An nn.Linear (or Conv1D) holding this layer's weight and bias Parameters, without the adapter."""
+        if self.merged:
+            raise RuntimeError("FusedVeRALinear is merged; unmerge() first so the base weight is W0")
+        if self.fan_in_fan_out:
+            base = _conv1d_type().__new__(_conv1d_type())
+            nn.Module.__init__(base)
+            base.nf, base.nx = self.out_features, self.in_features
+        else:
+            base = nn.Linear.__new__(nn.Linear)
+            nn.Module.__init__(base)
+            base.in_features, base.out_features = self.in_features, self.out_features
+        base.weight = self.weight
+        if self.bias is None and not self.fan_in_fan_out:
+            base.register_parameter("bias", None)
+        else:
+            base.bias = self.bias
+        return base
+
+    def extra_repr(self) -> str:
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
+                 f"bias={self.bias is not None}", self._adapter_repr(), f"dtype={self.weight.dtype}"]
+        if self.fan_in_fan_out:
+            parts.append("fan_in_fan_out=True")
+        if self.bias is not None and self.bias.requires_grad:
+            parts.append("train_bias=True")
+        if self.merged:
+            parts.append("merged=True")
+        return ", ".join(parts)
+
+
+class VeRAWrapper(_VeRABase):
+    """A VeRA adapter around any base module mapping (..., in_features) to (..., out_features): a quantized
+    layer, a custom module. The base's own forward computes its output; ``vera_delta`` adds the adapter."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int = 256,
+        *,
+        in_features: int | None = None,
+        out_features: int | None = None,
+        seed: int = 0,
+        d_initial: float = 0.1,
+        dropout: float = 0.0,
+        max_in: int | None = None,
+        max_out: int | None = None,
+        backend: str = "auto",
+        projections: _ProjectionSource | None = None,
+        device=None,
+    ):
+        super().__init__()
+        in_features = in_features if in_features is not None else getattr(base_layer, "in_features", None)
+        out_features = out_features if out_features is not None else getattr(base_layer, "out_features", None)
+        if in_features is None or out_features is None:
+            raise TypeError(
+                f"VeRAWrapper: {type(base_layer).__name__} has no in_features/out_features; pass them explicitly"
+            )
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
+        if device is None:
+            first = next(iter(base_layer.parameters()), None)
+            device = first.device if first is not None else None
+        self._init_adapter(in_features, out_features, rank, seed=seed, d_initial=d_initial, dropout=dropout,
+                           max_in=max_in, max_out=max_out, projections=projections, backend=backend, device=device)
+        self.base_layer = base_layer.requires_grad_(False)
+        self._prepare_for_device()
+
+    def _prepare_for_device(self):
+        self._prepare("vera_delta", torch.float32)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self._check_input(x)
+        base_out = self.base_layer(x, *args, **kwargs)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                return self._add_adapter(x.to(dtype), base_out.to(dtype))
+        # The result takes x's dtype, as PEFT's does, whatever the base returned.
+        return self._add_adapter(x, base_out.to(x.dtype))
+
+    def _add_adapter(self, x, base_out):
+        A, B = self._projection_slices(x.device, x.dtype)
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
+        return ops.vera_delta(x, A, B, self.lambda_d, self.lambda_b, base_out, backend=self.backend)
+
+    def merge(self) -> None:
+        raise NotImplementedError(
+            f"VeRAWrapper around {type(self.base_layer).__name__}: its weight is not a dense matrix this package "
+            "can fold ΔW into; keep the adapter unmerged"
+        )
+
+    unmerge = merge
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._adapter_repr()}"
+
+
+VERA_LAYERS = (FusedVeRALinear, VeRAWrapper)

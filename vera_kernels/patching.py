@@ -1,0 +1,254 @@
+"""Put VeRA into any model (apply_vera) and move between this package and Hugging Face PEFT (from_peft, to_peft).
+
+apply_vera matches module names as PEFT does: a list entry matches a module whose qualified name equals it or
+ends with "." + it; a single string is a regular expression that must match the whole qualified name.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .layer import (
+    VERA_LAYERS,
+    ExplicitProjections,
+    FusedVeRALinear,
+    SeededProjections,
+    VeRAWrapper,
+    _check_base_dtype,
+    _conv1d_type,
+)
+from .projections import check_positive_int
+
+BIAS_OPTIONS = ("none", "vera_only", "all")
+
+
+def _matches(target_modules, name: str) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def _in_out_features(module: nn.Module) -> tuple[int, int] | None:
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return module.weight.shape[0], module.weight.shape[1]
+    in_features, out_features = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if isinstance(in_features, int) and isinstance(out_features, int):
+        return in_features, out_features
+    return None
+
+
+def _fusable(module: nn.Module) -> bool:
+    # Exactly nn.Linear: a subclass (a quantized Linear, say) may not compute x W0ᵀ + bias from .weight.
+    conv1d = _conv1d_type()
+    return type(module) is nn.Linear or (conv1d is not None and type(module) is conv1d)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def vera_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every FusedVeRALinear and VeRAWrapper of the model with its qualified name."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, VERA_LAYERS)]
+
+
+def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module, tuple[int, int]]]:
+    """(name, module, (in, out)) of every module apply_vera would adapt; errors name what is wrong."""
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(f"target_modules: {target_modules!r} is not a valid regular expression ({exc})") from None
+    elif not (isinstance(target_modules, (list, tuple, set)) and target_modules
+              and all(isinstance(t, str) for t in target_modules)):
+        raise TypeError(f"target_modules: expected a regular expression or a non-empty list of names, got {target_modules!r}")
+    targets = []
+    for name, module in model.named_modules():
+        if not name or not _matches(target_modules, name):
+            continue
+        if isinstance(module, VERA_LAYERS):
+            raise ValueError(f"module {name!r} already has a VeRA adapter")
+        features = _in_out_features(module)
+        if features is None:
+            raise TypeError(
+                f"target_modules {target_modules!r} matched {name!r}, a {type(module).__name__} without integer "
+                "in_features/out_features: VeRA adapts linear maps (nn.Linear, Conv1D, or modules that declare them)"
+            )
+        targets.append((name, module, features))
+    if not targets:
+        some = [name for name, _ in model.named_modules() if name][:8]
+        raise ValueError(
+            f"target_modules {target_modules!r} matched no module of {type(model).__name__} "
+            f"(module names look like: {', '.join(some)})"
+        )
+    return targets
+
+
+def apply_vera(
+    model: nn.Module,
+    target_modules,
+    rank: int = 256,
+    seed: int = 0,
+    d_initial: float = 0.1,
+    dropout: float = 0.0,
+    backend: str = "auto",
+    *,
+    bias: str = "none",
+    projections=None,
+) -> nn.Module:
+    """Adapt every matching module of ``model`` in place and return the model.
+
+    nn.Linear and GPT-2's Conv1D become FusedVeRALinear (sharing their weight Parameters); other matching
+    modules with in_features/out_features are wrapped in VeRAWrapper. One projection pair sized to the
+    largest in/out of the targets serves every layer. Everything else is frozen. ``bias`` follows PEFT:
+    "none" (frozen), "vera_only" (the adapted layers' biases train), "all" (every bias of the model trains).
+    ``projections`` (an ExplicitProjections) replaces the seeded pair, e.g. to use PEFT's.
+    """
+    check_positive_int("rank", rank)
+    if bias not in BIAS_OPTIONS:
+        raise ValueError(f"bias must be one of {', '.join(BIAS_OPTIONS)}; got {bias!r}")
+    targets = find_targets(model, target_modules)
+    max_in = max(features[0] for _, _, features in targets)
+    max_out = max(features[1] for _, _, features in targets)
+    if projections is None:
+        projections = SeededProjections(seed, rank, max_in, max_out)
+    common = dict(rank=rank, d_initial=d_initial, dropout=dropout, backend=backend, projections=projections)
+    # Check every base and build every new layer before changing any (from_linear freezes the base it
+    # takes), so a failure leaves the model as it was.
+    for _, module, _ in targets:
+        if _fusable(module):
+            _check_base_dtype(module.weight.dtype, backend)
+    new_layers = []
+    for name, module, (in_features, out_features) in targets:
+        if _fusable(module):
+            layer = FusedVeRALinear.from_linear(module, train_bias=bias == "vera_only", **common)
+        else:
+            layer = VeRAWrapper(module, in_features=in_features, out_features=out_features, **common)
+        new_layers.append((name, layer))
+    model.requires_grad_(False)
+    for name, layer in new_layers:
+        _replace(model, name, layer)
+        layer.lambda_d.requires_grad_(True)
+        layer.lambda_b.requires_grad_(True)
+        if bias == "vera_only" and getattr(layer, "bias", None) is not None:
+            layer.bias.requires_grad_(True)
+    if bias == "all":
+        for name, parameter in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                parameter.requires_grad_(True)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT interoperability. peft is optional: imported only here.
+
+
+def _import_peft():
+    try:
+        import peft
+        from peft.tuners.vera.layer import Linear as PeftVeraLinear
+    except ImportError as exc:
+        raise ImportError(f"from_peft/to_peft need the peft package (pip install peft): {exc}") from None
+    return peft, PeftVeraLinear
+
+
+def from_peft(peft_model) -> nn.Module:
+    """Swap every PEFT VeRA layer of ``peft_model`` (a PeftModel with one active VeRA adapter) for a
+    FusedVeRALinear (VeRAWrapper for a base that can't be fused) using PEFT's own projections, its
+    lambda Parameters (the same objects) and its base weights. Returns the underlying base model, changed
+    in place; its outputs and gradients are PEFT's."""
+    _, PeftVeraLinear = _import_peft()
+    adapters = list(peft_model.active_adapters)
+    if len(adapters) != 1:
+        raise ValueError(f"from_peft: expected one active VeRA adapter, got {adapters}")
+    adapter = adapters[0]
+    config = peft_model.peft_config[adapter]
+    if getattr(config, "peft_type", None) is None or config.peft_type.value != "VERA":
+        raise ValueError(f"from_peft: adapter {adapter!r} is {config.peft_type}, not VeRA")
+    base_model = peft_model.get_base_model()
+    layers = [(name, module) for name, module in base_model.named_modules() if isinstance(module, PeftVeraLinear)]
+    if not layers:
+        raise ValueError("from_peft: the model has no PEFT VeRA layer")
+    # The pair lives in the tuner (vera_A/vera_B BufferDicts, shared by every layer). With save_projection=False
+    # PEFT regenerated it from projection_prng_key with torch's CPU generator when it built the model.
+    first = layers[0][1]
+    projections = ExplicitProjections(first.vera_A[adapter], first.vera_B[adapter], prng_key=config.projection_prng_key)
+    new_layers = []
+    for name, module in layers:
+        if module.merged:
+            raise ValueError(f"from_peft: layer {name!r} is merged; call peft_model.unmerge_adapter() first")
+        base = module.get_base_layer()
+        common = dict(rank=config.r, d_initial=config.d_initial, dropout=config.vera_dropout, projections=projections)
+        if _fusable(base):
+            layer = FusedVeRALinear.from_linear(base, train_bias=config.bias != "none", **common)
+        else:
+            layer = VeRAWrapper(base, in_features=module.in_features, out_features=module.out_features, **common)
+        # The very Parameters PEFT trained (and an optimizer may hold): no copy.
+        layer.lambda_d = module.vera_lambda_d[adapter]
+        layer.lambda_b = module.vera_lambda_b[adapter]
+        new_layers.append((name, layer))
+    for name, layer in new_layers:
+        _replace(base_model, name, layer)
+    return base_model
+
+
+def _shared_projections(layers):
+    sources = {module.projections.key(): module.projections for _, module in layers}
+    if len(sources) != 1:
+        raise ValueError("the model's VeRA layers use different projection pairs; one shared pair is expected")
+    return next(iter(sources.values()))
+
+
+def _uniform(layers, attribute: str):
+    values = {getattr(module, attribute) for _, module in layers}
+    if len(values) != 1:
+        raise ValueError(f"the model's VeRA layers have different {attribute} values {sorted(values)}; expected one")
+    return values.pop()
+
+
+def to_peft(model: nn.Module, adapter_name: str = "default"):
+    """A PEFT VeRA model with this model's adapters: the VeRA layers are replaced in place by their bases and
+    ``peft.get_peft_model`` wraps the model with a VeraConfig (save_projection=True) whose vera_A/vera_B are
+    our projections and whose lambdas are ours. Its outputs equal ours; ``save_pretrained`` writes a
+    checkpoint that ``PeftModel.from_pretrained`` loads anywhere."""
+    peft, PeftVeraLinear = _import_peft()
+    layers = vera_layers(model)
+    if not layers:
+        raise ValueError("to_peft: the model has no VeRA layer (apply_vera first)")
+    projections = _shared_projections(layers)
+    for name, module in layers:
+        if getattr(module, "merged", False):
+            raise ValueError(f"to_peft: layer {name!r} is merged; unmerge() first")
+    trains_bias = any(getattr(module, "bias", None) is not None and module.bias.requires_grad for _, module in layers)
+    config = peft.VeraConfig(
+        r=projections.rank,
+        target_modules=[name for name, _ in layers],
+        # Only used by PEFT to regenerate a pair that isn't saved; ours always is. Keep PEFT's key if it was its pair.
+        projection_prng_key=getattr(projections, "prng_key", None) or 0,
+        save_projection=True,  # our pair is not PEFT's generator's: the checkpoint must carry it
+        vera_dropout=_uniform(layers, "dropout"),
+        d_initial=_uniform(layers, "d_initial"),
+        fan_in_fan_out=any(getattr(module, "fan_in_fan_out", False) for _, module in layers),
+        bias="vera_only" if trains_bias else "none",
+    )
+    lambdas = {name: (module.lambda_d.detach(), module.lambda_b.detach()) for name, module in layers}
+    for name, module in layers:
+        _replace(model, name, module.to_base() if isinstance(module, FusedVeRALinear) else module.base_layer)
+    peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
+    with torch.no_grad():
+        tuner = peft_model.base_model
+        for buffers, ours in ((tuner.vera_A, projections.pair(torch.device("cpu"), torch.float32)[0]),
+                              (tuner.vera_B, projections.pair(torch.device("cpu"), torch.float32)[1])):
+            theirs = buffers[adapter_name]
+            theirs.copy_(ours[: theirs.shape[0], : theirs.shape[1]])
+        for name, module in peft_model.get_base_model().named_modules():
+            if isinstance(module, PeftVeraLinear):
+                lambda_d, lambda_b = lambdas[name]
+                module.vera_lambda_d[adapter_name].copy_(lambda_d)
+                module.vera_lambda_b[adapter_name].copy_(lambda_b)
+    return peft_model
