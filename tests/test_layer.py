@@ -29,17 +29,7 @@ def float64_vera(x, weight, bias, seed, rank, max_in, max_out, lambda_d, lambda_
     return y if bias is None else y + bias.double()
 
 
-def layer_backends():
-    """auto and every backend; the Triton backend's backward has a known bug the layer hits: strict xfail, so
-    the mark must go (the test then runs) as soon as it is fixed."""
-    for param in backend_params():
-        if param.id == "triton" and not param.marks:
-            reason = "triton backward fails when the bias needs no gradient (frozen or None): None.dtype in _backward_kernel"
-            param = pytest.param(*param.values, id=param.id, marks=pytest.mark.xfail(strict=True, reason=reason))
-        yield param
-
-
-@pytest.mark.parametrize("backend", ["auto", *layer_backends()])
+@pytest.mark.parametrize("backend", ["auto", *backend_params()])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_and_gradients_match_float64(dtype, bias, backend):

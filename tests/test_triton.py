@@ -217,3 +217,18 @@ def test_static_sass(backend):
             assert r["opcodes"].get("HGMMA", 0) > 0, f"{where}: no HGMMA"
         else:
             assert r["opcodes"].get("HMMA", 0) > 0, f"{where}: no HMMA (decode tiles are below wgmma's 64 rows)"
+
+
+@pytest.mark.parametrize("bias_state", ["frozen", "none"])
+def test_backward_without_bias_gradient(backend, bias_state):
+    # The layer's default: a frozen (or absent) bias, so the backward computes no dbias.
+    p = _problem(17, 40, 30, 8, torch.float32)
+    if bias_state == "none":
+        p["bias"] = None
+    for k in ("x", "lambda_d", "lambda_b"):
+        p[k].requires_grad_(True)
+    vera_linear(**p, backend=backend).sum().backward()
+    ref = {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None) for k, v in p.items()}
+    vera_linear(**ref, backend="torch").sum().backward()
+    for k in ("x", "lambda_d", "lambda_b"):
+        assert verify.relative_error(p[k].grad, ref[k].grad) < 1e-5, k

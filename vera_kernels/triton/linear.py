@@ -220,7 +220,6 @@ def _backward_kernel(
     if not ON_THE_FLY:
         b_ptrs = b_mat_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :] * stride_br
     db_row = db_part_ptr + (pid_m * tl.num_programs(1) + pid_r).to(tl.int64) * N
-    dbias_row = dbias_part_ptr + pid_m.to(tl.int64) * N
     for n0 in range(0, N, BLOCK_N):
         n_ok = offs_n < N - n0
         g = tl.load(g_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
@@ -234,9 +233,9 @@ def _backward_kernel(
             b_ptrs += BLOCK_N * stride_bn
         u = _dot(t, tl.trans(b_tile), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET, IEEE)
         tl.store(db_row + n0 + offs_n, tl.sum(g * u, axis=0), mask=n_ok)
-        if HAS_BIAS:
+        if HAS_BIAS:  # dbias_part_ptr is None otherwise: no pointer arithmetic on it outside this branch
             if pid_r == 0:
-                tl.store(dbias_row + n0 + offs_n, tl.sum(g, axis=0), mask=n_ok)
+                tl.store(dbias_part_ptr + pid_m.to(tl.int64) * N + n0 + offs_n, tl.sum(g, axis=0), mask=n_ok)
         gb = _round_to(g * lb[None, :], OUT_KIND, INTERPRET)
         dt = _dot(gb, b_tile, dt, INTERPRET, IEEE)
         g_ptrs += BLOCK_N * stride_gn
