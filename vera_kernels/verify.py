@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -367,8 +368,12 @@ def main(argv=None) -> int:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to torch")
     if torch.device(device).type == "cpu" and "TRITON_INTERPRET" not in os.environ:
-        # Triton runs on CPU tensors only under its interpreter, chosen when our kernels are first loaded.
-        os.environ["TRITON_INTERPRET"] = "1"
+        # Triton runs on CPU tensors only under its interpreter, which Triton fixes for each kernel when it
+        # is defined, its own library's included: `import vera_kernels` has already loaded those, so check
+        # the Triton backend in a fresh process with the interpreter on.
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        argv = sys.argv[1:] if argv is None else list(argv)
+        return subprocess.call([sys.executable, "-m", "vera_kernels.verify", *argv], env=env)
 
     environment = {
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
