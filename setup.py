@@ -88,7 +88,7 @@ def _extensions():
 
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
 
-    sources = ["csrc/projection_cpu.cpp", "csrc/vera_ops.cpp", "python_bindings/bindings.cpp"]
+    sources = ["csrc/projection_cpu.cpp", "csrc/vera_cpu.cpp", "csrc/vera_ops.cpp", "python_bindings/bindings.cpp"]
     # No -std flag: torch adds the standard its headers need (C++17 or C++20 by version). -g0 overrides
     # the -g some Pythons put in their CFLAGS: debug info for the torch headers makes the module ~40x
     # larger and its heaviest compile ~1.5x slower.
@@ -110,7 +110,7 @@ def _extensions():
             # Any flag naming an arch makes torch skip its own arch selection.
             nvcc_flags += DEFAULT_GENCODE
         ext = CUDAExtension(
-            sources=sources + ["csrc/projection_cuda.cu"],
+            sources=sources + ["csrc/projection_cuda.cu", "csrc/vera_cuda.cu"],
             define_macros=[("VERA_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             **common,

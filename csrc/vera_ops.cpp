@@ -1,12 +1,18 @@
-// Torch glue: every argument is checked before any work, then the raw-pointer kernels of projection.h run.
+// Torch glue: every argument is checked before any work, then the raw-pointer kernels of projection.h and
+// vera_math.h run; the large GEMMs go through ATen (the CPU BLAS, cuBLAS).
 #include "vera_ops.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
+
 #include "projection.h"
+#include "vera_math.h"
 
 #ifdef VERA_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -54,6 +60,154 @@ void* current_stream(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 #endif
+
+// ---------------------------------------------------------------------------------------------------
+// Argument checks of vera_forward_ and vera_backward_: each message names the op and the argument.
+
+bool is_kernel_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+Dtype kernel_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return Dtype::kFloat32;
+    case at::kBFloat16:
+      return Dtype::kBFloat16;
+    default:
+      return Dtype::kFloat16;  // the checks admit nothing else
+  }
+}
+
+// Layout, device (CPU or CUDA, the device of `first`) and shape.
+void check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& first,
+                  const char* first_name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got layout ",
+              t.layout());
+  check_device(op, name, t);
+  TORCH_CHECK(t.device() == first.device(), op, ": ", name, " must be on ", first_name, "'s device ",
+              first.device(), ", got ", t.device());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
+                 const char* whose) {
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, " (", whose, "), got ",
+              t.scalar_type());
+}
+
+void check_lambda_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == dtype, op, ": ", name,
+              " must be float32 or ", dtype, ", got ", t.scalar_type());
+}
+
+void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+}
+
+// The first, checked argument that fixes the dtype and device of the others: float32, bfloat16 or float16,
+// 2-D, dense, on CPU or CUDA.
+void check_first(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got layout ",
+              t.layout());
+  check_device(op, name, t);
+  TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": ", name, " must be float32, bfloat16 or float16, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be a 2-D tensor, got ", t.dim(), "-D");
+}
+
+struct Named {
+  const char* name;
+  const at::Tensor* tensor;  // null or undefined: absent
+};
+
+bool present(const Named& n) { return n.tensor != nullptr && n.tensor->defined(); }
+
+// Outputs are written while inputs are still read (and by several threads): no output may share storage
+// with an input or with another output.
+void check_no_shared_memory(const char* op, std::initializer_list<Named> outputs,
+                            std::initializer_list<Named> inputs) {
+  for (auto out = outputs.begin(); out != outputs.end(); ++out) {
+    if (!present(*out)) continue;
+    const auto check = [&](const Named& other) {
+      if (!present(other)) return;
+      TORCH_CHECK(!out->tensor->storage().is_alias_of(other.tensor->storage()), op, ": ", out->name,
+                  " must not share memory with ", other.name);
+    };
+    for (auto later = out + 1; later != outputs.end(); ++later) check(*later);
+    for (const Named& in : inputs) check(in);
+  }
+}
+
+const at::Tensor* get(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
+// ---------------------------------------------------------------------------------------------------
+// The kernels of vera_math.h on the tensors' device. Every tensor given is contiguous and checked.
+
+void scale(const at::Tensor& out, const at::Tensor& in, const at::Tensor& v, bool per_row) {
+  Scale p;
+  p.out = out.data_ptr();
+  p.in = in.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.dtype = kernel_dtype(in.scalar_type());
+  p.v_dtype = kernel_dtype(v.scalar_type());
+  p.rows = in.size(0);
+  p.cols = in.size(1);
+  p.per_row = per_row;
+#ifdef VERA_WITH_CUDA
+  if (out.is_cuda()) {
+    check_cuda("vera scale", scale_cuda(p, current_stream(out)));
+    return;
+  }
+#endif
+  scale_cpu(p);
+}
+
+// out = Σ_i a[i, :] (⊙ b[i, :] when b is defined).
+void column_sums(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  ColumnSums p;
+  p.out = out.data_ptr();
+  p.a = a.const_data_ptr();
+  p.b = b.defined() ? b.const_data_ptr() : nullptr;
+  p.dtype = kernel_dtype(a.scalar_type());
+  p.out_dtype = kernel_dtype(out.scalar_type());
+  p.rows = a.size(0);
+  p.cols = a.size(1);
+#ifdef VERA_WITH_CUDA
+  if (out.is_cuda()) {
+    const at::Tensor scratch = at::empty({sum_chunks(p.rows), p.cols}, a.options().dtype(at::kFloat));
+    check_cuda("vera column sums", column_sums_cuda(p, scratch.mutable_data_ptr<float>(), current_stream(out)));
+    return;
+  }
+#endif
+  column_sums_cpu(p);
+}
+
+void row_dots(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  RowDots p;
+  p.out = out.data_ptr();
+  p.a = a.const_data_ptr();
+  p.b = b.const_data_ptr();
+  p.dtype = kernel_dtype(a.scalar_type());
+  p.out_dtype = kernel_dtype(out.scalar_type());
+  p.rows = a.size(0);
+  p.cols = a.size(1);
+#ifdef VERA_WITH_CUDA
+  if (out.is_cuda()) {
+    check_cuda("vera row dots", row_dots_cuda(p, current_stream(out)));
+    return;
+  }
+#endif
+  row_dots_cpu(p);
+}
+
+// b ⊙ B (out x r, x's dtype): B's rows scaled by lambda_b, so that one GEMM with it applies both.
+at::Tensor scaled_B(const at::Tensor& B, const at::Tensor& lambda_b) {
+  const at::Tensor B_c = B.contiguous();
+  at::Tensor out = at::empty(B_c.sizes(), B_c.options());
+  scale(out, B_c, lambda_b.contiguous(), /*per_row=*/true);
+  return out;
+}
 
 }  // namespace
 
@@ -138,6 +292,143 @@ at::Tensor philox4x32_10(const at::Tensor& counters, const at::Tensor& keys) {
   philox4x32_10_cpu(counters.const_data_ptr<int64_t>(), keys.const_data_ptr<int64_t>(),
                     out.mutable_data_ptr<int64_t>(), n);
   return out;
+}
+
+void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                   const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+                   const at::Tensor& lambda_d, const at::Tensor& lambda_b,
+                   const std::optional<at::Tensor>& base_out) {
+  constexpr const char* op = "vera_forward_";
+  check_first(op, "x", x);
+  const int64_t m = x.size(0), in = x.size(1);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) >= 1 && A.size(1) == in, op,
+              ": A must have shape (r, in_features) with r >= 1 and in_features = ", in,
+              " (x's last dimension), got ", A.sizes());
+  const int64_t r = A.size(0);
+  TORCH_CHECK(B.dim() == 2 && B.size(1) == r, op, ": B must have shape (out_features, ", r,
+              ") (A's rank), got ", B.sizes());
+  const int64_t out = B.size(0);
+  TORCH_CHECK(weight.has_value() != base_out.has_value(), op,
+              ": exactly one of weight (vera_linear) and base_out (vera_delta) must be given");
+  TORCH_CHECK(!bias.has_value() || weight.has_value(), op, ": bias is only allowed with weight");
+
+  const at::ScalarType dtype = x.scalar_type();
+  const auto same_as_x = [&](const char* name, const at::Tensor& t, at::IntArrayRef shape) {
+    check_tensor(op, name, t, x, "x", shape);
+    check_dtype(op, name, t, dtype, "x's dtype");
+  };
+  if (weight) same_as_x("weight", *weight, {out, in});
+  if (bias) same_as_x("bias", *bias, {out});
+  same_as_x("A", A, {r, in});
+  same_as_x("B", B, {out, r});
+  if (base_out) same_as_x("base_out", *base_out, {m, out});
+  check_tensor(op, "lambda_d", lambda_d, x, "x", {r});
+  check_lambda_dtype(op, "lambda_d", lambda_d, dtype);
+  check_tensor(op, "lambda_b", lambda_b, x, "x", {out});
+  check_lambda_dtype(op, "lambda_b", lambda_b, dtype);
+  same_as_x("y", y, {m, out});
+  check_contiguous(op, "y", y);
+  same_as_x("s", s, {m, r});
+  check_contiguous(op, "s", s);
+  check_no_shared_memory(op, {{"y", &y}, {"s", &s}},
+                         {{"x", &x}, {"weight", get(weight)}, {"bias", get(bias)}, {"A", &A}, {"B", &B},
+                          {"lambda_d", &lambda_d}, {"lambda_b", &lambda_b}, {"base_out", get(base_out)}});
+
+  const c10::DeviceGuard guard(x.device());
+  at::mm_out(s, x, A.t());
+  at::Tensor t = at::empty({m, r}, s.options());
+  scale(t, s, lambda_d.contiguous(), /*per_row=*/false);
+  const at::Tensor bB = scaled_B(B, lambda_b);
+  if (weight) {
+    if (bias) {
+      at::addmm_out(y, *bias, x, weight->t());
+    } else {
+      at::mm_out(y, x, weight->t());
+    }
+    y.addmm_(t, bB.t());  // beta = 1: the adapter term accumulates into y
+  } else {
+    at::addmm_out(y, *base_out, t, bB.t());
+  }
+}
+
+void vera_backward_(const std::optional<at::Tensor>& dx, const std::optional<at::Tensor>& dd,
+                    const std::optional<at::Tensor>& db, const std::optional<at::Tensor>& dbias,
+                    const at::Tensor& grad_out, const at::Tensor& s, const std::optional<at::Tensor>& weight,
+                    const at::Tensor& A, const at::Tensor& B, const at::Tensor& lambda_d,
+                    const at::Tensor& lambda_b) {
+  constexpr const char* op = "vera_backward_";
+  check_first(op, "grad_out", grad_out);
+  check_contiguous(op, "grad_out", grad_out);
+  const int64_t m = grad_out.size(0), out = grad_out.size(1);
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == m && s.size(1) >= 1, op, ": s must have shape (", m,
+              ", r) with r >= 1 (grad_out's rows), got ", s.sizes());
+  const int64_t r = s.size(1);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == r && A.size(1) >= 1, op, ": A must have shape (", r,
+              ", in_features) (s's columns), got ", A.sizes());
+  const int64_t in = A.size(1);
+
+  const at::ScalarType dtype = grad_out.scalar_type();
+  const auto same_as_g = [&](const char* name, const at::Tensor& t, at::IntArrayRef shape) {
+    check_tensor(op, name, t, grad_out, "grad_out", shape);
+    check_dtype(op, name, t, dtype, "grad_out's dtype");
+  };
+  same_as_g("s", s, {m, r});
+  check_contiguous(op, "s", s);
+  if (weight) same_as_g("weight", *weight, {out, in});
+  same_as_g("A", A, {r, in});
+  same_as_g("B", B, {out, r});
+  check_tensor(op, "lambda_d", lambda_d, grad_out, "grad_out", {r});
+  check_lambda_dtype(op, "lambda_d", lambda_d, dtype);
+  check_tensor(op, "lambda_b", lambda_b, grad_out, "grad_out", {out});
+  check_lambda_dtype(op, "lambda_b", lambda_b, dtype);
+  if (dx) {
+    same_as_g("dx", *dx, {m, in});
+    check_contiguous(op, "dx", *dx);
+  }
+  if (dd) {
+    check_tensor(op, "dd", *dd, grad_out, "grad_out", {r});
+    check_dtype(op, "dd", *dd, lambda_d.scalar_type(), "lambda_d's dtype");
+    check_contiguous(op, "dd", *dd);
+  }
+  if (db) {
+    check_tensor(op, "db", *db, grad_out, "grad_out", {out});
+    check_dtype(op, "db", *db, lambda_b.scalar_type(), "lambda_b's dtype");
+    check_contiguous(op, "db", *db);
+  }
+  if (dbias) {
+    same_as_g("dbias", *dbias, {out});
+    check_contiguous(op, "dbias", *dbias);
+  }
+  check_no_shared_memory(op, {{"dx", get(dx)}, {"dd", get(dd)}, {"db", get(db)}, {"dbias", get(dbias)}},
+                         {{"grad_out", &grad_out}, {"s", &s}, {"weight", get(weight)}, {"A", &A}, {"B", &B},
+                          {"lambda_d", &lambda_d}, {"lambda_b", &lambda_b}});
+
+  const c10::DeviceGuard guard(grad_out.device());
+  const at::Tensor d = lambda_d.contiguous();
+  // dt = (g ⊙ b) B = g (b ⊙ B): M x r from an out x r operand, no M x out temporary.
+  at::Tensor dt;
+  if (dx || dd) dt = at::mm(grad_out, scaled_B(B, lambda_b));
+  if (dd) column_sums(*dd, dt, s);
+  // M x r scratch: t = d ⊙ s for db, then d ⊙ dt for dx.
+  at::Tensor scratch;
+  if (db || dx) scratch = at::empty({m, r}, s.options());
+  if (db) {
+    // db_j = Σ_m g_mj (t Bᵀ)_mj = Σ_k B_jk (gᵀ t)_jk: one out x r GEMM instead of recomputing u (M x out),
+    // the same FLOPs, then a row-wise dot with B.
+    scale(scratch, s, d, /*per_row=*/false);
+    row_dots(*db, B.contiguous(), at::mm(grad_out.t(), scratch));
+  }
+  if (dbias) column_sums(*dbias, grad_out, at::Tensor());
+  if (dx) {
+    at::Tensor dx_out = *dx;
+    scale(scratch, dt, d, /*per_row=*/false);
+    if (weight) {
+      at::mm_out(dx_out, grad_out, *weight);
+      dx_out.addmm_(scratch, A);  // beta = 1: dx = g W0 + (d ⊙ dt) A
+    } else {
+      at::mm_out(dx_out, scratch, A);
+    }
+  }
 }
 
 bool built_with_cuda() {

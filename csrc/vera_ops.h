@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace vera {
 
@@ -16,6 +17,32 @@ void fill_projection_(at::Tensor out, int64_t seed, int64_t tag, int64_t fan_in,
 // Philox4x32-10 on each row of `counters` (N x 4) with the matching row of `keys` (N x 2): int64 tensors
 // with values in [0, 2^32), contiguous, on the same device. Returns N x 4 int64.
 at::Tensor philox4x32_10(const at::Tensor& counters, const at::Tensor& keys);
+
+// The VeRA forward written into the caller's buffers (so that the caller chooses how they are allocated):
+//   weight given:   y = x W0ᵀ + bias + b ⊙ ((d ⊙ s) Bᵀ)
+//   base_out given: y = base_out + b ⊙ ((d ⊙ s) Bᵀ)           (exactly one of weight and base_out)
+// with s = x Aᵀ, the only activation the backward needs. x (M, in), weight (out, in), bias (out), A (r, in),
+// B (out, r), base_out (M, out): one dtype (float32, bfloat16 or float16), any strides; lambda_d (r) and
+// lambda_b (out): float32 or x's dtype. y (M, out) and s (M, r): x's dtype, contiguous, sharing no memory
+// with the inputs. No M x out temporary: y is written by GEMMs that accumulate into it.
+void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                   const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+                   const at::Tensor& lambda_d, const at::Tensor& lambda_b,
+                   const std::optional<at::Tensor>& base_out);
+
+// The hand-written backward (DESIGN.md section 2) from grad_out = dL/dy (M, out, contiguous) and the saved
+// s (M, r, contiguous), written into the outputs given (a missing one is not computed):
+//   dx (M, in)   = g W0 + (d ⊙ dt) A      (weight missing: (d ⊙ dt) A, vera_delta's)   dt = g (b ⊙ B)
+//   dd (r)       = Σ_m dt ⊙ s             in lambda_d's dtype
+//   db (out)     = Σ_m g ⊙ (t Bᵀ)         as Σ_k B_jk (gᵀ t)_jk, t = d ⊙ s; in lambda_b's dtype
+//   dbias (out)  = Σ_m g                  in grad_out's dtype
+// Reductions in fp32 in a fixed order; no M x out temporary. Outputs are contiguous and share no memory
+// with the inputs or each other.
+void vera_backward_(const std::optional<at::Tensor>& dx, const std::optional<at::Tensor>& dd,
+                    const std::optional<at::Tensor>& db, const std::optional<at::Tensor>& dbias,
+                    const at::Tensor& grad_out, const at::Tensor& s, const std::optional<at::Tensor>& weight,
+                    const at::Tensor& A, const at::Tensor& B, const at::Tensor& lambda_d,
+                    const at::Tensor& lambda_b);
 
 // Whether the CUDA kernels were compiled in.
 bool built_with_cuda();

@@ -1,7 +1,8 @@
-"""What is specific to the compiled extension vera_kernels._C: its argument checks.
+"""What is specific to the compiled extension vera_kernels._C: the argument checks of its projection ops.
 
 The values it computes are tested with every other backend against the golden file; here each bad
-argument must raise before any work, with a message that names the argument.
+argument must raise before any work, with a message that names the argument. The VeRA forward and
+backward ops have their own file, tests/test_extension_ops.py.
 """
 
 import pytest

@@ -1,0 +1,144 @@
+// CUDA kernels for vera_math.h. Only CUDA headers here: torch is bound in vera_ops.cpp. The reductions
+// use no atomics: each output element is summed by one thread (or one warp) in a fixed order, so two runs
+// give the same bits.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "vera_math.h"
+
+namespace vera {
+
+namespace {
+
+constexpr int kScaleThreadsX = 64;  // columns per block
+constexpr int kScaleThreadsY = 4;   // rows per block
+constexpr int kSumThreads = 256;    // columns per block of the column sums
+constexpr int kWarp = 32;
+constexpr int kDotWarps = 8;  // rows per block of the row dots, one warp each
+// The y grid dimension is capped by CUDA at 65535; x is capped here too. Grid-stride loops cover the rest.
+constexpr int64_t kMaxBlocksY = 65535;
+constexpr int64_t kMaxBlocksX = 1 << 16;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+unsigned blocks_x(int64_t n, int64_t per_block) { return unsigned(std::min(ceil_div(n, per_block), kMaxBlocksX)); }
+
+unsigned blocks_y(int64_t n, int64_t per_block) { return unsigned(std::min(ceil_div(n, per_block), kMaxBlocksY)); }
+
+template <typename E, typename V>
+__global__ void scale_kernel(Scale p) {
+  using T = typename E::type;
+  const T* const in = static_cast<const T*>(p.in);
+  T* const out = static_cast<T*>(p.out);
+  const typename V::type* const v = static_cast<const typename V::type*>(p.v);
+  for (int64_t i = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; i < p.rows;
+       i += int64_t(gridDim.y) * blockDim.y) {
+    for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < p.cols;
+         j += int64_t(gridDim.x) * blockDim.x) {
+      const int64_t k = i * p.cols + j;
+      out[k] = E::store(product<E, V>(in[k], v[p.per_row ? i : j]));
+    }
+  }
+}
+
+// Stage 1: scratch[c, j] = the fp32 sum of column j over the rows of chunk c. Consecutive threads read
+// consecutive columns of a row: coalesced.
+template <typename E, bool kProduct>
+__global__ void column_chunk_sums_kernel(ColumnSums p, float* scratch, int64_t chunks) {
+  using T = typename E::type;
+  const T* const a = static_cast<const T*>(p.a);
+  const T* const b = static_cast<const T*>(p.b);
+  for (int64_t c = blockIdx.y; c < chunks; c += gridDim.y) {
+    const int64_t row_begin = c * kSumRowChunk;
+    const int64_t row_end = row_begin + kSumRowChunk < p.rows ? row_begin + kSumRowChunk : p.rows;
+    for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < p.cols;
+         j += int64_t(gridDim.x) * blockDim.x) {
+      float sum = 0.0f;
+      for (int64_t i = row_begin; i < row_end; ++i) {
+        const int64_t k = i * p.cols + j;
+        sum += kProduct ? product<E, E>(a[k], b[k]) : E::load(a[k]);
+      }
+      scratch[c * p.cols + j] = sum;
+    }
+  }
+}
+
+// Stage 2: out[j] = the chunk sums of column j added in row order.
+template <typename O>
+__global__ void column_total_kernel(ColumnSums p, const float* scratch, int64_t chunks) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < p.cols;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    float total = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) total += scratch[c * p.cols + j];
+    static_cast<typename O::type*>(p.out)[j] = O::store(total);
+  }
+}
+
+// One warp per row: lane l sums columns l, l + 32, ...; then a butterfly over the lanes, the same order
+// in every run.
+template <typename E, typename O>
+__global__ void row_dots_kernel(RowDots p) {
+  using T = typename E::type;
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t i = blockIdx.x * int64_t(kDotWarps) + threadIdx.x / kWarp; i < p.rows;
+       i += int64_t(gridDim.x) * kDotWarps) {
+    const T* const a = static_cast<const T*>(p.a) + i * p.cols;
+    const T* const b = static_cast<const T*>(p.b) + i * p.cols;
+    float sum = 0.0f;
+    for (int64_t j = lane; j < p.cols; j += kWarp) sum += product<E, E>(a[j], b[j]);
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
+    if (lane == 0) static_cast<typename O::type*>(p.out)[i] = O::store(sum);
+  }
+}
+
+const char* last_launch_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace
+
+const char* scale_cuda(const Scale& p, void* stream) {
+  if (p.rows == 0 || p.cols == 0) return nullptr;  // a zero-sized grid is a launch error
+  const dim3 block(kScaleThreadsX, kScaleThreadsY);
+  const dim3 grid(blocks_x(p.cols, kScaleThreadsX), blocks_y(p.rows, kScaleThreadsY));
+  dispatch_dtype(p.dtype, [&](auto e) {
+    dispatch_dtype(p.v_dtype, [&](auto v) {
+      scale_kernel<decltype(e), decltype(v)><<<grid, block, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    });
+  });
+  return last_launch_error();
+}
+
+const char* column_sums_cuda(const ColumnSums& p, float* scratch, void* stream) {
+  if (p.cols == 0) return nullptr;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int64_t chunks = sum_chunks(p.rows);  // 0 rows: no chunk, every total is 0
+  dispatch_dtype(p.dtype, [&](auto e) {
+    if (chunks == 0) return;
+    const dim3 grid(blocks_x(p.cols, kSumThreads), blocks_y(chunks, 1));
+    if (p.b != nullptr) {
+      column_chunk_sums_kernel<decltype(e), true><<<grid, kSumThreads, 0, s>>>(p, scratch, chunks);
+    } else {
+      column_chunk_sums_kernel<decltype(e), false><<<grid, kSumThreads, 0, s>>>(p, scratch, chunks);
+    }
+  });
+  dispatch_dtype(p.out_dtype, [&](auto o) {
+    column_total_kernel<decltype(o)><<<blocks_x(p.cols, kSumThreads), kSumThreads, 0, s>>>(p, scratch, chunks);
+  });
+  return last_launch_error();
+}
+
+const char* row_dots_cuda(const RowDots& p, void* stream) {
+  if (p.rows == 0) return nullptr;
+  dispatch_dtype(p.dtype, [&](auto e) {
+    dispatch_dtype(p.out_dtype, [&](auto o) {
+      row_dots_kernel<decltype(e), decltype(o)>
+          <<<blocks_x(p.rows, kDotWarps), kDotWarps * kWarp, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    });
+  });
+  return last_launch_error();
+}
+
+}  // namespace vera

@@ -1,0 +1,138 @@
+// The per-element VeRA math shared by the CPU kernels (vera_cpu.cpp) and the CUDA kernels (vera_cuda.cu):
+// storage conversions, the fp32 products, and the kernels' parameter blocks.
+//
+// Free of torch and CUDA headers, like projection.h: the glue (vera_ops.cpp) validates every argument and
+// the functions declared here trust them. Every product and sum is computed in fp32 and rounded once to
+// the stored dtype (the dtype policy of vera_kernels/reference.py).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "philox.h"  // VERA_HD, float_bits, fp32_to_bf16_bits, fp32_to_fp16_bits
+
+namespace vera {
+
+enum class Dtype { kFloat32, kBFloat16, kFloat16 };
+
+VERA_HD float float_from_bits(uint32_t bits) {
+  float v;
+  memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+VERA_HD bool is_nan_bits(uint32_t bits) { return (bits & 0x7FFFFFFFu) > 0x7F800000u; }
+
+// Storage type of each Dtype, with the exact widening to fp32 and the round-to-nearest-even narrowing.
+// philox.h's integer roundings cover finite values (and infinities); a NaN is kept a (quiet) NaN here,
+// since gradients can carry one.
+template <Dtype D>
+struct Elem;
+
+template <>
+struct Elem<Dtype::kFloat32> {
+  using type = float;
+  static VERA_HD float load(float v) { return v; }
+  static VERA_HD float store(float v) { return v; }
+};
+
+template <>
+struct Elem<Dtype::kBFloat16> {
+  using type = uint16_t;
+  static VERA_HD float load(uint16_t v) { return float_from_bits(uint32_t(v) << 16); }
+  static VERA_HD uint16_t store(float v) {
+    const uint32_t bits = float_bits(v);
+    return is_nan_bits(bits) ? uint16_t((bits >> 16) | 0x40u) : fp32_to_bf16_bits(v);
+  }
+};
+
+template <>
+struct Elem<Dtype::kFloat16> {
+  using type = uint16_t;
+  static VERA_HD float load(uint16_t h) {
+    const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+    const uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0x1Fu) return float_from_bits(sign | 0x7F800000u | (m << 13));  // infinity or NaN
+    if (e != 0) return float_from_bits(sign | ((e + 112u) << 23) | (m << 13));
+    const float v = float(m) * 0x1p-24f;  // subnormal or zero: exact
+    return sign ? -v : v;
+  }
+  static VERA_HD uint16_t store(float v) {
+    const uint32_t bits = float_bits(v);
+    return is_nan_bits(bits) ? uint16_t(((bits >> 16) & 0x8000u) | 0x7E00u) : fp32_to_fp16_bits(v);
+  }
+};
+
+// Calls f(Elem<d>{}), turning the runtime dtype into a compile-time one.
+template <typename F>
+void dispatch_dtype(Dtype d, F&& f) {
+  switch (d) {
+    case Dtype::kFloat32:
+      f(Elem<Dtype::kFloat32>{});
+      return;
+    case Dtype::kBFloat16:
+      f(Elem<Dtype::kBFloat16>{});
+      return;
+    case Dtype::kFloat16:
+      f(Elem<Dtype::kFloat16>{});
+      return;
+  }
+}
+
+// a * b of two stored elements, in fp32: the one product every kernel here is made of.
+template <typename EA, typename EB>
+VERA_HD float product(typename EA::type a, typename EB::type b) {
+  return EA::load(a) * EB::load(b);
+}
+
+// The kernels read and write contiguous tensors only: the large ones (s, dt, g) are contiguous by
+// construction, the glue makes contiguous copies of the small ones (B, the lambdas) when they are not.
+
+// out[i, j] = in[i, j] * v[j] (per_row false: d ⊙ s, d ⊙ dt) or in[i, j] * v[i] (per_row true: b ⊙ B),
+// in fp32, rounded once to `dtype`. `in` and `out` (rows x cols) hold `dtype`, v holds `v_dtype`.
+struct Scale {
+  void* out;
+  const void* in;
+  const void* v;
+  Dtype dtype, v_dtype;
+  int64_t rows, cols;
+  bool per_row;
+};
+
+// out[j] = Σ_i a[i, j] (· b[i, j] when b is not null): dd = Σ_m dt ⊙ s and dbias = Σ_m g. a and b
+// (rows x cols) hold `dtype`, out holds `out_dtype` and is written once per column. Each
+// column is summed in fp32 over chunks of kSumRowChunk rows, and the chunk sums are added in row order:
+// the bits depend on the shape alone, not on the thread count or the launch configuration.
+struct ColumnSums {
+  void* out;
+  const void* a;
+  const void* b;
+  Dtype dtype, out_dtype;
+  int64_t rows, cols;
+};
+
+constexpr int64_t kSumRowChunk = 64;
+
+VERA_HD int64_t sum_chunks(int64_t rows) { return (rows + kSumRowChunk - 1) / kSumRowChunk; }
+
+// out[i] = Σ_j a[i, j] b[i, j], in fp32 in a fixed order: db_j = Σ_k B_jk (gᵀ t)_jk. a and b (rows x
+// cols) hold `dtype`, out holds `out_dtype`.
+struct RowDots {
+  void* out;
+  const void* a;
+  const void* b;
+  Dtype dtype, out_dtype;
+  int64_t rows, cols;
+};
+
+void scale_cpu(const Scale& p);
+void column_sums_cpu(const ColumnSums& p);
+void row_dots_cpu(const RowDots& p);
+
+// CUDA launchers on `stream` (a cudaStream_t); nullptr on success, else the CUDA error string. Defined only
+// in builds with VERA_WITH_CUDA. column_sums_cuda needs sum_chunks(p.rows) * p.cols floats of scratch.
+const char* scale_cuda(const Scale& p, void* stream);
+const char* column_sums_cuda(const ColumnSums& p, float* scratch, void* stream);
+const char* row_dots_cuda(const RowDots& p, void* stream);
+
+}  // namespace vera

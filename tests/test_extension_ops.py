@@ -1,0 +1,332 @@
+"""The extension's VeRA ops (vera_kernels::forward / ::backward around vera_kernels._C): torch.library
+registration, thread counts, run-to-run bits, layouts, what autograd saves, and the C++ argument checks.
+
+The values themselves are checked against float64 for every dtype and the odd shapes by
+tests/test_backend_ops.py (the "cpu" and "cuda" rows).
+"""
+
+import pytest
+import torch
+
+C = pytest.importorskip("vera_kernels._C")
+
+import vera_kernels  # noqa: E402
+from vera_kernels import _extension, verify  # noqa: E402
+from vera_kernels.dispatch import new_output, poisoned_outputs  # noqa: E402
+
+from conftest import DEVICE  # noqa: E402
+
+BACKEND = "cuda" if DEVICE == "cuda" else "cpu"
+if not vera_kernels.backends()[BACKEND].available:
+    pytest.skip(f"backend {BACKEND}: {vera_kernels.backends()[BACKEND].reason}", allow_module_level=True)
+
+
+def problem(m=17, in_features=40, out_features=30, rank=8, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    p = verify.random_problem(m, in_features, out_features, rank, seed=seed)
+    return {k: (v.float() if k.startswith("lambda") else v.to(dtype)).to(DEVICE) for k, v in p.items()}
+
+
+def run_layer(p, grad, backend=BACKEND):
+    """(y, dx, dd, db, dbias) of vera_linear on ``backend``."""
+    leaves = {k: v.detach().clone().requires_grad_(k in verify.TRAINABLE) for k, v in p.items()}
+    y = vera_kernels.vera_linear(**leaves, backend=backend)
+    y.backward(grad)
+    return [y.detach()] + [leaves[k].grad for k in verify.TRAINABLE]
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and torch.equal(verify.bits_of(a.cpu()), verify.bits_of(b.cpu()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library: opcheck on every op, torch.compile(fullgraph=True) through a model.
+
+
+def _forward_args(p, linear=True, bias=True):
+    if linear:
+        return (p["x"], p["weight"], p["bias"] if bias else None, p["A"], p["B"], p["lambda_d"], p["lambda_b"], None)
+    base = torch.randn(p["x"].shape[0], p["B"].shape[0], dtype=p["x"].dtype, device=DEVICE)
+    return (p["x"], None, None, p["A"], p["B"], p["lambda_d"], p["lambda_b"], base.requires_grad_(True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("form", ["linear", "linear_no_bias", "delta"])
+def test_opcheck_forward(form, dtype):
+    p = problem(dtype=dtype)
+    for k in verify.TRAINABLE:
+        p[k].requires_grad_(True)
+    args = _forward_args(p, linear=form != "delta", bias=form == "linear")
+    torch.library.opcheck(_extension.forward_op, args)
+
+
+@pytest.mark.parametrize("needs", [(True, True, True, True), (False, True, True, False), (True, False, False, False)])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_opcheck_backward(with_weight, needs):
+    p = problem()
+    grad = torch.randn(17, 30, device=DEVICE)
+    s = p["x"] @ p["A"].t()
+    weight = p["weight"] if with_weight else None
+    torch.library.opcheck(
+        _extension.backward_op, (grad, s, weight, p["A"], p["B"], p["lambda_d"], p["lambda_b"], *needs)
+    )
+
+
+class _Model(torch.nn.Module):
+    """Two adapted layers sharing A and B, a nonlinearity between: a small model for torch.compile."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.weight = torch.nn.Parameter(p["weight"][:, :30].clone(), requires_grad=False)
+        self.bias = torch.nn.Parameter(p["bias"].clone())
+        self.A, self.B = p["A"], p["B"]
+        self.d1, self.d2 = torch.nn.Parameter(p["lambda_d"].clone()), torch.nn.Parameter(p["lambda_d"].flip(0))
+        self.b1, self.b2 = torch.nn.Parameter(p["lambda_b"].clone()), torch.nn.Parameter(p["lambda_b"].flip(0))
+
+    def forward(self, x):
+        A = self.A[:, :30]
+        h = vera_kernels.vera_linear(x, self.weight, self.bias, A, self.B, self.d1, self.b1, backend=BACKEND)
+        base = torch.nn.functional.linear(torch.tanh(h), self.weight)
+        return vera_kernels.vera_delta(torch.tanh(h), A, self.B, self.d2, self.b2, base, backend=BACKEND)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    p = problem()
+    model = _Model(p)
+    x = torch.randn(2, 5, 30, device=DEVICE, requires_grad=True)
+    grads = []
+    for fn in (model, torch.compile(model, fullgraph=True)):
+        for t in (x, *model.parameters()):
+            t.grad = None
+        fn(x).square().sum().backward()
+        grads.append([t.grad for t in (x, model.bias, model.d1, model.d2, model.b1, model.b2)])
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Threads, bits, layouts, memory.
+
+
+@pytest.fixture
+def num_threads():
+    """Sets the intra-op thread count for one test and restores it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU thread counts")
+@pytest.mark.parametrize("shape", [(300, 130, 200, 64, None), (9, 40, 40, 17, 2)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_against_float64_with_threads(num_threads, threads, dtype, shape):
+    num_threads(threads)
+    seed = int(torch.randint(0, 2**31, ()))
+    passed, errors, baseline = verify.op_check(BACKEND, DEVICE, dtype, shape, seed)
+    assert passed, f"seed {seed}, {threads} threads: errors {errors}, PyTorch's own errors in {dtype}: {baseline}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_run_to_run_bit_equality(dtype):
+    p = problem(300, 130, 200, 64, dtype=dtype)
+    grad = torch.randn(300, 200, device=DEVICE).to(dtype)
+    first, second = run_layer(p, grad), run_layer(p, grad)
+    for name, a, b in zip(("y", "dx", "dbias", "dd", "db"), first, second):
+        assert same_bits(a, b), name
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU thread counts")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reductions_do_not_depend_on_the_thread_count(num_threads, dtype):
+    # dbias is our column reduction alone (no GEMM): fixed chunks, so the same bits on 1 and 2 threads.
+    p = problem(1000, 40, 700, 8, dtype=dtype)
+    grad = torch.randn(1000, 700).to(dtype)
+    s = p["x"] @ p["A"].t()
+    sums = []
+    for threads in (1, 2):
+        num_threads(threads)
+        sums.append(_extension.backward_op(grad, s, None, p["A"], p["B"], p["lambda_d"], p["lambda_b"],
+                                           False, False, False, True)[3])
+    assert same_bits(sums[0], sums[1])
+    torch.testing.assert_close(sums[0].double(), grad.double().sum(0), rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                               atol=1e-3)
+
+
+def test_strided_inputs_and_gradient():
+    # Transposed x, a column slice of A (PEFT's A_max[:, :in]), a transposed B, strided lambdas and a
+    # broadcast gradient (what autograd passes for y.sum()): the same values as contiguous ones.
+    p = problem(33, 40, 30, 8)
+    strided = dict(p)
+    strided["x"] = p["x"].t().contiguous().t()
+    A_max = torch.randn(8, 57, device=DEVICE)
+    A_max[:, :40] = p["A"]
+    strided["A"] = A_max[:, :40]
+    strided["B"] = p["B"].t().contiguous().t()
+    strided["lambda_d"] = torch.stack([p["lambda_d"], -p["lambda_d"]], 1)[:, 0]
+    strided["lambda_b"] = torch.stack([p["lambda_b"], -p["lambda_b"]], 1)[:, 0]
+    assert not strided["A"].is_contiguous() and not strided["lambda_b"].is_contiguous()
+    grad = torch.ones((), device=DEVICE).expand(33, 30)
+    for got, want in zip(run_layer(strided, grad), run_layer(p, grad.contiguous())):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # BLAS order differs by layout
+
+
+def test_autograd_saves_only_s():
+    # Besides the parameters, the context keeps s (M x r): no M x out or M x in activation.
+    p = problem(64, 40, 30, 8)
+    leaves = {k: v.detach().clone().requires_grad_(k in verify.TRAINABLE) for k, v in p.items()}
+    params = {leaves[k].data_ptr() for k in ("weight", "bias", "A", "B", "lambda_d", "lambda_b")}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = vera_kernels.vera_linear(**leaves, backend=BACKEND)
+    activations = [t for t in saved if t.data_ptr() not in params]
+    assert [tuple(t.shape) for t in activations] == [(64, 8)]
+    y.backward(torch.randn_like(y))
+    assert all(leaves[k].grad is not None for k in verify.TRAINABLE)
+
+
+def test_frozen_input_and_no_bias():
+    # x without grad (the first layer of a model): dx is not computed; no bias: no dbias.
+    p = problem()
+    p["bias"] = None
+    d = p["lambda_d"].clone().requires_grad_(True)
+    y = vera_kernels.vera_linear(p["x"], p["weight"], None, p["A"], p["B"], d, p["lambda_b"], backend=BACKEND)
+    y.backward(torch.randn_like(y))
+    assert d.grad is not None and d.grad.shape == (8,) and p["x"].grad is None
+
+
+def test_empty_batch():
+    p = problem()
+    p["x"] = torch.randn(0, 40, device=DEVICE)
+    grads = run_layer(p, torch.randn(0, 30, device=DEVICE))
+    assert grads[0].shape == (0, 30) and grads[1].shape == (0, 40)
+    for g in grads[2:]:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The C++ ops' argument checks: a RuntimeError naming the argument, raised before any work.
+
+
+def _good_forward():
+    p = problem()
+    with poisoned_outputs():
+        y = new_output(17, 30, dtype=torch.float32, device=DEVICE)
+        s = new_output(17, 8, dtype=torch.float32, device=DEVICE)
+    return dict(y=y, s=s, x=p["x"], weight=p["weight"], bias=p["bias"], A=p["A"], B=p["B"],
+                lambda_d=p["lambda_d"], lambda_b=p["lambda_b"], base_out=None)
+
+
+def _good_backward():
+    p = problem()
+    with poisoned_outputs():
+        out = dict(dx=new_output(17, 40, dtype=torch.float32, device=DEVICE),
+                   dd=new_output(8, dtype=torch.float32, device=DEVICE),
+                   db=new_output(30, dtype=torch.float32, device=DEVICE),
+                   dbias=new_output(30, dtype=torch.float32, device=DEVICE))
+    return dict(**out, grad_out=torch.randn(17, 30, device=DEVICE), s=p["x"] @ p["A"].t(), weight=p["weight"],
+                A=p["A"], B=p["B"], lambda_d=p["lambda_d"], lambda_b=p["lambda_b"])
+
+
+def _outputs_untouched(call, args, outputs, pattern):
+    before = {k: args[k].clone() for k in outputs if args[k] is not None}
+    with pytest.raises(RuntimeError, match=pattern):
+        call(**args)
+    for k, t in before.items():
+        assert same_bits(args[k], t), f"{k} was written before the error"
+
+
+def test_good_arguments_are_accepted():
+    args = _good_forward()
+    C.vera_forward_(**args)
+    assert torch.isfinite(args["y"]).all() and torch.isfinite(args["s"]).all()
+    args = _good_backward()
+    C.vera_backward_(**args)
+    assert all(torch.isfinite(args[k]).all() for k in ("dx", "dd", "db", "dbias"))
+
+
+def _meta(shape):
+    return torch.empty(shape, device="meta")
+
+
+FORWARD_CASES = {
+    "x 3-D": (dict(x=torch.randn(1, 17, 40)), "vera_forward_: x must be a 2-D tensor"),
+    "x float64": (dict(x=torch.randn(17, 40, dtype=torch.float64)), "x must be float32, bfloat16 or float16"),
+    "x sparse": (dict(x=torch.randn(17, 40).to_sparse()), "x must be a dense \\(strided\\) tensor"),
+    "x meta": (dict(x=_meta((17, 40))), "x must be a CPU or CUDA tensor"),
+    "A in_features": (dict(A=torch.randn(8, 41)), "A must have shape \\(r, in_features\\)"),
+    "A 1-D": (dict(A=torch.randn(40)), "A must have shape \\(r, in_features\\)"),
+    "B rank": (dict(B=torch.randn(30, 7)), "B must have shape \\(out_features, 8\\)"),
+    "weight shape": (dict(weight=torch.randn(30, 39)), "weight must have shape \\[30, 40\\]"),
+    "weight dtype": (dict(weight=torch.randn(30, 40).bfloat16()), "weight must be Float \\(x's dtype\\)"),
+    "bias shape": (dict(bias=torch.randn(31)), "bias must have shape \\[30\\]"),
+    "lambda_d shape": (dict(lambda_d=torch.randn(9)), "lambda_d must have shape \\[8\\]"),
+    "lambda_d dtype": (dict(lambda_d=torch.randn(8, dtype=torch.float64)), "lambda_d must be float32 or Float"),
+    "lambda_b shape": (dict(lambda_b=torch.randn(30, 1)), "lambda_b must have shape \\[30\\]"),
+    "lambda_b device": (dict(lambda_b=_meta(30)), "lambda_b must be a CPU or CUDA tensor"),
+    "y shape": (dict(y=torch.empty(17, 31)), "y must have shape \\[17, 30\\]"),
+    "y dtype": (dict(y=torch.empty(17, 30, dtype=torch.float16)), "y must be Float"),
+    "y layout": (dict(y=torch.empty(30, 17).t()), "y must be contiguous"),
+    "s shape": (dict(s=torch.empty(17, 9)), "s must have shape \\[17, 8\\]"),
+    "s layout": (dict(s=torch.empty(8, 17).t()), "s must be contiguous"),
+    "weight and base_out": (dict(base_out=torch.randn(17, 30)), "exactly one of weight"),
+    "neither": (dict(weight=None, bias=None), "exactly one of weight"),
+    "bias without weight": (dict(weight=None, base_out=torch.randn(17, 30)), "bias is only allowed with weight"),
+    "base_out shape": (dict(weight=None, bias=None, base_out=torch.randn(17, 29)), "base_out must have shape"),
+}
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_forward_rejects_bad_arguments(case):
+    change, pattern = FORWARD_CASES[case]
+    args = {**_good_forward(), **{k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and not v.is_meta and not v.is_sparse
+                                      else v) for k, v in change.items()}}
+    _outputs_untouched(C.vera_forward_, args, ("y", "s"), pattern)
+
+
+def test_forward_rejects_outputs_sharing_memory():
+    args = _good_forward()
+    # y over x's memory: the GEMM would overwrite x while reading it.
+    memory = torch.randn(17 * 40, device=DEVICE)
+    _outputs_untouched(C.vera_forward_, {**args, "x": memory.view(17, 40), "y": memory[: 17 * 30].view(17, 30)},
+                       ("s",), "y must not share memory with x")
+    # y and s in one buffer, side by side.
+    memory = torch.full((17 * 38,), float("nan"), device=DEVICE)
+    y, s = memory[: 17 * 30].view(17, 30), memory[17 * 30 :].view(17, 8)
+    _outputs_untouched(C.vera_forward_, {**args, "y": y, "s": s}, ("y", "s"), "y must not share memory with s")
+
+
+BACKWARD_CASES = {
+    "grad_out dtype": (dict(grad_out=torch.randn(17, 30, dtype=torch.float64)), "grad_out must be float32"),
+    "grad_out layout": (dict(grad_out=torch.randn(30, 17).t()), "grad_out must be contiguous"),
+    "grad_out 1-D": (dict(grad_out=torch.randn(30)), "grad_out must be a 2-D tensor"),
+    "s rows": (dict(s=torch.randn(16, 8)), "s must have shape \\(17, r\\)"),
+    "s layout": (dict(s=torch.randn(8, 17).t()), "s must be contiguous"),
+    "s dtype": (dict(s=torch.randn(17, 8).bfloat16()), "s must be Float \\(grad_out's dtype\\)"),
+    "A rank": (dict(A=torch.randn(9, 40)), "A must have shape \\(8, in_features\\)"),
+    "B shape": (dict(B=torch.randn(31, 8)), "B must have shape \\[30, 8\\]"),
+    "weight shape": (dict(weight=torch.randn(30, 41)), "weight must have shape \\[30, 40\\]"),
+    "lambda_b dtype": (dict(lambda_b=torch.randn(30).half()), "lambda_b must be float32 or Float"),
+    "lambda_d device": (dict(lambda_d=_meta(8)), "lambda_d must be a CPU or CUDA tensor"),
+    "dx shape": (dict(dx=torch.empty(17, 41)), "dx must have shape \\[17, 40\\]"),
+    "dx layout": (dict(dx=torch.empty(40, 17).t()), "dx must be contiguous"),
+    "dd dtype": (dict(dd=torch.empty(8).bfloat16()), "dd must be Float \\(lambda_d's dtype\\)"),
+    "db shape": (dict(db=torch.empty(31)), "db must have shape \\[30\\]"),
+    "dbias dtype": (dict(dbias=torch.empty(30).half()), "dbias must be Float \\(grad_out's dtype\\)"),
+}
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES)
+def test_backward_rejects_bad_arguments(case):
+    change, pattern = BACKWARD_CASES[case]
+    args = {**_good_backward(), **{k: (v.to(DEVICE) if not v.is_meta else v) for k, v in change.items()}}
+    _outputs_untouched(C.vera_backward_, args, ("dx", "dd", "db", "dbias"), "vera_backward_: " + pattern)
+
+
+def test_backward_rejects_outputs_sharing_memory():
+    args = _good_backward()
+    _outputs_untouched(C.vera_backward_, {**args, "dbias": args["db"]}, ("dx", "dd", "db"),
+                       "db must not share memory with dbias")
+    _outputs_untouched(C.vera_backward_, {**args, "dd": args["s"][0]}, ("dx", "db", "dbias"),
+                       "dd must not share memory with s")
