@@ -50,6 +50,9 @@ def worker(rank, port, out_dir):
             grads = train_step(rank, mode)
             if rank == 0:
                 torch.save(grads, os.path.join(out_dir, f"{mode}.pt"))
+        # Neither rank tears gloo down while the other may still be in a collective: on a loaded machine
+        # that aborted the slower process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
