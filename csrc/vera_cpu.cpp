@@ -38,6 +38,28 @@ void scale_rows(const Scale& p, int64_t begin, int64_t end) {
   }
 }
 
+// kAccumulate a template parameter and the two cases in separate loops, so that each inner loop is a plain
+// element-wise loop the compiler vectorizes.
+template <typename E, typename V, bool kAccumulate>
+void gather_scale_rows(const GatherScale& p, int64_t begin, int64_t end) {
+  using T = typename E::type;
+  const T* const in = static_cast<const T*>(p.in);
+  T* const out = static_cast<T*>(p.out);
+  const typename V::type* const bank = static_cast<const typename V::type*>(p.v);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t id = p.ids[i];
+    const T* const src = in + i * p.cols;
+    T* const dst = out + i * p.cols;
+    if (id < 0) {
+      // The base alone: t = 0 (so that t Bᵀ adds nothing), and y keeps the base output bit for bit.
+      if (!kAccumulate) std::fill(dst, dst + p.cols, E::store(0.0f));
+      continue;
+    }
+    const typename V::type* const v = bank + id * p.cols;
+    for (int64_t j = 0; j < p.cols; ++j) dst[j] = gather_scale_element<E, V>(dst[j], src[j], v[j], kAccumulate);
+  }
+}
+
 template <typename E, typename O, bool kProduct>
 void column_sums_block(const ColumnSums& p, int64_t col_begin) {
   using T = typename E::type;
@@ -89,6 +111,20 @@ void scale_cpu(const Scale& p) {
     dispatch_dtype(p.v_dtype, [&](auto v) {
       at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t begin, int64_t end) {
         scale_rows<decltype(e), decltype(v)>(p, begin, end);
+      });
+    });
+  });
+}
+
+void gather_scale_cpu(const GatherScale& p) {
+  dispatch_dtype(p.dtype, [&](auto e) {
+    dispatch_dtype(p.v_dtype, [&](auto v) {
+      at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t begin, int64_t end) {
+        if (p.accumulate) {
+          gather_scale_rows<decltype(e), decltype(v), true>(p, begin, end);
+        } else {
+          gather_scale_rows<decltype(e), decltype(v), false>(p, begin, end);
+        }
       });
     });
   });

@@ -42,6 +42,24 @@ __global__ void scale_kernel(Scale p) {
   }
 }
 
+template <typename E, typename V>
+__global__ void gather_scale_kernel(GatherScale p) {
+  using T = typename E::type;
+  const T* const in = static_cast<const T*>(p.in);
+  T* const out = static_cast<T*>(p.out);
+  const typename V::type* const bank = static_cast<const typename V::type*>(p.v);
+  for (int64_t i = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; i < p.rows;
+       i += int64_t(gridDim.y) * blockDim.y) {
+    const int64_t id = p.ids[i];
+    if (id < 0 && p.accumulate) continue;  // the base alone: y keeps the base output bit for bit
+    for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < p.cols;
+         j += int64_t(gridDim.x) * blockDim.x) {
+      const int64_t k = i * p.cols + j;
+      out[k] = id < 0 ? E::store(0.0f) : gather_scale_element<E, V>(out[k], in[k], bank[id * p.cols + j], p.accumulate);
+    }
+  }
+}
+
 // Stage 1: scratch[c, j] = the fp32 sum of column j over the rows of chunk c. Consecutive threads read
 // consecutive columns of a row: coalesced.
 template <typename E, bool kProduct>
@@ -106,6 +124,18 @@ const char* scale_cuda(const Scale& p, void* stream) {
   dispatch_dtype(p.dtype, [&](auto e) {
     dispatch_dtype(p.v_dtype, [&](auto v) {
       scale_kernel<decltype(e), decltype(v)><<<grid, block, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    });
+  });
+  return last_launch_error();
+}
+
+const char* gather_scale_cuda(const GatherScale& p, void* stream) {
+  if (p.rows == 0 || p.cols == 0) return nullptr;
+  const dim3 block(kScaleThreadsX, kScaleThreadsY);
+  const dim3 grid(blocks_x(p.cols, kScaleThreadsX), blocks_y(p.rows, kScaleThreadsY));
+  dispatch_dtype(p.dtype, [&](auto e) {
+    dispatch_dtype(p.v_dtype, [&](auto v) {
+      gather_scale_kernel<decltype(e), decltype(v)><<<grid, block, 0, static_cast<cudaStream_t>(stream)>>>(p);
     });
   });
   return last_launch_error();

@@ -85,6 +85,14 @@ VERA_HD float product(typename EA::type a, typename EB::type b) {
   return EA::load(a) * EB::load(b);
 }
 
+// One element of GatherScale: `in_v` scaled by the bank value `v_v` (ids[i] >= 0), onto `out_v` or not.
+template <typename E, typename V>
+VERA_HD typename E::type gather_scale_element(typename E::type out_v, typename E::type in_v, typename V::type v_v,
+                                              bool accumulate) {
+  const float scaled = product<E, V>(in_v, v_v);
+  return E::store(accumulate ? E::load(out_v) + scaled : scaled);
+}
+
 // The kernels read and write contiguous tensors only: the large ones (s, dt, g) are contiguous by
 // construction, the glue makes contiguous copies of the small ones (B, the lambdas) when they are not.
 
@@ -125,13 +133,31 @@ struct RowDots {
   int64_t rows, cols;
 };
 
+// The gather variant of Scale, for many adapters in one batch: row i is scaled by row ids[i] of the bank
+// v (N x cols, contiguous, `v_dtype`), in fp32, rounded once to `dtype`:
+//   accumulate false:  out[i, j] = in[i, j] * v[ids[i], j]             t = d[ids] ⊙ s;   ids[i] = -1: 0
+//   accumulate true:   out[i, j] = out[i, j] + in[i, j] * v[ids[i], j]  y += b[ids] ⊙ u;  -1: out untouched
+// No per-row copy of the bank: each element reads its adapter's value where it is. ids (rows, int64) hold
+// values in [-1, N), checked by the glue. `in` and `out` (rows x cols, `dtype`) may be the same buffer.
+struct GatherScale {
+  void* out;
+  const void* in;
+  const void* v;
+  const int64_t* ids;
+  Dtype dtype, v_dtype;
+  int64_t rows, cols;
+  bool accumulate;
+};
+
 void scale_cpu(const Scale& p);
+void gather_scale_cpu(const GatherScale& p);
 void column_sums_cpu(const ColumnSums& p);
 void row_dots_cpu(const RowDots& p);
 
 // CUDA launchers on `stream` (a cudaStream_t); nullptr on success, else the CUDA error string. Defined only
 // in builds with VERA_WITH_CUDA. column_sums_cuda needs sum_chunks(p.rows) * p.cols floats of scratch.
 const char* scale_cuda(const Scale& p, void* stream);
+const char* gather_scale_cuda(const GatherScale& p, void* stream);
 const char* column_sums_cuda(const ColumnSums& p, float* scratch, void* stream);
 const char* row_dots_cuda(const RowDots& p, void* stream);
 

@@ -9,6 +9,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <initializer_list>
 
 #include "projection.h"
@@ -201,6 +202,32 @@ void row_dots(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   row_dots_cpu(p);
 }
 
+// out (rows x cols) = in scaled by row ids[i] of the bank (accumulate: out += ...); see GatherScale.
+void gather_scale(const at::Tensor& out, const at::Tensor& in, const at::Tensor& bank, const at::Tensor& ids,
+                  bool accumulate) {
+  GatherScale p;
+  p.out = out.data_ptr();
+  p.in = in.const_data_ptr();
+  p.v = bank.const_data_ptr();
+  p.ids = ids.const_data_ptr<int64_t>();
+  p.dtype = kernel_dtype(in.scalar_type());
+  p.v_dtype = kernel_dtype(bank.scalar_type());
+  p.rows = in.size(0);
+  p.cols = in.size(1);
+  p.accumulate = accumulate;
+#ifdef VERA_WITH_CUDA
+  if (out.is_cuda()) {
+    check_cuda("vera gather scale", gather_scale_cuda(p, current_stream(out)));
+    return;
+  }
+#endif
+  gather_scale_cpu(p);
+}
+
+// Elements of the row-blocked u = t Bᵀ temporary of vera_forward_multi_ (512 KB in fp32): small enough
+// that y += b[ids] ⊙ u reads u back from the CPU's L2, large enough (32 rows at out = 4096) for the GEMM.
+constexpr int64_t kMultiBlockElements = int64_t(1) << 17;
+
 // b ⊙ B (out x r, x's dtype): B's rows scaled by lambda_b, so that one GEMM with it applies both.
 at::Tensor scaled_B(const at::Tensor& B, const at::Tensor& lambda_b) {
   const at::Tensor B_c = B.contiguous();
@@ -348,6 +375,85 @@ void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::o
     y.addmm_(t, bB.t());  // beta = 1: the adapter term accumulates into y
   } else {
     at::addmm_out(y, *base_out, t, bB.t());
+  }
+}
+
+void vera_forward_multi_(at::Tensor y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+                         const at::Tensor& lambda_d_bank, const at::Tensor& lambda_b_bank,
+                         const at::Tensor& adapter_ids, const std::optional<at::Tensor>& base_out) {
+  constexpr const char* op = "vera_forward_multi_";
+  check_first(op, "x", x);
+  const int64_t m = x.size(0), in = x.size(1);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) >= 1 && A.size(1) == in, op,
+              ": A must have shape (r, in_features) with r >= 1 and in_features = ", in,
+              " (x's last dimension), got ", A.sizes());
+  const int64_t r = A.size(0);
+  TORCH_CHECK(B.dim() == 2 && B.size(1) == r, op, ": B must have shape (out_features, ", r,
+              ") (A's rank), got ", B.sizes());
+  const int64_t out = B.size(0);
+  TORCH_CHECK(weight.has_value() != base_out.has_value(), op,
+              ": exactly one of weight (vera_linear_multi) and base_out (vera_delta_multi) must be given");
+  TORCH_CHECK(!bias.has_value() || weight.has_value(), op, ": bias is only allowed with weight");
+  TORCH_CHECK(lambda_d_bank.dim() == 2, op, ": lambda_d_bank must be 2-D (adapters, ", r, "), got ",
+              lambda_d_bank.sizes());
+  const int64_t n = lambda_d_bank.size(0);
+
+  const at::ScalarType dtype = x.scalar_type();
+  const auto same_as_x = [&](const char* name, const at::Tensor& t, at::IntArrayRef shape) {
+    check_tensor(op, name, t, x, "x", shape);
+    check_dtype(op, name, t, dtype, "x's dtype");
+  };
+  if (weight) same_as_x("weight", *weight, {out, in});
+  if (bias) same_as_x("bias", *bias, {out});
+  same_as_x("A", A, {r, in});
+  same_as_x("B", B, {out, r});
+  if (base_out) same_as_x("base_out", *base_out, {m, out});
+  check_tensor(op, "lambda_d_bank", lambda_d_bank, x, "x", {n, r});
+  check_lambda_dtype(op, "lambda_d_bank", lambda_d_bank, dtype);
+  check_tensor(op, "lambda_b_bank", lambda_b_bank, x, "x", {n, out});
+  check_lambda_dtype(op, "lambda_b_bank", lambda_b_bank, dtype);
+  check_tensor(op, "adapter_ids", adapter_ids, x, "x", {m});
+  TORCH_CHECK(adapter_ids.scalar_type() == at::kLong, op, ": adapter_ids must be int64, got ",
+              adapter_ids.scalar_type());
+  same_as_x("y", y, {m, out});
+  check_contiguous(op, "y", y);
+  check_no_shared_memory(op, {{"y", &y}},
+                         {{"x", &x}, {"weight", get(weight)}, {"bias", get(bias)}, {"A", &A}, {"B", &B},
+                          {"lambda_d_bank", &lambda_d_bank}, {"lambda_b_bank", &lambda_b_bank},
+                          {"adapter_ids", &adapter_ids}, {"base_out", get(base_out)}});
+  if (m > 0) {
+    // The kernels index the banks with these values: out of range would read outside them.
+    const int64_t low = adapter_ids.min().item<int64_t>(), high = adapter_ids.max().item<int64_t>();
+    TORCH_CHECK(low >= -1 && high < n, op, ": adapter_ids must be in [-1, ", n, ") (-1: the base alone), got min ",
+                low, ", max ", high);
+  }
+
+  const c10::DeviceGuard guard(x.device());
+  const at::Tensor ids = adapter_ids.contiguous();
+  const at::Tensor bank_d = lambda_d_bank.contiguous(), bank_b = lambda_b_bank.contiguous();
+  // t = d[ids] ⊙ (x Aᵀ), in place over s (nothing is saved: no backward).
+  at::Tensor t = at::mm(x, A.t());
+  gather_scale(t, t, bank_d, ids, /*accumulate=*/false);
+  if (weight) {
+    if (bias) {
+      at::addmm_out(y, *bias, x, weight->t());  // F.linear's own call: -1 rows equal it bit for bit
+    } else {
+      at::mm_out(y, x, weight->t());
+    }
+  } else {
+    y.copy_(*base_out);
+  }
+  // b[ids] cannot be folded into B as in vera_forward_ (one b per row, not per launch): per block of rows,
+  // u = t Bᵀ into a bounded temporary, then y += b[ids] ⊙ u.
+  const int64_t block = std::max<int64_t>(1, kMultiBlockElements / std::max<int64_t>(1, out));
+  at::Tensor u = at::empty({std::min(block, m), out}, y.options());
+  const at::Tensor Bt = B.t();
+  for (int64_t row = 0; row < m; row += block) {
+    const int64_t rows = std::min(block, m - row);
+    at::Tensor u_block = u.narrow(0, 0, rows);
+    at::mm_out(u_block, t.narrow(0, row, rows), Bt);
+    gather_scale(y.narrow(0, row, rows), u_block, bank_b, ids.narrow(0, row, rows), /*accumulate=*/true);
   }
 }
 

@@ -30,6 +30,19 @@ void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::o
                    const at::Tensor& lambda_d, const at::Tensor& lambda_b,
                    const std::optional<at::Tensor>& base_out);
 
+// Many adapters in one batch, inference only (no s is returned: there is no backward). Row m uses adapter
+// a = adapter_ids[m] of the banks lambda_d_bank (N, r) and lambda_b_bank (N, out) (float32 or x's dtype):
+//   weight given:   y_m = x_m W0ᵀ + bias + b[a] ⊙ ((d[a] ⊙ (x_m Aᵀ)) Bᵀ)
+//   base_out given: y_m = base_out_m + b[a] ⊙ ((d[a] ⊙ (x_m Aᵀ)) Bᵀ)
+// a = -1: y_m is the base output alone, bit for bit (x W0ᵀ + bias as at::addmm computes it, or base_out).
+// adapter_ids: int64 (M,), values in [-1, N) (checked here; on CUDA that reads two numbers back). The
+// adapter term is added over blocks of rows: u = t Bᵀ for a block (a temporary of at most ~2^20
+// elements), then y += b[ids] ⊙ u; no M x out temporary. Other arguments as vera_forward_.
+void vera_forward_multi_(at::Tensor y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+                         const at::Tensor& lambda_d_bank, const at::Tensor& lambda_b_bank,
+                         const at::Tensor& adapter_ids, const std::optional<at::Tensor>& base_out);
+
 // The hand-written backward (DESIGN.md section 2) from grad_out = dL/dy (M, out, contiguous) and the saved
 // s (M, r, contiguous), written into the outputs given (a missing one is not computed):
 //   dx (M, in)   = g W0 + (d ⊙ dt) A      (weight missing: (d ⊙ dt) A, vera_delta's)   dt = g (b ⊙ B)

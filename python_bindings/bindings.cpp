@@ -19,6 +19,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("base_out"),
         "Write y = x W0ᵀ + bias + b ⊙ ((d ⊙ s) Bᵀ) (weight given) or base_out + b ⊙ ((d ⊙ s) Bᵀ) (base_out "
         "given, weight and bias None) into y (M, out), and s = x Aᵀ into s (M, r).");
+  m.def("vera_forward_multi_", &vera::vera_forward_multi_, py::arg("y"), py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("A"), py::arg("B"), py::arg("lambda_d_bank"), py::arg("lambda_b_bank"),
+        py::arg("adapter_ids"), py::arg("base_out"),
+        "Many adapters, inference only: write y_m = x_m W0ᵀ + bias (or base_out_m) + b[a] ⊙ ((d[a] ⊙ (x_m Aᵀ)) "
+        "Bᵀ), a = adapter_ids[m] (-1: the base alone), into y (M, out).");
   m.def("vera_backward_", &vera::vera_backward_, py::arg("dx"), py::arg("dd"), py::arg("db"), py::arg("dbias"),
         py::arg("grad_out"), py::arg("s"), py::arg("weight"), py::arg("A"), py::arg("B"), py::arg("lambda_d"),
         py::arg("lambda_b"),

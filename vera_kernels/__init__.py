@@ -3,8 +3,8 @@
 from .adapters import load_adapter, read_adapter, save_adapter
 from .dispatch import backends
 from .layer import ExplicitProjections, FusedVeRALinear, SeededProjections, VeRAWrapper
-from .ops import vera_delta, vera_linear
-from .patching import apply_vera, from_peft, to_peft, vera_layers
+from .ops import vera_delta, vera_delta_multi, vera_linear, vera_linear_multi
+from .patching import adapter_ids, apply_vera, from_peft, set_adapter_ids, to_peft, vera_layers
 from .projections import SCHEME, clear_projection_cache, generate_projections, get_projections
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "FusedVeRALinear",
     "SeededProjections",
     "VeRAWrapper",
+    "adapter_ids",
     "apply_vera",
     "backends",
     "clear_projection_cache",
@@ -22,9 +23,12 @@ __all__ = [
     "load_adapter",
     "read_adapter",
     "save_adapter",
+    "set_adapter_ids",
     "to_peft",
     "vera_delta",
+    "vera_delta_multi",
     "vera_layers",
     "vera_linear",
+    "vera_linear_multi",
 ]
 __version__ = "0.1.0"

@@ -131,7 +131,26 @@ def _vera_delta(x, A, B, lambda_d, lambda_b, base_out):
     return forward_op(x, None, None, A, B, lambda_d, lambda_b, base_out)[0]
 
 
+@torch.library.custom_op("vera_kernels::forward_multi", mutates_args=())
+def forward_multi_op(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], A: Tensor, B: Tensor, lambda_d_bank: Tensor,
+    lambda_b_bank: Tensor, adapter_ids: Tensor, base_out: Optional[Tensor],
+) -> Tensor:
+    """y for x (M, in), row m with adapter adapter_ids[m] of the banks (-1: none). No autograd is registered:
+    vera_kernels.ops refuses inputs that require grad (the multi-adapter ops serve, they don't train)."""
+    y = dispatch.new_output(x.shape[0], B.shape[0], dtype=x.dtype, device=x.device)
+    _module().vera_forward_multi_(y, x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_out)
+    return y
+
+
+@forward_multi_op.register_fake
+def _(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_out):
+    return x.new_empty(x.shape[0], B.shape[0])
+
+
 for _backend in ("cpu", "cuda"):
+    dispatch.register(_backend, "vera_linear_multi", forward_multi_op)
+    dispatch.register(_backend, "vera_delta_multi", forward_multi_op)
     dispatch.register(_backend, "fill_projection_", _fill_projection_)
     dispatch.register(_backend, "philox4x32_10", _philox4x32_10)
     dispatch.register(_backend, "vera_linear", _vera_linear)

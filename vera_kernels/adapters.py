@@ -136,17 +136,33 @@ def _check_tensor(path, key, tensor, shape, dtype):
         )
 
 
-def load_adapter(model: nn.Module, path) -> nn.Module:
+def load_adapter(model: nn.Module, path, *, name: str | None = None) -> nn.Module:
     """Load an adapter file into ``model`` and return it.
 
     If the model has VeRA layers they must be exactly the file's (names, seed, rank, sizes); if it has none,
     the file's layers are added first (apply_vera with the file's seed, rank, sizes, dropout and d_initial).
     Every check runs before the model is changed, so a failed load leaves it as it was.
+
+    ``name``: instead of replacing each layer's own lambdas, add the adapter to every layer's bank under
+    this name (``layer.add_adapter``), to serve it beside others with ``set_adapter_ids``. A banked adapter
+    has no bias of its own: a file with trained biases is refused.
     """
     path = os.fspath(path)
     config, tensors = read_adapter(path)
     names = _layer_names(path, tensors)
     existing = dict(vera_layers(model))
+    if name is not None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"load_adapter: name must be a non-empty str, got {name!r}")
+        trained_biases = sorted(k for k in tensors if _is_bias(k))
+        if trained_biases:
+            raise ValueError(
+                f"adapter file {path!r} trains biases ({trained_biases[:3]}): the adapter bank shares each layer's "
+                "bias across adapters; load it without name= (into the layers' own adapter) instead"
+            )
+        taken = sorted(layer_name for layer_name, module in existing.items() if name in module.adapters)
+        if taken:
+            raise ValueError(f"load_adapter: an adapter named {name!r} is already in the bank of {taken[:3]}")
     if existing:
         missing, unknown = sorted(set(existing) - set(names)), sorted(set(names) - set(existing))
         if missing or unknown:
@@ -159,32 +175,32 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         theirs = {f: config[f] for f in _INT_FIELDS}
         if ours != theirs:
             raise ValueError(f"adapter file {path!r} has projections {theirs}; the model's VeRA layers use {ours}")
-        shapes = {name: (existing[name].rank, existing[name].out_features) for name in names}
-        dtypes = {name: (existing[name].lambda_d.dtype, existing[name].lambda_b.dtype) for name in names}
+        shapes = {layer: (existing[layer].rank, existing[layer].out_features) for layer in names}
+        dtypes = {layer: (existing[layer].lambda_d.dtype, existing[layer].lambda_b.dtype) for layer in names}
         wrapped = ()
     else:
         # Exact names: the file says which modules were adapted.
-        pattern = "|".join(re.escape(name) for name in names)
+        pattern = "|".join(re.escape(layer) for layer in names)
         try:
             targets = find_targets(model, pattern)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"adapter file {path!r} does not fit the model: {exc}") from None
-        found = {name: features for name, _, features in targets}
+        found = {layer: features for layer, _, features in targets}
         if set(found) != set(names):
             raise ValueError(f"adapter file {path!r} does not fit the model: it has no module {sorted(set(names) - set(found))[:5]}")
-        for name, (in_features, out_features) in found.items():
+        for layer, (in_features, out_features) in found.items():
             if in_features > config["max_in"] or out_features > config["max_out"]:
                 raise ValueError(
-                    f"adapter file {path!r}: module {name!r} ({in_features} -> {out_features}) is larger than the "
+                    f"adapter file {path!r}: module {layer!r} ({in_features} -> {out_features}) is larger than the "
                     f"file's max_in={config['max_in']}, max_out={config['max_out']}"
                 )
-        shapes = {name: (config["rank"], found[name][1]) for name in names}
-        dtypes = {name: (torch.float32, torch.float32) for name in names}
-        wrapped = [name for name, module, _ in targets if not _fusable(module)]
-    for name in names:
-        (rank, out_features), (dtype_d, dtype_b) = shapes[name], dtypes[name]
-        _check_tensor(path, f"{name}.lambda_d", tensors[f"{name}.lambda_d"], (rank,), dtype_d)
-        _check_tensor(path, f"{name}.lambda_b", tensors[f"{name}.lambda_b"], (out_features,), dtype_b)
+        shapes = {layer: (config["rank"], found[layer][1]) for layer in names}
+        dtypes = {layer: (torch.float32, torch.float32) for layer in names}
+        wrapped = [layer for layer, module, _ in targets if not _fusable(module)]
+    for layer in names:
+        (rank, out_features), (dtype_d, dtype_b) = shapes[layer], dtypes[layer]
+        _check_tensor(path, f"{layer}.lambda_d", tensors[f"{layer}.lambda_d"], (rank,), dtype_d)
+        _check_tensor(path, f"{layer}.lambda_b", tensors[f"{layer}.lambda_b"], (out_features,), dtype_b)
     biases = {}
     for key in (k for k in tensors if _is_bias(k)):
         parameter = _parameter_after_patching(model, key, wrapped)
@@ -198,10 +214,14 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         apply_vera(model, pattern, rank=config["rank"], d_initial=config["d_initial"], dropout=config["dropout"],
                    projections=projections)
     layers = dict(vera_layers(model))
+    if name is not None:
+        for layer_name in names:
+            layers[layer_name].add_adapter(name, tensors[f"{layer_name}.lambda_d"], tensors[f"{layer_name}.lambda_b"])
+        return model
     with torch.no_grad():
-        for name in names:
-            layers[name].lambda_d.copy_(tensors[f"{name}.lambda_d"])
-            layers[name].lambda_b.copy_(tensors[f"{name}.lambda_b"])
+        for layer in names:
+            layers[layer].lambda_d.copy_(tensors[f"{layer}.lambda_d"])
+            layers[layer].lambda_b.copy_(tensors[f"{layer}.lambda_b"])
         for key, parameter in biases.items():
             parameter.copy_(tensors[key])
             parameter.requires_grad_(True)

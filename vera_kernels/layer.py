@@ -146,6 +146,14 @@ class _VeRABase(nn.Module):
         # fp32 whatever the base dtype: small vectors whose updates would vanish in bf16.
         self.lambda_d = nn.Parameter(torch.full((rank,), float(d_initial), dtype=torch.float32, device=device))
         self.lambda_b = nn.Parameter(torch.zeros(out_features, dtype=torch.float32, device=device))
+        # The adapter bank (serving many adapters in one batch): slot i holds an adapter's lambda_d and
+        # lambda_b in row i of these buffers (capacity rows; the first len(_bank_names) are slots). Not in
+        # the state_dict: adapters come from their own files (vera_kernels.load_adapter(..., name=)).
+        self._bank_names: list[str | None] = []  # slot -> name; None: removed, free for the next add
+        self.register_buffer("_bank_d", torch.zeros(0, rank, dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer("_bank_b", torch.zeros(0, out_features, dtype=torch.float32, device=device),
+                             persistent=False)
+        self._routing_ids: torch.Tensor | None = None  # set by vera_kernels.set_adapter_ids
 
     def _projection_slices(self, device, dtype):
         A, B = self.projections.pair(device, dtype)
@@ -176,6 +184,81 @@ class _VeRABase(nn.Module):
         module = super()._apply(fn, recurse)
         self._prepare_for_device()
         return module
+
+    # ---- the adapter bank -------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> dict[str, int]:
+        """The banked adapters: name -> index (the id to route rows to it)."""
+        return {name: index for index, name in enumerate(self._bank_names) if name is not None}
+
+    def adapter_index(self, name: str) -> int:
+        try:
+            return self._bank_names.index(name)
+        except ValueError:
+            raise KeyError(f"{type(self).__name__}: no adapter named {name!r} in the bank (has {sorted(self.adapters)})") from None
+
+    @torch.no_grad()
+    def add_adapter(self, name: str, lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> int:
+        """Put an adapter (lambda_d: rank, lambda_b: out_features) in the bank; returns its index, the id that
+        routes rows to it. Indices are stable: removing an adapter frees its slot for a later add and
+        changes no other index."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"add_adapter: name must be a non-empty str, got {name!r}")
+        if name in self._bank_names:
+            raise ValueError(f"add_adapter: an adapter named {name!r} is already in the bank (index {self.adapter_index(name)})")
+        for arg, t, size in (("lambda_d", lambda_d, self.rank), ("lambda_b", lambda_b, self.out_features)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != (size,):
+                got = f"shape {tuple(t.shape)}, {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"add_adapter: {arg} must be a floating tensor of shape ({size},), got {got}")
+        index = self._bank_names.index(None) if None in self._bank_names else len(self._bank_names)
+        if index == self._bank_d.shape[0]:
+            # Capacity doubles, so that adding N adapters copies O(N) rows in all.
+            capacity = max(4, 2 * index)
+            for buffer in ("_bank_d", "_bank_b"):
+                old = getattr(self, buffer)
+                grown = old.new_zeros(capacity, old.shape[1])
+                grown[:index] = old
+                setattr(self, buffer, grown)
+        self._bank_d[index] = lambda_d.to(self._bank_d.device)
+        self._bank_b[index] = lambda_b.to(self._bank_b.device)
+        if index == len(self._bank_names):
+            self._bank_names.append(name)
+        else:
+            self._bank_names[index] = name
+        return index
+
+    @torch.no_grad()
+    def remove_adapter(self, name: str) -> None:
+        """Take an adapter out of the bank; its index becomes free (routing rows to it is then an error)."""
+        index = self.adapter_index(name)
+        self._bank_names[index] = None
+        self._bank_d[index] = 0
+        self._bank_b[index] = 0
+
+    def _banks(self):
+        n = len(self._bank_names)
+        return self._bank_d[:n], self._bank_b[:n]
+
+    def _row_ids(self, x: torch.Tensor, ids) -> torch.Tensor:
+        """One id per row of x flattened to 2-D: ids holds one per row of a 2-D x or one per sequence
+        (first dimension) of a 3-D or larger x. The range is checked by the op."""
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+            got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise TypeError(f"{type(self).__name__}: adapter_ids must be an int64 tensor, got {got}")
+        if x.dim() < 2 or ids.dim() != 1 or ids.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"{type(self).__name__}: adapter_ids must hold one id per row of a 2-D input or per sequence of a "
+                f"3-D input: shape ({x.shape[0] if x.dim() >= 2 else '?'},) for input {tuple(x.shape)}, got {tuple(ids.shape)}"
+            )
+        if ids.device != x.device:
+            raise ValueError(f"{type(self).__name__}: adapter_ids are on {ids.device}, the input on {x.device}")
+        free = [index for index, name in enumerate(self._bank_names) if name is None]
+        if free and ids.numel() and torch.isin(ids, torch.tensor(free, device=ids.device)).any():
+            raise ValueError(f"{type(self).__name__}: adapter_ids route rows to removed adapters (free indices {free})")
+        if x.dim() > 2:
+            ids = ids[:, None].expand(x.shape[0], x[0].numel() // x.shape[-1]).reshape(-1)
+        return ids
 
     def _adapter_repr(self) -> str:
         parts = [f"rank={self.rank}", self.projections.describe(), f"max_in={self.projections.max_in}",
@@ -278,24 +361,41 @@ class FusedVeRALinear(_VeRABase):
         # Conv1D stores W0ᵀ: its transpose is a view, never a copy.
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """adapter_ids (int64, one per row of a 2-D x or per sequence of a 3-D x; default: the ids set by
+        vera_kernels.set_adapter_ids, else None): each row uses that adapter of the bank, -1 the base layer
+        alone (inference only). None: the layer's own adapter (lambda_d, lambda_b)."""
         self._check_input(x)
         weight, bias = self._weight_out_in(), self.bias
+        if adapter_ids is None:
+            adapter_ids = self._routing_ids
+        if adapter_ids is not None:
+            if self.merged:
+                raise RuntimeError("FusedVeRALinear is merged (its own adapter is in the weight); unmerge() to serve the bank")
+            return self._autocast(self._banked, x, weight, bias, self._row_ids(x, adapter_ids))
         if self.merged:
             if self.training and torch.is_grad_enabled():
                 raise RuntimeError(
                     "FusedVeRALinear is merged: lambda_d/lambda_b would get no gradient; call unmerge() before training"
                 )
             return F.linear(x, weight, bias)
+        return self._autocast(self._adapted, x, weight, bias)
+
+    @staticmethod
+    def _autocast(fn, x, weight, bias, *rest):
+        # What autocast does for nn.Linear: run the GEMMs in its dtype. The lambdas stay fp32, as the op allows.
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
-            # What autocast does for nn.Linear: run the GEMMs in its dtype. The lambdas stay fp32, as the op allows.
             dtype = torch.get_autocast_dtype(device_type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
             with torch.autocast(device_type, enabled=False):
-                return self._adapted(x, weight, bias)
-        return self._adapted(x, weight, bias)
+                return fn(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), *rest)
+        return fn(x, weight, bias, *rest)
+
+    def _banked(self, x, weight, bias, row_ids):
+        # No dropout: the bank serves (the op refuses inputs that require grad).
+        A, B = self._projection_slices(x.device, x.dtype)
+        bank_d, bank_b = self._banks()
+        return ops.vera_linear_multi(x, weight, bias, A, B, bank_d, bank_b, row_ids, backend=self.backend)
 
     def _adapted(self, x, weight, bias):
         A, B = self._projection_slices(x.device, x.dtype)
@@ -403,18 +503,26 @@ class VeRAWrapper(_VeRABase):
     def _prepare_for_device(self):
         self._prepare("vera_delta", torch.float32)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, adapter_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """adapter_ids: as FusedVeRALinear.forward (per-row adapters of the bank, -1: the base alone)."""
         self._check_input(x)
+        if adapter_ids is None:
+            adapter_ids = self._routing_ids
+        row_ids = None if adapter_ids is None else self._row_ids(x, adapter_ids)
         base_out = self.base_layer(x, *args, **kwargs)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             with torch.autocast(device_type, enabled=False):
-                return self._add_adapter(x.to(dtype), base_out.to(dtype))
+                return self._add_adapter(x.to(dtype), base_out.to(dtype), row_ids)
         # The result takes x's dtype, as PEFT's does, whatever the base returned.
-        return self._add_adapter(x, base_out.to(x.dtype))
+        return self._add_adapter(x, base_out.to(x.dtype), row_ids)
 
-    def _add_adapter(self, x, base_out):
+    def _add_adapter(self, x, base_out, row_ids=None):
+        if row_ids is not None:
+            A, B = self._projection_slices(x.device, x.dtype)
+            bank_d, bank_b = self._banks()
+            return ops.vera_delta_multi(x, A, B, bank_d, bank_b, row_ids, base_out, backend=self.backend)
         A, B = self._projection_slices(x.device, x.dtype)
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)

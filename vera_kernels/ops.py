@@ -3,6 +3,9 @@
     vera_linear(x, weight, bias, A, B, lambda_d, lambda_b)  y = x W0ᵀ + bias + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ)
     vera_delta(x, A, B, lambda_d, lambda_b, base_out)       base_out + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ)
 
+``vera_linear_multi``/``vera_delta_multi`` serve many adapters in one batch: banks of lambdas (N x r,
+N x out) and one adapter id per row (-1: the base alone); inference only.
+
 ``vera_delta`` is the card's ``x + ((x @ Aᵀ) * d) @ Bᵀ * b`` form: the adapter accumulated onto any tensor,
 e.g. the output of a base layer that cannot be fused (a quantized one) or the residual stream.
 
@@ -100,5 +103,90 @@ def vera_delta(x, A, B, lambda_d, lambda_b, base_out, *, backend: str = "auto") 
     return y.reshape(*x.shape[:-1], out_features)
 
 
+def check_multi_args(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_out=None, *,
+                     backend="auto"):
+    """check_vera_args for the banks (N x r, N x out) and the per-row ids, then the ids' values: int64, one
+    per row of x flattened to 2-D, on x's device, each in [-1, N). Everything is checked before any
+    kernel runs; on a GPU the range check reads two numbers back (one device synchronization)."""
+    for name, t in dict(lambda_d_bank=lambda_d_bank, lambda_b_bank=lambda_b_bank, adapter_ids=adapter_ids).items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    for name, t in dict(lambda_d_bank=lambda_d_bank, lambda_b_bank=lambda_b_bank).items():
+        if t.dim() != 2:
+            _fail(name, "a 2-D bank (adapters, size)", _describe(t))
+    n_adapters = lambda_d_bank.shape[0]
+    if lambda_b_bank.shape[0] != n_adapters:
+        _fail("lambda_b_bank", f"{n_adapters} rows (lambda_d_bank's adapters)", _describe(lambda_b_bank))
+    # The banks' own names in the errors, before check_vera_args sees one row of each as lambda_d/lambda_b.
+    if A.dim() == 2 and lambda_d_bank.shape[1] != A.shape[0]:
+        _fail("lambda_d_bank", f"shape (adapters, {A.shape[0]}) (A's rank)", _describe(lambda_d_bank))
+    if B.dim() == 2 and lambda_b_bank.shape[1] != B.shape[0]:
+        _fail("lambda_b_bank", f"shape (adapters, {B.shape[0]}) (B's out_features)", _describe(lambda_b_bank))
+    for name, t in dict(lambda_d_bank=lambda_d_bank, lambda_b_bank=lambda_b_bank).items():
+        if t.dtype not in (torch.float32, x.dtype):
+            raise TypeError(f"{name}: expected dtype torch.float32 or {x.dtype} (x's dtype), got {t.dtype}")
+    # The per-vector checks of the single-adapter op on one row of each bank: shapes, dtypes, device.
+    in_features, out_features, rank = check_vera_args(
+        x, weight, bias, A, B, lambda_d_bank[0] if n_adapters else lambda_d_bank.new_empty(lambda_d_bank.shape[1]),
+        lambda_b_bank[0] if n_adapters else lambda_b_bank.new_empty(lambda_b_bank.shape[1]), base_out, backend=backend,
+    )
+    rows = x.numel() // in_features
+    if adapter_ids.dtype != torch.int64:
+        raise TypeError(f"adapter_ids: expected dtype torch.int64, got {adapter_ids.dtype}")
+    if tuple(adapter_ids.shape) != (rows,):
+        _fail("adapter_ids", f"shape ({rows},) (one id per row of x, {tuple(x.shape)})", _describe(adapter_ids))
+    if adapter_ids.device != x.device:
+        raise ValueError(f"adapter_ids: expected device {x.device} (x's device), got {adapter_ids.device}")
+    if rows:
+        low, high = torch.aminmax(adapter_ids)
+        low, high = int(low), int(high)
+        if low < -1 or high >= n_adapters:
+            raise ValueError(
+                f"adapter_ids: values must be in [-1, {n_adapters}) (-1: the base alone; the banks hold "
+                f"{n_adapters} adapters), got min {low}, max {high}"
+            )
+    # Serving only: the banks are not trained through these ops and there is no multi-adapter backward.
+    if torch.is_grad_enabled():
+        named = dict(x=x, bias=bias, lambda_d_bank=lambda_d_bank, lambda_b_bank=lambda_b_bank, base_out=base_out)
+        needing = [name for name, t in named.items() if t is not None and t.requires_grad]
+        if needing:
+            raise RuntimeError(
+                f"vera_*_multi is inference-only (no backward), but {', '.join(needing)} require grad; run it "
+                "under torch.no_grad() or torch.inference_mode(), or train one adapter at a time with vera_linear"
+            )
+    return in_features, out_features, rank
+
+
+def vera_linear_multi(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, *,
+                      backend: str = "auto") -> torch.Tensor:
+    """Many adapters in one batch: row m of x (flattened to (M, in)) uses adapter a = adapter_ids[m],
+        y_m = x_m W0ᵀ + bias + b[a] ⊙ ((d[a] ⊙ (x_m Aᵀ)) Bᵀ),   b[a] = lambda_b_bank[a], d[a] = lambda_d_bank[a],
+    and a = -1 gives the base output x_m W0ᵀ + bias. Banks: lambda_d_bank (N, r), lambda_b_bank (N, out),
+    float32 or x's dtype; adapter_ids int64 (M,). Inference only (see check_multi_args)."""
+    if weight is None:
+        raise TypeError("weight: expected a torch.Tensor of shape (out_features, in_features), got None")
+    in_features, out_features, _ = check_multi_args(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank,
+                                                    adapter_ids, backend=backend)
+    impl = dispatch.lookup("vera_linear_multi", backend, x.device)
+    y = impl(x.reshape(-1, in_features), weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, None)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def vera_delta_multi(x, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_out, *,
+                     backend: str = "auto") -> torch.Tensor:
+    """base_out_m + b[a] ⊙ ((d[a] ⊙ (x_m Aᵀ)) Bᵀ) per row, a = adapter_ids[m]; -1: base_out_m itself."""
+    if base_out is None:
+        raise TypeError("base_out: expected a torch.Tensor of shape (..., out_features), got None")
+    in_features, out_features, _ = check_multi_args(x, None, None, A, B, lambda_d_bank, lambda_b_bank,
+                                                    adapter_ids, base_out, backend=backend)
+    impl = dispatch.lookup("vera_delta_multi", backend, x.device)
+    y = impl(x.reshape(-1, in_features), None, None, A, B, lambda_d_bank, lambda_b_bank, adapter_ids,
+             base_out.reshape(-1, out_features))
+    return y.reshape(*x.shape[:-1], out_features)
+
+
 dispatch.register("torch", "vera_linear", reference.vera_linear)
 dispatch.register("torch", "vera_delta", reference.vera_delta)
+# Both multi ops share one implementation signature: (x2d, weight, bias, A, B, bank_d, bank_b, ids, base_out).
+dispatch.register("torch", "vera_linear_multi", reference.vera_forward_multi)
+dispatch.register("torch", "vera_delta_multi", reference.vera_forward_multi)

@@ -140,3 +140,28 @@ def vera_linear_naive(x, weight, bias, A, B, lambda_d, lambda_b):
     """The formula as PEFT writes it, differentiated by autograd: the check on the analytic backward."""
     y = torch.nn.functional.linear(x, weight, bias)
     return y + lambda_b * torch.nn.functional.linear(lambda_d * torch.nn.functional.linear(x, A), B)
+
+
+def vera_forward_multi(x, weight, bias, A, B, bank_d, bank_b, adapter_ids, base_out=None):
+    """Many adapters in one batch, forward only: row m uses adapter a = adapter_ids[m] of the banks,
+        y_m = x_m W0ᵀ + bias + b[a] ⊙ ((d[a] ⊙ (x_m Aᵀ)) Bᵀ)      (weight given; else base_out_m + ...)
+    and a = -1 rows are the base output itself: F.linear(x, W0, bias) (or base_out), bit for bit.
+
+    Plain torch: it gathers a copy of d and b per row (M x r, M x out), which the kernels avoid; as the
+    oracle (float64) and the fallback that is fine. Same dtype policy as _adapter_term: GEMM operands in
+    x's dtype, the scalings and the sum in the accumulation dtype, one rounding at the end."""
+    acc = _accumulation_dtype(x.dtype)
+    used = adapter_ids >= 0
+    rows = adapter_ids.clamp(min=0)
+    s = x @ A.t()
+    t = (bank_d[rows].to(acc) * s.to(acc)).to(x.dtype)
+    term = bank_b[rows].to(acc) * (t @ B.t()).to(acc)
+    if weight is not None:
+        base = torch.nn.functional.linear(x, weight, bias)
+        y = (x @ weight.t()).to(acc) + term
+        if bias is not None:
+            y = y + bias.to(acc)
+    else:
+        base = base_out
+        y = base_out.to(acc) + term
+    return torch.where(used[:, None], y.to(x.dtype), base)

@@ -111,13 +111,17 @@ def _small(config: Config) -> bool:
     return config.kwargs.get("BLOCK_M", 64) <= 32
 
 
-def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool) -> bool:
+def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathered: bool = False) -> bool:
     """Whether autotuning should time ``config``: decode-sized M (<= 32) gets the narrow-M configs and
     larger M the wide ones. Generating projection tiles on the fly takes registers: there the GEMM tiles
     keep to 2048 accumulator elements per warp and the backward pass to BLOCK_N 32 (and BLOCK_R 64, see
     linear.backward_blocks), which is what compiles without spilling on sm_80 (the static check compiles the first such config)."""
     if _small(config) != decode:
         return False
+    if gathered and kernel == "gemm":
+        # Many adapters (HAS_IDS): the epilogue's b[ids] is a gathered BLOCK_M x BLOCK_N tile (values and
+        # 64-bit addresses) beside the accumulator; wider tiles spill (compiled for sm_80 and sm_90).
+        return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 2048 * config.num_warps
     if not on_the_fly:
         return True
     kw = config.kwargs
@@ -133,7 +137,8 @@ def _pruner(kernel: str):
         args = {**named_args, **kwargs}
         decode = args["M_BUCKET"] <= 32
         on_the_fly = bool(args["ON_THE_FLY"])
-        kept = [c for c in configs_ if usable(kernel, c, decode=decode, on_the_fly=on_the_fly)]
+        gathered = bool(args.get("HAS_IDS", False))
+        kept = [c for c in configs_ if usable(kernel, c, decode=decode, on_the_fly=on_the_fly, gathered=gathered)]
         return kept or configs_
 
     return prune

@@ -84,6 +84,21 @@ def _backward(ctx, grad_y, grad_s):
 forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("vera_triton::forward_multi", mutates_args=())
+def forward_multi_op(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], A: Tensor, B: Tensor, lambda_d_bank: Tensor,
+    lambda_b_bank: Tensor, adapter_ids: Tensor, base_out: Optional[Tensor],
+) -> Tensor:
+    """y for x (M, in), row m with adapter adapter_ids[m] of the banks (-1: none). No autograd is registered:
+    vera_kernels.ops refuses inputs that require grad (the multi-adapter ops serve, they don't train)."""
+    return linear.forward_multi(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_out)
+
+
+@forward_multi_op.register_fake
+def _(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_out):
+    return x.new_empty(x.shape[0], lambda_b_bank.shape[1])
+
+
 # ---------------------------------------------------------------------------------------------------
 # The dispatch entry points (x already 2-D and checked by vera_kernels.ops) and the on-the-fly API.
 

@@ -119,8 +119,12 @@ def _shrink_kernel(
     M, R, K, seed, proj_scale, M_BUCKET,
     ON_THE_FLY: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ids_ptr, stride_ids, stride_d_bank, HAS_IDS: tl.constexpr,
 ):
-    """s = x Aᵀ rounded to x's dtype, t = d ⊙ s (from the rounded s, as the backward recomputes it)."""
+    """s = x Aᵀ rounded to x's dtype, t = d ⊙ s (from the rounded s, as the backward recomputes it).
+
+    HAS_IDS (many adapters, inference only): d is a bank (N x r, row stride stride_d_bank) and row m takes
+    row ids[m] of it, gathered here per tile (ids[m] = -1: d = 0, so t = 0); s is not stored (s_ptr None)."""
     m0 = tl.program_id(0) * BLOCK_M
     r0 = tl.program_id(1) * BLOCK_R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -131,10 +135,16 @@ def _shrink_kernel(
     offs_r = r0 + tl.arange(0, BLOCK_R)
     mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
     s = _round_to(acc, OUT_KIND, INTERPRET)
-    d = tl.load(d_ptr + offs_r * stride_d, mask=offs_r < R, other=0.0).to(tl.float32)
-    t = _round_to(s.to(tl.float32) * d[None, :], OUT_KIND, INTERPRET)
     rows = offs_m[:, None].to(tl.int64)
-    tl.store(s_ptr + rows * stride_sm + offs_r[None, :] * stride_sr, s, mask=mask)
+    if HAS_IDS:
+        ids = tl.load(ids_ptr + offs_m.to(tl.int64) * stride_ids, mask=offs_m < M, other=-1)
+        d = tl.load(d_ptr + ids[:, None] * stride_d_bank + offs_r[None, :] * stride_d,
+                    mask=mask & (ids[:, None] >= 0), other=0.0).to(tl.float32)
+        t = _round_to(s.to(tl.float32) * d, OUT_KIND, INTERPRET)
+    else:
+        d = tl.load(d_ptr + offs_r * stride_d, mask=offs_r < R, other=0.0).to(tl.float32)
+        t = _round_to(s.to(tl.float32) * d[None, :], OUT_KIND, INTERPRET)
+        tl.store(s_ptr + rows * stride_sm + offs_r[None, :] * stride_sr, s, mask=mask)
     tl.store(t_ptr + rows * stride_tm + offs_r[None, :] * stride_tr, t, mask=mask)
 
 
@@ -149,8 +159,13 @@ def _two_source_gemm_kernel(
     ON_THE_FLY: tl.constexpr, PROJ_TAG: tl.constexpr, PROJ_ROW_IS_N: tl.constexpr,
     OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ids_ptr, stride_ids, stride_scale_bank, HAS_IDS: tl.constexpr,
 ):
     """out = scale ⊙ (t P) + x W + bias + base, one fp32 accumulator, the output written once.
+
+    HAS_IDS (many adapters): scale is a bank (N x out, row stride stride_scale_bank) and row m is scaled
+    by its row ids[m], gathered per tile in the epilogue of the adapter source (ids[m] = -1: 0, and t is 0
+    on those rows too), so the rows of different adapters share every tile of the two GEMMs.
 
     Forward: t (M x r), P = Bᵀ, scale = b, x W = x W0ᵀ.  dx: t = ds, P = A, no scale, x W = g W0.
     The adapter source runs first so that the per-column scale applies to its sum alone (b multiplies
@@ -172,7 +187,12 @@ def _two_source_gemm_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    if HAS_SCALE:
+    if HAS_IDS:
+        ids = tl.load(ids_ptr + offs_m.to(tl.int64) * stride_ids, mask=offs_m < M, other=-1)
+        scale = tl.load(scale_ptr + ids[:, None] * stride_scale_bank + offs_n[None, :] * stride_scale,
+                        mask=(ids[:, None] >= 0) & n_ok[None, :], other=0.0).to(tl.float32)
+        acc = acc * scale
+    elif HAS_SCALE:
         scale = tl.load(scale_ptr + offs_n * stride_scale, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc * scale[None, :]
     if HAS_BASE_GEMM:
@@ -278,18 +298,22 @@ def _strides(t: torch.Tensor | None, transpose: bool = False) -> tuple[int, int]
     return (t.stride(1), t.stride(0)) if transpose else (t.stride(0), t.stride(1))
 
 
-def _shrink(x, A, lambda_d, seed, max_in):
+def _shrink(x, A, lambda_d, seed, max_in, ids=None):
+    """(s, t); with ids, lambda_d is the bank (N x r) and s is not computed (None)."""
     m, k = x.shape
-    r = lambda_d.shape[0]
-    s = dispatch.new_output(m, r, dtype=x.dtype, device=x.device)
+    r = lambda_d.shape[-1]
+    s = None if ids is not None else dispatch.new_output(m, r, dtype=x.dtype, device=x.device)
     t = dispatch.new_output(m, r, dtype=x.dtype, device=x.device)
     stride_ar, stride_ak = _strides(A)
     args = dict(
         x_ptr=x, stride_xm=x.stride(0), stride_xk=x.stride(1), a_ptr=A, stride_ar=stride_ar, stride_ak=stride_ak,
-        d_ptr=lambda_d, stride_d=lambda_d.stride(0),
-        s_ptr=s, stride_sm=s.stride(0), stride_sr=s.stride(1), t_ptr=t, stride_tm=t.stride(0), stride_tr=t.stride(1),
+        d_ptr=lambda_d, stride_d=lambda_d.stride(-1),
+        s_ptr=s, stride_sm=0 if s is None else s.stride(0), stride_sr=0 if s is None else s.stride(1),
+        t_ptr=t, stride_tm=t.stride(0), stride_tr=t.stride(1),
         M=m, R=r, K=k, seed=seed, proj_scale=projection_scale(max_in) if A is None else 1.0,
         M_BUCKET=autotune.m_bucket(m), ON_THE_FLY=A is None, **_flags(x.dtype),
+        ids_ptr=ids, stride_ids=0 if ids is None else ids.stride(0),
+        stride_d_bank=0 if ids is None else lambda_d.stride(0), HAS_IDS=ids is not None,
     )
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, meta["BLOCK_R"]))  # noqa: E731
     _launch("shrink", _shrink_kernel, grid, args, x.device)
@@ -297,13 +321,13 @@ def _shrink(x, A, lambda_d, seed, max_in):
 
 
 def _two_source_gemm(out, t, proj, proj_strides, scale, x, w, w_strides, bias, base_out, *, k_adapter, k_base,
-                     seed, proj_scale, tag, row_is_n):
+                     seed, proj_scale, tag, row_is_n, ids=None):
     m, n = out.shape
     args = dict(
         out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1),
         t_ptr=t, stride_tm=t.stride(0), stride_tk=t.stride(1),
         p_ptr=proj, stride_pk=proj_strides[0], stride_pn=proj_strides[1],
-        scale_ptr=scale, stride_scale=0 if scale is None else scale.stride(0),
+        scale_ptr=scale, stride_scale=0 if scale is None else scale.stride(-1),
         x_ptr=x, stride_xm=0 if x is None else x.stride(0), stride_xk=0 if x is None else x.stride(1),
         w_ptr=w, stride_wk=w_strides[0], stride_wn=w_strides[1],
         bias_ptr=bias, stride_bias=0 if bias is None else bias.stride(0),
@@ -312,7 +336,8 @@ def _two_source_gemm(out, t, proj, proj_strides, scale, x, w, w_strides, bias, b
         M=m, N=n, K_ADAPTER=k_adapter, K_BASE=k_base, seed=seed, proj_scale=proj_scale, M_BUCKET=autotune.m_bucket(m),
         HAS_SCALE=scale is not None, HAS_BASE_GEMM=x is not None, HAS_BIAS=bias is not None,
         HAS_BASE_OUT=base_out is not None, ON_THE_FLY=proj is None, PROJ_TAG=tag, PROJ_ROW_IS_N=row_is_n,
-        **_flags(out.dtype),
+        ids_ptr=ids, stride_ids=0 if ids is None else ids.stride(0),
+        stride_scale_bank=0 if ids is None else scale.stride(0), HAS_IDS=ids is not None, **_flags(out.dtype),
     )
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _launch("gemm", _two_source_gemm_kernel, grid, args, out.device)
@@ -354,6 +379,24 @@ def forward(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed: int, max_
         seed=seed, proj_scale=projection_scale(r) if B is None else 1.0, tag=TAG_B, row_is_n=True,
     )
     return y, s
+
+
+def forward_multi(x, weight, bias, A, B, bank_d, bank_b, ids, base_out):
+    """Many adapters, inference only: y_m = x_m W0ᵀ + bias + b[a] ⊙ ((d[a] ⊙ (x_m Aᵀ)) Bᵀ), a = ids[m]
+    (or base_out_m + ...), -1: no adapter term. The same two launches as forward: d[ids] is gathered in
+    the shrink and b[ids] in the GEMM's epilogue; nothing per adapter, no per-row copy of d or b."""
+    m, k = x.shape
+    r, n = bank_d.shape[1], bank_b.shape[1]
+    if m == 0:
+        return x.new_empty(0, n)
+    _, t = _shrink(x, A, bank_d, 0, 0, ids=ids)
+    y = dispatch.new_output(m, n, dtype=x.dtype, device=x.device)
+    _two_source_gemm(
+        y, t, B, _strides(B, transpose=True), bank_b, x if weight is not None else None, weight,
+        _strides(weight, transpose=True), bias, base_out, k_adapter=r, k_base=k,
+        seed=0, proj_scale=1.0, tag=TAG_B, row_is_n=True, ids=ids,
+    )
+    return y
 
 
 def backward(g, s, weight, A, B, lambda_d, lambda_b, *, in_features: int, with_bias: bool, need_dx: bool,

@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64"}  # i64: adapter ids
 # One GEMM's worth of shapes of the benchmark problem (in = out = 4096, r = 256 has the same alignments).
 PROBLEM = dict(m=512, in_features=512, out_features=512, rank=256)
 
