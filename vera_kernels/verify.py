@@ -1,7 +1,12 @@
 """``python -m vera_kernels.verify``: correctness checks of every backend available on this machine.
 
-One printed row per check: backend, check, error (differing bits/elements for the projection scheme,
-relative error against float64 for the math) and pass/fail. Exit status 1 on any failure.
+The matrix: every backend that runs here x float32, bfloat16, float16 x three shape sets (odd sizes, decode
+M = 1 and language-model shapes scaled to the device) x the outputs y, dx, dd, db, dbias of vera_linear
+and vera_delta's result, each against float64 on the same rounded inputs and judged by the flash-attention
+criterion; the projection scheme against known answers and bit for bit across backends; the float64
+reference against autograd. A progress line per group, then one row per check: backend, check, error
+(differing elements for the projection scheme, relative error against float64 for the math), the limit
+and pass/fail. Exit status 1 on any failure. ``--quick`` is the CI's subset, ``--json PATH`` keeps it all.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 
@@ -33,6 +39,11 @@ class Row:
     unit: str  # "elements" or "rel"
     passed: bool
     detail: str = ""
+    output: str = ""  # ops: the output (y, dx, ...) nearest its limit, whose error this row shows
+    limit: float | None = None  # ops: the largest error that passes for that output
+    seconds: float = 0.0  # ops: the backend's time for this check
+    errors: dict | None = None  # ops: every output's relative error ...
+    torch_errors: dict | None = None  # ... and PyTorch's own in the same dtype
 
 
 def load_golden() -> dict:
@@ -129,12 +140,14 @@ def _expected_bits(entry: dict, dtype: torch.dtype) -> torch.Tensor:
     return ieee_cast_bits(entry["fp32_bits"], dtype)
 
 
-def cross_backend_mismatches(backend: str, device, dtype: torch.dtype, rank=256, dim=4096, seed=0) -> int:
-    """The full pair A (rank x dim) and B (dim x rank) against the torch backend on CPU."""
+def cross_backend_mismatches(backend: str, device, dtype: torch.dtype, rank=256, dim=4096, seed=0, max_out=None) -> int:
+    """The full pair A (rank x dim) and B (max_out x rank; max_out = dim by default) against the torch
+    backend on CPU."""
     from .projections import generate_projections
 
-    got = generate_projections(seed, rank, dim, dim, dtype=dtype, device=device, backend=backend)
-    want = generate_projections(seed, rank, dim, dim, dtype=dtype, device="cpu", backend="torch")
+    max_out = dim if max_out is None else max_out
+    got = generate_projections(seed, rank, dim, max_out, dtype=dtype, device=device, backend=backend)
+    want = generate_projections(seed, rank, dim, max_out, dtype=dtype, device="cpu", backend="torch")
     return sum(int((bits_of(g.cpu()) != bits_of(w)).sum()) for g, w in zip(got, want))
 
 
@@ -154,10 +167,15 @@ def slice_mismatches(backend: str, device, dtype: torch.dtype, seed=2**63 - 1) -
     return sum(int((bits_of(a) != bits_of(b)).sum()) for a, b in pairs)
 
 
-def projection_rows(backend: str, device, golden: dict) -> list[Row]:
+def projection_rows(backend: str, device, golden: dict, quick: bool = False) -> list[Row]:
+    """The scheme's known answers, and the pair bit for bit against the torch backend on CPU: 256 x 4096,
+    and on a GPU in the full run also a Llama-7B-sized pair (r = 1024, 4096 -> 11008)."""
     def row(check, mismatches):
         return Row(backend, check, mismatches, "elements", mismatches == 0)
 
+    pairs = [(256, 4096, 4096)]
+    if torch.device(device).type == "cuda" and not quick:
+        pairs.append((1024, 4096, 11008))
     rows = [
         row("philox4x32-10 known answers", philox_kat_mismatches(backend, device, golden)),
         row("golden words (counter/key layout)", golden_word_mismatches(backend, device, golden)),
@@ -167,7 +185,9 @@ def projection_rows(backend: str, device, golden: dict) -> list[Row]:
         rows.append(row(f"golden elements {name}", golden_element_mismatches(backend, device, golden, dtype)))
         rows.append(row(f"golden blocks {name}", golden_block_mismatches(backend, device, golden, dtype)))
         if backend != "torch" or torch.device(device).type != "cpu":
-            rows.append(row(f"A 256x4096, B 4096x256 == torch {name}", cross_backend_mismatches(backend, device, dtype)))
+            for rank, max_in, max_out in pairs:
+                mismatches = cross_backend_mismatches(backend, device, dtype, rank, max_in, max_out=max_out)
+                rows.append(row(f"A {rank}x{max_in}, B {max_out}x{rank} == torch on CPU {name}", mismatches))
         rows.append(row(f"slices of the max pair {name}", slice_mismatches(backend, device, dtype)))
     return rows
 
@@ -248,6 +268,25 @@ def reference_rows(device) -> list[Row]:
 # (M, in, out, r, batch): decode M = 1, odd sizes, r = 1 and r not a multiple of 16, a 3-D input.
 OP_SHAPES = ((1, 40, 130, 1, None), (17, 130, 40, 17, None), (300, 40, 130, 64, None), (9, 40, 40, 17, 2))
 OP_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+OUTPUTS = ("y", "dx", "dbias", "dd", "db", "delta")
+
+
+def shape_sets(device, quick: bool = False) -> dict[str, tuple]:
+    """The op shapes for ``device``, by set: "odd" (OP_SHAPES), "decode" (M = 1 at a language model's layer
+    sizes) and "llm" (its training shapes). On a GPU: Llama-7B's in = out = 4096 and 4096 -> 11008 at
+    r = 256 and 1024, M = 512 and 8192. On CPU the same layers at a quarter (1024 -> 1024, r = 256) and an
+    eighth (512 -> 1376, r = 64) of their sizes, M = 128: the Triton interpreter takes ~10 s per M = 1 check
+    at 1024 -> 2752 on 2 cores. ``quick`` keeps the odd set and one shape of each other set (the CI's run)."""
+    if torch.device(device).type == "cuda":
+        decode = ((1, 4096, 11008, 256, None), (1, 4096, 4096, 1024, None))
+        llm = ((512, 4096, 4096, 1024, None), (512, 4096, 11008, 256, None),
+               (8192, 4096, 4096, 256, None), (8192, 4096, 11008, 1024, None))
+        quick_sets = dict(decode=decode[:1], llm=llm[1:2])
+    else:
+        decode = ((1, 1024, 1024, 256, None), (1, 512, 1376, 64, None))
+        llm = ((128, 1024, 1024, 256, None), (128, 512, 1376, 64, None))
+        quick_sets = dict(decode=decode[1:], llm=llm[1:])
+    return dict(odd=OP_SHAPES, **(quick_sets if quick else dict(decode=decode, llm=llm)))
 
 
 def op_errors(backend: str, device, dtype: torch.dtype, shape, seed: int) -> dict[str, float]:
@@ -280,42 +319,68 @@ def op_errors(backend: str, device, dtype: torch.dtype, shape, seed: int) -> dic
     return {k: relative_error(results["kernel"][k], results["oracle"][k]) for k in results["oracle"]}
 
 
-def op_check(backend: str, device, dtype: torch.dtype, shape, seed: int) -> tuple[bool, dict, dict]:
-    """(passed, errors, PyTorch's own errors). Each output passes when its relative error is under the
-    dtype's tolerance, or at most twice the error of PyTorch's own computation in the same dtype on the
-    same inputs (the flash-attention criterion: a tiny sum with cancellation, e.g. dd at M = r = 1, is
-    ill-conditioned in any low-precision implementation). NaN or inf never passes."""
-    errors = op_errors(backend, device, dtype, shape, seed)
-    baseline = errors if backend == "torch" else op_errors("torch", device, dtype, shape, seed)
+def error_limit(baseline: float, dtype: torch.dtype) -> float:
+    """The largest error that passes: the dtype's tolerance, or twice PyTorch's own error in that dtype."""
+    return max(OP_TOLERANCE[dtype], 2 * baseline)
+
+
+def op_passed(errors: dict, baseline: dict, dtype: torch.dtype) -> bool:
+    """Each output passes when its relative error is under the dtype's tolerance, or at most twice the error
+    of PyTorch's own computation in the same dtype on the same inputs (the flash-attention criterion: a tiny
+    sum with cancellation, e.g. dd at M = r = 1, is ill-conditioned in any low-precision implementation).
+    NaN or inf never passes."""
     tolerance = OP_TOLERANCE[dtype]
-    passed = all(err < tolerance or err <= 2 * baseline[k] for k, err in errors.items())
-    return passed and all(err < float("inf") for err in errors.values()), errors, baseline
+    return all(err < float("inf") and (err < tolerance or err <= 2 * baseline[k]) for k, err in errors.items())
 
 
-def op_rows(backend: str, device, dtypes=tuple(OP_TOLERANCE), shapes=OP_SHAPES) -> list[Row]:
-    """Fresh random inputs each run; a row's detail names the seed that reproduces it."""
+def op_check(backend: str, device, dtype: torch.dtype, shape, seed: int, baseline: dict | None = None):
+    """(passed, errors, PyTorch's own errors) of one backend on one shape; ``baseline``, the torch backend's
+    errors on the same (dtype, shape, seed), is computed when not given."""
+    if baseline is None:
+        baseline = op_errors("torch", device, dtype, shape, seed)
+    errors = baseline if backend == "torch" else op_errors(backend, device, dtype, shape, seed)
+    return op_passed(errors, baseline, dtype), errors, baseline
+
+
+def _shape_label(shape) -> str:
+    return f"M,in,out,r={shape[:4]}" + (f" batch {shape[4]}" if shape[4] else "")
+
+
+def op_group(backend_names, device, dtype: torch.dtype, set_name: str, shapes) -> list[Row]:
+    """Rows of every backend on one (shape set, dtype). Fresh random inputs each run, the same for every
+    backend of a shape (so PyTorch's own error is computed once); a row's detail names the seed."""
+    name = str(dtype).removeprefix("torch.")
     rows = []
-    for dtype in dtypes:
-        name = str(dtype).removeprefix("torch.")
-        for shape in shapes:
-            seed = int(torch.randint(0, 2**31, ()))
-            passed, errors, baseline = op_check(backend, device, dtype, shape, seed)
-            worst = max(errors, key=errors.get)
-            label = f"ops {name} M,in,out,r={shape[:4]}" + (f" batch {shape[4]}" if shape[4] else "")
+    for shape in shapes:
+        seed = int(torch.randint(0, 2**31, ()))
+        start = time.perf_counter()
+        baseline = op_errors("torch", device, dtype, shape, seed)
+        baseline_seconds = time.perf_counter() - start
+        for backend in backend_names:
+            start = time.perf_counter()
+            passed, errors, _ = op_check(backend, device, dtype, shape, seed, baseline)
+            seconds = baseline_seconds if backend == "torch" else time.perf_counter() - start
+            # The output nearest its limit speaks for the row.
+            worst = max(errors, key=lambda k: errors[k] / error_limit(baseline[k], dtype))
             detail = f"seed {seed}: " + ", ".join(f"{k} {v:.1e} (torch {baseline[k]:.1e})" for k, v in errors.items())
-            rows.append(Row(backend, label, errors[worst], "rel", passed, detail))
+            rows.append(Row(backend, f"ops {name} {set_name} {_shape_label(shape)}", errors[worst], "rel", passed,
+                            detail, output=worst, limit=error_limit(baseline[worst], dtype), seconds=seconds,
+                            errors=errors, torch_errors=baseline))
     return rows
 
 
 # --------------------------------------------------------------------------------------------------
 
 
-def run(device: str, backend_names: list[str] | None = None) -> list[Row]:
+def run(device: str, backend_names: list[str] | None = None, *, quick: bool = False) -> list[Row]:
+    """Every check of every backend that runs on ``device`` (or of ``backend_names``), with a progress
+    line per group."""
     from . import ops  # noqa: F401  registers the torch backend's ops
     from .dispatch import backends
 
     golden = load_golden()
     rows: list[Row] = []
+    runnable = []
     for status in backends().values():
         if backend_names and status.name not in backend_names:
             continue
@@ -323,15 +388,39 @@ def run(device: str, backend_names: list[str] | None = None) -> list[Row]:
             why = status.reason if not status.available else f"runs on {'/'.join(status.devices)} only"
             print(f"[skip] {status.name}: {why}", flush=True)
             continue
-        print(f"[run ] {status.name}: projection scheme on {device}", flush=True)
-        rows += projection_rows(status.name, device, golden)
-        if _implements(status.name, "vera_linear"):
-            print(f"[run ] {status.name}: vera_linear and vera_delta against float64 on {device}", flush=True)
-            rows += op_rows(status.name, device)
+        runnable.append(status.name)
+
+    for backend in runnable:
+        start = time.perf_counter()
+        group = projection_rows(backend, device, golden, quick=quick)
+        _progress(f"{backend}: projection scheme", group, time.perf_counter() - start)
+        rows += group
+
+    with_ops = [b for b in runnable if _implements(b, "vera_linear")]
+    for backend in sorted(set(runnable) - set(with_ops)):
+        print(f"[skip] {backend}: does not implement vera_linear yet", flush=True)
+    if with_ops:
+        for set_name, shapes in shape_sets(device, quick).items():
+            for dtype in OP_TOLERANCE:
+                start = time.perf_counter()
+                group = op_group(with_ops, device, dtype, set_name, shapes)
+                times = ", ".join(f"{b} {sum(r.seconds for r in group if r.backend == b):.1f} s" for b in with_ops)
+                what = f"ops {str(dtype).removeprefix('torch.')} {set_name}, {len(shapes)} shape{'s' * (len(shapes) > 1)} ({times})"
+                _progress(what, group, time.perf_counter() - start)
+                rows += group
     if not backend_names or "torch" in backend_names:
-        print(f"[run ] torch: reference math on {device}", flush=True)
-        rows += reference_rows(device)
+        start = time.perf_counter()
+        group = reference_rows(device)
+        _progress("torch: reference math", group, time.perf_counter() - start)
+        rows += group
     return rows
+
+
+def _progress(what: str, group: list[Row], seconds: float) -> None:
+    failed = [r for r in group if not r.passed]
+    verdict = f"{len(group)} pass" if not failed else f"{len(failed)} of {len(group)} FAIL: " + "; ".join(
+        f"{r.backend} {r.check}" for r in failed[:3])
+    print(f"[{seconds:6.1f} s] {what}: {verdict}", flush=True)
 
 
 def _implements(backend: str, op: str) -> bool:
@@ -341,22 +430,57 @@ def _implements(backend: str, op: str) -> bool:
 
 
 def format_table(rows: list[Row]) -> str:
-    header = ("backend", "check", "error", "result")
+    """One line per row: the error (the output nearest its limit, for the ops) and the limit it is held to:
+    the dtype's tolerance or twice PyTorch's own error in that dtype, whichever is larger."""
+    header = ("backend", "check", "error", "limit", "result")
+
+    def error(r):
+        if r.unit == "elements":
+            return f"{int(r.error)} differ"
+        return f"{r.output} {r.error:.2e}" if r.output else f"{r.error:.2e}"
+
     body = [
-        (r.backend, r.check, f"{int(r.error)} differ" if r.unit == "elements" else f"{r.error:.2e}",
+        (r.backend, r.check, error(r), "" if r.limit is None else f"{r.limit:.1e}",
          "pass" if r.passed else "FAIL" + (f" ({r.detail})" if r.detail else ""))
         for r in rows
     ]
-    widths = [max(len(line[i]) for line in [header] + body) for i in range(4)]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def environment(device: str) -> dict:
+    """What a run ran on: the device's name, torch, Triton and Python versions."""
+    env = {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model and the cores torch uses (``platform.processor()`` is often empty)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {model}, {torch.get_num_threads()} threads"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vera_kernels.verify", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
     parser.add_argument("--backend", action="append", help="check only this backend (repeatable)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the odd shapes and one decode and one LLM-like shape per dtype (CI); default: all")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and the environment as JSON")
     parser.add_argument("--static", action="store_true",
                         help="instead: compile the Triton kernels for sm_90 and sm_80 (no GPU needed) and print "
@@ -375,25 +499,19 @@ def main(argv=None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         return subprocess.call([sys.executable, "-m", "vera_kernels.verify", *argv], env=env)
 
-    environment = {
-        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        import triton
-
-        environment["triton"] = triton.__version__
-    except ImportError:
-        pass
-    print("vera_kernels.verify on " + ", ".join(f"{k} {v}" for k, v in environment.items()), flush=True)
-    rows = run(device, args.backend)
+    start = time.perf_counter()
+    env = environment(device)
+    mode = "quick" if args.quick else "full"
+    print(f"vera_kernels.verify ({mode}) on " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
+    rows = run(device, args.backend, quick=args.quick)
     print(format_table(rows))
     failed = [r for r in rows if not r.passed]
-    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    elapsed = time.perf_counter() - start
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed in {elapsed:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": environment, "rows": [asdict(r) for r in rows]}, f, indent=1)
+            json.dump({"environment": env, "mode": mode, "seconds": round(elapsed, 1),
+                       "rows": [asdict(r) for r in rows]}, f, indent=1)
     return 1 if failed or not rows else 0
 
 

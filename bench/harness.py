@@ -1,0 +1,353 @@
+"""The layer benchmark's parts: what is compared, on which shapes, how it is timed and what is recorded.
+
+Implementations of one adapted linear layer (x: M x in, W0: out x in frozen, bias frozen):
+  base          nn.Linear alone: the floor's reference (DESIGN.md section 5)
+  merged        FusedVeRALinear after merge(): the base GEMM on W0 + ΔW (inference only)
+  vera-<b>      FusedVeRALinear on each fused backend b that runs here (cpu; triton and cuda on a GPU; the
+                Triton interpreter's timings say nothing, so never on CPU)
+  unfused       the card's formula in plain torch, autograd's backward: y = x W0ᵀ + bias + ((x Aᵀ) d) Bᵀ b
+  peft          PEFT's own VeRA layer, eager (its defaults: λ vectors in fp32)
+  peft-compile  the same under torch.compile (only a few shapes: each compiles for tens of seconds)
+  lora-8/64     PEFT's LoRA layer at r = 8 and 64 (its defaults: adapter weights upcast to fp32)
+Passes: forward (inference, no_grad), backward (y.backward(g) after an untimed forward) and
+forward+backward (one training step). x requires grad (an upstream layer would want dx); the trained
+parameters are the adapter's. Inputs are random normal, never zeros.
+
+Timing. GPU: each round flushes L2 (a 256 MB write) before an untimed CUDA-event pair brackets the
+op; the figure is the events' median (the pytest-benchmark table beside it is wall time with a sync).
+CPU: pytest-benchmark's median of perf_counter rounds. Warm-up rounds first (Triton autotunes there).
+Recorded per case: the median seconds, FLOPs (the operation's minimal count: section 5's for VeRA,
+LoRA's own, the base GEMM for base and merged), the saved-activation bytes (storages autograd saves,
+parameters, buffers and x excluded) and on a GPU the peak memory a step adds (torch.cuda.max_memory_allocated;
+on CPU: not measured). Ratios to the base and to the floor are computed by bench/report.py.
+
+Settings come from the environment (the suite runs under plain ``pytest bench/ --benchmark-only``):
+  VERA_BENCH_QUICK=1      the smallest shapes, one round each (CI)
+  VERA_BENCH_JSON=PATH    where the records go (default .benchmarks/vera-layers-<device>.json)
+  VERA_BENCH_DEADLINE=T   skip the cases left after Unix time T (a GPU session's budget)
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PASSES = ("forward", "backward", "forward+backward")
+
+# GPU: Llama-7B's layer sizes, bf16. CPU: a quarter of each size, fp32 (2 cores would take hours).
+GPU = dict(dtype=torch.bfloat16, layers=[(4096, 4096), (4096, 11008)], ranks=[256, 1024], ms=[1, 16, 512, 8192],
+           rounds=15, warmup=3)
+CPU = dict(dtype=torch.float32, layers=[(1024, 1024), (1024, 2752)], ranks=[64, 256], ms=[1, 16, 128, 512],
+           rounds=5, warmup=1)
+DECODE_M = 16  # M at or under this: decode, forward only (nobody trains on one token)
+LORA_RANKS = (8, 64)
+
+
+@dataclass(frozen=True)
+class Case:
+    impl: str
+    pass_: str
+    m: int
+    in_features: int
+    out_features: int
+    rank: int | None  # VeRA's r; None for base, LoRA (their own r) and merged's cost, which r does not change
+
+    @property
+    def id(self) -> str:
+        r = f"-r{self.rank}" if self.rank else ""
+        return f"{self.pass_}-{self.impl}-{self.in_features}x{self.out_features}{r}-M{self.m}"
+
+
+def settings(device: str = DEVICE, quick: bool | None = None) -> dict:
+    quick = os.environ.get("VERA_BENCH_QUICK") == "1" if quick is None else quick
+    s = dict(GPU if device == "cuda" else CPU, quick=quick)
+    if quick:
+        s.update(layers=s["layers"][:1], ranks=s["ranks"][:1], ms=[s["ms"][0], s["ms"][2]], rounds=1, warmup=1)
+    return s
+
+
+def fused_backends(device: str = DEVICE) -> list[str]:
+    import vera_kernels
+
+    names = []
+    for name in ("triton", "cuda", "cpu"):
+        status = vera_kernels.backends()[name]
+        if status.available and device in status.devices and not (name == "triton" and device == "cpu"):
+            names.append(name)
+    return names
+
+
+def cases(device: str = DEVICE, quick: bool | None = None) -> list[Case]:
+    """Every case, most important first (a GPU session may run out of time): the first layer and rank
+    at every M, then the other layer, then the other rank. Within an M the base comes first."""
+    s = settings(device, quick)
+    vera = [f"vera-{b}" for b in fused_backends(device)] + ["unfused", "peft"]
+    out = []
+    for rank in s["ranks"]:
+        for in_f, out_f in s["layers"]:
+            first_rank = rank == s["ranks"][0]
+            primary = first_rank and (in_f, out_f) == s["layers"][0]
+            for m in s["ms"]:
+                passes = PASSES[:1] if m <= DECODE_M else PASSES
+                for pass_ in passes:
+                    if first_rank:
+                        out.append(Case("base", pass_, m, in_f, out_f, None))
+                        if pass_ == "forward":
+                            out.append(Case("merged", pass_, m, in_f, out_f, None))
+                    out += [Case(impl, pass_, m, in_f, out_f, rank) for impl in vera]
+                    # torch.compile: the decode M and the largest M of the primary shapes only.
+                    if primary and m in (s["ms"][1], s["ms"][-1]) and pass_ != "backward":
+                        out.append(Case("peft-compile", pass_, m, in_f, out_f, rank))
+                    if first_rank:
+                        out += [Case(f"lora-{r}", pass_, m, in_f, out_f, None) for r in LORA_RANKS]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The layers.
+
+
+@dataclass
+class Layer:
+    module: object  # x -> y
+    trainable: list  # parameters that get gradients (besides x)
+    owned: set  # storage pointers of parameters and buffers: not activations
+
+
+class _Holder(nn.Module):
+    """What get_peft_model adapts: a model holding the layer as ``proj``."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class Unfused(nn.Module):
+    """The card's formula, x W0ᵀ + bias + ((x Aᵀ) ⊙ d) Bᵀ ⊙ b, in plain torch; autograd keeps what it needs."""
+
+    def __init__(self, linear, A, B, lambda_d, lambda_b):
+        super().__init__()
+        self.linear, self.A, self.B = linear, A, B
+        self.lambda_d, self.lambda_b = nn.Parameter(lambda_d), nn.Parameter(lambda_b)
+
+    def forward(self, x):
+        d, b = self.lambda_d.to(x.dtype), self.lambda_b.to(x.dtype)
+        return self.linear(x) + ((x @ self.A.t()) * d) @ self.B.t() * b
+
+
+def _randomize(parameters) -> None:
+    # PEFT starts lambda_b and lora_B at 0: train from a nonzero point, as after a few steps (same cost).
+    with torch.no_grad():
+        for p in parameters:
+            p.normal_(0, 0.1)
+
+
+@functools.lru_cache(maxsize=8)
+def build(impl: str, in_features: int, out_features: int, rank: int | None, dtype, device: str) -> Layer:
+    """One layer per (impl, shape), kept for the passes and Ms that follow (a compiled one compiles once
+    per pass and M regime, not per case)."""
+    import vera_kernels
+
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, device=device, dtype=dtype).requires_grad_(False)
+    base_storages = {p.untyped_storage().data_ptr() for p in linear.parameters()}
+    if impl == "base":
+        return Layer(linear, [], base_storages)
+    if impl in ("merged",) or impl.startswith("vera-"):
+        backend = impl.removeprefix("vera-") if impl != "merged" else "auto"
+        layer = vera_kernels.FusedVeRALinear.from_linear(linear, rank or settings(device)["ranks"][0], backend=backend)
+        _randomize([layer.lambda_d, layer.lambda_b])
+        if impl == "merged":
+            layer.merge()
+            layer.eval()
+        owned = base_storages | {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        A, B = layer.projections.pair(torch.device(device), dtype)
+        return Layer(layer, [layer.lambda_d, layer.lambda_b], owned | {A.untyped_storage().data_ptr(), B.untyped_storage().data_ptr()})
+    if impl == "unfused":
+        A, B = vera_kernels.generate_projections(0, rank, in_features, out_features, dtype=dtype, device=device)
+        module = Unfused(linear, A, B, torch.empty(rank, device=device), torch.empty(out_features, device=device))
+        _randomize([module.lambda_d, module.lambda_b])
+        return Layer(module, [module.lambda_d, module.lambda_b], _storages(module))
+    import peft
+
+    if impl.startswith("lora-"):
+        config = peft.LoraConfig(r=int(impl.removeprefix("lora-")), lora_alpha=16, target_modules=["proj"])
+    else:
+        config = peft.VeraConfig(r=rank, target_modules=["proj"])
+    model = peft.get_peft_model(_Holder(linear), config).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    _randomize(trainable)
+    module = torch.compile(model) if impl == "peft-compile" else model
+    return Layer(module, trainable, _storages(model))
+
+
+def _storages(module: nn.Module) -> set:
+    return {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Running one case.
+
+
+class Runner:
+    """The timed op of a case and its untimed setup, in pytest-benchmark's ``pedantic`` form."""
+
+    def __init__(self, case: Case, dtype, device: str = DEVICE):
+        self.case, self.device = case, device
+        self.layer = build(case.impl, case.in_features, case.out_features, case.rank, dtype, device)
+        torch.manual_seed(1)
+        self.x = torch.randn(case.m, case.in_features, device=device, dtype=dtype, requires_grad=True)
+        self.grad = torch.randn(case.m, case.out_features, device=device, dtype=dtype)
+        self.y = None
+        self.event_times: list[float] = []
+        # do_bench's way to start every round from a cold L2: overwrite a buffer larger than it.
+        self._flush = torch.empty(256 << 20, dtype=torch.int8, device=device) if device == "cuda" else None
+
+    def _clear_grads(self):
+        self.x.grad = None
+        for p in self.layer.trainable:
+            p.grad = None
+
+    def setup(self):
+        self._clear_grads()
+        if self.case.pass_ == "backward":
+            self.y = self.layer.module(self.x)
+        if self._flush is not None:
+            self._flush.zero_()
+
+    def op(self):
+        if self.case.pass_ == "forward":
+            with torch.no_grad():
+                self.layer.module(self.x)
+        elif self.case.pass_ == "backward":
+            self.y.backward(self.grad)
+            self.y = None
+        else:
+            self.layer.module(self.x).backward(self.grad)
+
+    def target(self):
+        """The timed call: on a GPU the op between two CUDA events, then a sync (for the wall clock)."""
+        if self.device != "cuda":
+            self.op()
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.op()
+        end.record()
+        torch.cuda.synchronize()
+        self.event_times.append(start.elapsed_time(end) / 1e3)
+
+    def warm_up(self, rounds: int):
+        for _ in range(rounds):
+            self.setup()
+            self.target()
+        self.event_times.clear()
+
+    def saved_activation_bytes(self) -> int | None:
+        """Bytes of the distinct storages autograd saves for backward in one forward (None for inference)."""
+        if self.case.pass_ == "forward":
+            return None
+        excluded = self.layer.owned | {self.x.untyped_storage().data_ptr()}
+        storages = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in excluded:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self.layer.module(self.x)
+        return sum(storages.values())
+
+    def peak_bytes(self) -> int | None:
+        """What one op adds to the allocated memory at its peak (GPU only: torch's CPU allocator keeps no count)."""
+        if self.device != "cuda":
+            return None
+        self.setup()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        self.op()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs (DESIGN.md section 5).
+
+
+def flops(impl: str, pass_: str, m: int, in_features: int, out_features: int, rank: int | None) -> int:
+    """The operation's minimal FLOPs: the base GEMM (x W0ᵀ forward, g W0 backward) plus, for VeRA,
+    2 r (in + out) per token forward and 2 r (in + 2 out) backward (dx, dd, db), for LoRA 2 r (in + out)
+    forward and 4 r (in + out) backward (dx and both weight gradients). Merged: the base's."""
+    base = 2 * m * in_features * out_features
+    if impl.startswith("lora-"):
+        r = int(impl.removeprefix("lora-"))
+        fwd, bwd = base + 2 * m * r * (in_features + out_features), base + 4 * m * r * (in_features + out_features)
+    elif impl in ("base", "merged"):
+        fwd, bwd = base, base
+    else:
+        fwd = base + 2 * m * rank * (in_features + out_features)
+        bwd = base + 2 * m * rank * (in_features + 2 * out_features)
+    return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd}[pass_]
+
+
+# --------------------------------------------------------------------------------------------------
+# The records file.
+
+
+def results_path(device: str = DEVICE) -> str:
+    return os.environ.get("VERA_BENCH_JSON") or os.path.join(".benchmarks", f"vera-layers-{device}.json")
+
+
+def environment(device: str = DEVICE) -> dict:
+    from vera_kernels.verify import environment as verify_environment
+
+    env = verify_environment(device)
+    if device == "cpu":
+        env["threads"] = torch.get_num_threads()
+    return env
+
+
+class Records:
+    """The records of this session, rewritten to the file after every case, so a run stopped by a time
+    limit keeps what it measured."""
+
+    def __init__(self, device: str = DEVICE):
+        self.device, self.path, self.rows = device, results_path(device), []
+        self.header = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                           environment=environment(device), settings=_jsonable(settings(device)))
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(dict(self.header, results=self.rows), f, indent=1)
+        os.replace(self.path + ".tmp", self.path)
+
+
+def _jsonable(s: dict) -> dict:
+    return {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v for k, v in s.items()}
+
+
+def deadline_passed() -> bool:
+    deadline = os.environ.get("VERA_BENCH_DEADLINE")
+    return deadline is not None and time.time() > float(deadline)
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+

@@ -1,0 +1,49 @@
+"""One adapted linear layer, every implementation, forward / backward / forward+backward, against the base
+layer alone (see harness.py for what is compared and how it is timed).
+
+    pytest bench/ --benchmark-only                     then: python -m bench.report  (table, ratios, plot)
+    VERA_BENCH_QUICK=1 pytest bench/ --benchmark-only  the smallest shapes, one round each (CI)
+
+Records (time, FLOPs, saved-activation bytes, peak memory) go to harness.results_path() with the hardware,
+torch and Triton versions, after every case. No timing is asserted.
+"""
+
+import pytest
+
+import harness
+
+pytest.importorskip("peft")
+SETTINGS = harness.settings()
+_records = None
+
+
+def _session_records():
+    # One file per session, created by the first case that runs (collecting alone writes nothing).
+    global _records
+    if _records is None:
+        _records = harness.Records()
+    return _records
+
+
+@pytest.mark.parametrize("case", harness.cases(), ids=lambda c: c.id)
+def test_layer(benchmark, case):
+    if harness.deadline_passed():
+        pytest.skip("VERA_BENCH_DEADLINE passed: the session's time budget is spent")
+    runner = harness.Runner(case, SETTINGS["dtype"])
+    runner.warm_up(SETTINGS["warmup"])  # autotuning, compilation, first-call allocations
+    saved, peak = runner.saved_activation_bytes(), runner.peak_bytes()
+    benchmark.pedantic(runner.target, setup=runner.setup, rounds=SETTINGS["rounds"], iterations=1)
+
+    if benchmark.stats is None:  # --benchmark-disable: the op ran once, untimed
+        seconds, timer = None, None
+    elif runner.event_times:
+        seconds, timer = harness.median(runner.event_times), "CUDA events, L2 flushed, median"
+    else:
+        seconds, timer = benchmark.stats.stats.median, "perf_counter, median"
+    work = harness.flops(case.impl, case.pass_, case.m, case.in_features, case.out_features, case.rank)
+    row = dict(impl=case.impl, pass_=case.pass_, m=case.m, in_features=case.in_features,
+               out_features=case.out_features, rank=case.rank, dtype=str(SETTINGS["dtype"]).removeprefix("torch."),
+               seconds=seconds, rounds=SETTINGS["rounds"], timer=timer, flops=work,
+               tflops=work / seconds / 1e12 if seconds else None, saved_activation_bytes=saved, peak_bytes=peak)
+    benchmark.extra_info.update(row)
+    _session_records().add(row)
