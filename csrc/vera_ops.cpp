@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <tuple>
 
 #include "projection.h"
 #include "vera_math.h"
@@ -115,6 +116,26 @@ void check_first(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": ", name, " must be float32, bfloat16 or float16, got ",
               t.scalar_type());
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be a 2-D tensor, got ", t.dim(), "-D");
+}
+
+// The checks both forward ops start with: x first (it fixes dtype and device), then the shapes of A and
+// B against it, and which form was asked for. Returns (m, in, r, out).
+std::tuple<int64_t, int64_t, int64_t, int64_t> check_forward_shapes(
+    const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+    const std::optional<at::Tensor>& base_out) {
+  check_first(op, "x", x);
+  const int64_t in = x.size(1);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) >= 1 && A.size(1) == in, op,
+              ": A must have shape (r, in_features) with r >= 1 and in_features = ", in,
+              " (x's last dimension), got ", A.sizes());
+  const int64_t r = A.size(0);
+  TORCH_CHECK(B.dim() == 2 && B.size(1) == r, op, ": B must have shape (out_features, ", r,
+              ") (A's rank), got ", B.sizes());
+  TORCH_CHECK(weight.has_value() != base_out.has_value(), op,
+              ": exactly one of weight (the linear form) and base_out (the delta form) must be given");
+  TORCH_CHECK(!bias.has_value() || weight.has_value(), op, ": bias is only allowed with weight");
+  return {x.size(0), in, r, B.size(0)};
 }
 
 struct Named {
@@ -326,18 +347,7 @@ void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::o
                    const at::Tensor& lambda_d, const at::Tensor& lambda_b,
                    const std::optional<at::Tensor>& base_out) {
   constexpr const char* op = "vera_forward_";
-  check_first(op, "x", x);
-  const int64_t m = x.size(0), in = x.size(1);
-  TORCH_CHECK(A.dim() == 2 && A.size(0) >= 1 && A.size(1) == in, op,
-              ": A must have shape (r, in_features) with r >= 1 and in_features = ", in,
-              " (x's last dimension), got ", A.sizes());
-  const int64_t r = A.size(0);
-  TORCH_CHECK(B.dim() == 2 && B.size(1) == r, op, ": B must have shape (out_features, ", r,
-              ") (A's rank), got ", B.sizes());
-  const int64_t out = B.size(0);
-  TORCH_CHECK(weight.has_value() != base_out.has_value(), op,
-              ": exactly one of weight (vera_linear) and base_out (vera_delta) must be given");
-  TORCH_CHECK(!bias.has_value() || weight.has_value(), op, ": bias is only allowed with weight");
+  const auto [m, in, r, out] = check_forward_shapes(op, x, weight, bias, A, B, base_out);
 
   const at::ScalarType dtype = x.scalar_type();
   const auto same_as_x = [&](const char* name, const at::Tensor& t, at::IntArrayRef shape) {
@@ -383,18 +393,7 @@ void vera_forward_multi_(at::Tensor y, const at::Tensor& x, const std::optional<
                          const at::Tensor& lambda_d_bank, const at::Tensor& lambda_b_bank,
                          const at::Tensor& adapter_ids, const std::optional<at::Tensor>& base_out) {
   constexpr const char* op = "vera_forward_multi_";
-  check_first(op, "x", x);
-  const int64_t m = x.size(0), in = x.size(1);
-  TORCH_CHECK(A.dim() == 2 && A.size(0) >= 1 && A.size(1) == in, op,
-              ": A must have shape (r, in_features) with r >= 1 and in_features = ", in,
-              " (x's last dimension), got ", A.sizes());
-  const int64_t r = A.size(0);
-  TORCH_CHECK(B.dim() == 2 && B.size(1) == r, op, ": B must have shape (out_features, ", r,
-              ") (A's rank), got ", B.sizes());
-  const int64_t out = B.size(0);
-  TORCH_CHECK(weight.has_value() != base_out.has_value(), op,
-              ": exactly one of weight (vera_linear_multi) and base_out (vera_delta_multi) must be given");
-  TORCH_CHECK(!bias.has_value() || weight.has_value(), op, ": bias is only allowed with weight");
+  const auto [m, in, r, out] = check_forward_shapes(op, x, weight, bias, A, B, base_out);
   TORCH_CHECK(lambda_d_bank.dim() == 2, op, ": lambda_d_bank must be 2-D (adapters, ", r, "), got ",
               lambda_d_bank.sizes());
   const int64_t n = lambda_d_bank.size(0);
