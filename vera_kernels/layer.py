@@ -40,6 +40,12 @@ def _check_base_dtype(dtype: torch.dtype, backend: str) -> None:
         raise TypeError(f"base weight dtype {dtype} can't run on backend {backend!r}; expected one of {names}")
 
 
+def _outside_compiled_graphs(fn, *args):
+    """fn(*args), never traced by torch.compile. torch.compiler.disable is applied at the first call, not as
+    a decorator: decorating imports torch._dynamo (and Triton with it), seconds added to `import vera_kernels`."""
+    return torch.compiler.disable(fn)(*args)
+
+
 class _ProjectionSource:
     """The shared pair (A_max: rank x max_in, B_max: max_out x rank), materialized once per (device, dtype)."""
 
@@ -57,8 +63,10 @@ class _ProjectionSource:
             found = self._materialize(device, dtype)
         return found
 
-    @torch.compiler.disable
     def _materialize(self, device, dtype):
+        return _outside_compiled_graphs(self._materialize_now, device, dtype)
+
+    def _materialize_now(self, device, dtype):
         made = self._make(device, dtype)
         self._pairs[(device, dtype)] = made
         return made
