@@ -259,18 +259,7 @@ class Runner:
         """Bytes of the distinct storages autograd saves for backward in one forward (None for inference)."""
         if self.case.pass_ == "forward":
             return None
-        excluded = self.layer.owned | {self.x.untyped_storage().data_ptr()}
-        storages = {}
-
-        def pack(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in excluded:
-                storages[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            self.layer.module(self.x)
-        return sum(storages.values())
+        return saved_activation_bytes(self.layer.module, self.x, self.layer.owned)
 
     def peak_bytes(self) -> int | None:
         """What one op adds to the allocated memory at its peak (GPU only: torch's CPU allocator keeps no count)."""
@@ -351,3 +340,19 @@ def deadline_passed() -> bool:
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
+
+def saved_activation_bytes(module, x: torch.Tensor, excluded_storages: set[int]) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward of module(x), x and the
+    storages whose data pointers are in excluded_storages (the parameters) not counted."""
+    excluded = excluded_storages | {x.untyped_storage().data_ptr()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())

@@ -19,6 +19,7 @@ import time
 import pytest
 import torch
 
+import harness
 import vera_kernels
 
 peft = pytest.importorskip("peft")
@@ -101,22 +102,6 @@ def interleaved_medians(steps, rounds=INTERLEAVED_ROUNDS):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def saved_activation_bytes(layer, x, parameters):
-    """Bytes of the distinct storages autograd saves for backward, parameters and x excluded."""
-    excluded = {p.untyped_storage().data_ptr() for p in parameters} | {x.untyped_storage().data_ptr()}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
-    return sum(storages.values())
-
-
 def flops(variant, m, in_features, out_features):
     base = 4 * m * in_features * out_features  # x W0ᵀ and g W0
     if variant == "base":
@@ -143,7 +128,8 @@ def test_forward_backward(benchmark, variant, shape):
     info = dict(
         device="cpu", threads=torch.get_num_threads(), dtype="float32", M=m, in_features=in_features,
         out_features=out_features, rank=RANK, flops=flops(variant, m, in_features, out_features),
-        saved_activation_bytes=saved_activation_bytes(layer, x, parameters),
+        saved_activation_bytes=harness.saved_activation_bytes(
+            layer, x, {p.untyped_storage().data_ptr() for p in parameters}),
     )
     info["flops_ratio_to_base"] = info["flops"] / flops("base", m, in_features, out_features)
     if benchmark.stats is not None:  # None under --benchmark-disable
