@@ -24,7 +24,8 @@ on CPU: not measured). Ratios to the base and to the floor are computed by bench
 Settings come from the environment (the suite runs under plain ``pytest bench/ --benchmark-only``):
   VERA_BENCH_QUICK=1      the smallest shapes, one round each (CI)
   VERA_BENCH_JSON=PATH    where the records go (default .benchmarks/vera-layers-<device>.json)
-  VERA_BENCH_DEADLINE=T   skip the cases left after Unix time T (a GPU session's budget)
+  VERA_BENCH_DEADLINE=T   skip the cases left after Unix time T (a GPU session's budget; bench/conftest.py)
+  VERA_BENCH_DRY_RUN=1    tiny shapes, one round (bench/gpu_check.sh --dry-run: the plumbing, no figures)
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import functools
 import json
 import os
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -43,11 +43,14 @@ from torch import nn
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PASSES = ("forward", "backward", "forward+backward")
 
-# GPU: Llama-7B's layer sizes, bf16. CPU: a quarter of each size, fp32 (2 cores would take hours).
-GPU = dict(dtype=torch.bfloat16, layers=[(4096, 4096), (4096, 11008)], ranks=[256, 1024], ms=[1, 16, 512, 8192],
-           rounds=15, warmup=3)
-CPU = dict(dtype=torch.float32, layers=[(1024, 1024), (1024, 2752)], ranks=[64, 256], ms=[1, 16, 128, 512],
+# GPU: Llama-7B's layer sizes, bf16. CPU: a quarter of each size, fp32 (2 cores would take hours). Each
+# list is in order of importance (a GPU session may run out of time): the first layer and rank, the
+# training Ms, then decode.
+GPU = dict(dtype=torch.bfloat16, layers=[(4096, 4096), (4096, 11008)], ranks=[256, 1024],
+           ms=[8192, 2048, 1, 16, 512], rounds=15, warmup=3)
+CPU = dict(dtype=torch.float32, layers=[(1024, 1024), (1024, 2752)], ranks=[64, 256], ms=[512, 128, 1, 16],
            rounds=5, warmup=1)
+DRY_RUN = dict(dtype=torch.float32, layers=[(64, 96)], ranks=[16], ms=[32, 1], rounds=1, warmup=1)
 DECODE_M = 16  # M at or under this: decode, forward only (nobody trains on one token)
 LORA_RANKS = (8, 64)
 
@@ -67,11 +70,14 @@ class Case:
         return f"{self.pass_}-{self.impl}-{self.in_features}x{self.out_features}{r}-M{self.m}"
 
 
-def settings(device: str = DEVICE, quick: bool | None = None) -> dict:
+def settings(device: str = DEVICE, quick: bool | None = None, dry_run: bool | None = None) -> dict:
     quick = os.environ.get("VERA_BENCH_QUICK") == "1" if quick is None else quick
-    s = dict(GPU if device == "cuda" else CPU, quick=quick)
-    if quick:
-        s.update(layers=s["layers"][:1], ranks=s["ranks"][:1], ms=[s["ms"][0], s["ms"][2]], rounds=1, warmup=1)
+    dry_run = os.environ.get("VERA_BENCH_DRY_RUN") == "1" if dry_run is None else dry_run
+    s = dict(DRY_RUN if dry_run else GPU if device == "cuda" else CPU, quick=quick, dry_run=dry_run)
+    if quick:  # the first layer and rank, the smallest training M and the smallest decode M, one round
+        ms = s["ms"]
+        s.update(layers=s["layers"][:1], ranks=s["ranks"][:1], rounds=1, warmup=1,
+                 ms=[min(m for m in ms if m > DECODE_M), min(ms)])
     return s
 
 
@@ -86,12 +92,14 @@ def fused_backends(device: str = DEVICE) -> list[str]:
     return names
 
 
-def cases(device: str = DEVICE, quick: bool | None = None) -> list[Case]:
-    """Every case, most important first (a GPU session may run out of time): the first layer and rank
-    at every M, then the other layer, then the other rank. Within an M the base comes first."""
-    s = settings(device, quick)
+def cases(device: str = DEVICE, quick: bool | None = None, dry_run: bool | None = None) -> list[Case]:
+    """Every case, most important first (a GPU session may run out of time): the first layer and rank at
+    every M (in the settings' order: the training Ms, then decode), then the other layer, then the other
+    rank; the torch.compile cases (tens of seconds of compiling each) last. Within an M the base first."""
+    s = settings(device, quick, dry_run)
     vera = [f"vera-{b}" for b in fused_backends(device)] + ["unfused", "peft"]
-    out = []
+    out, compiled = [], []
+    decode_ms = [m for m in s["ms"] if m <= DECODE_M]
     for rank in s["ranks"]:
         for in_f, out_f in s["layers"]:
             first_rank = rank == s["ranks"][0]
@@ -104,12 +112,12 @@ def cases(device: str = DEVICE, quick: bool | None = None) -> list[Case]:
                         if pass_ == "forward":
                             out.append(Case("merged", pass_, m, in_f, out_f, None))
                     out += [Case(impl, pass_, m, in_f, out_f, rank) for impl in vera]
-                    # torch.compile: the decode M and the largest M of the primary shapes only.
-                    if primary and m in (s["ms"][1], s["ms"][-1]) and pass_ != "backward":
-                        out.append(Case("peft-compile", pass_, m, in_f, out_f, rank))
+                    # torch.compile: the largest decode M and the largest M of the primary shapes only.
+                    if primary and m in (max(decode_ms, default=None), max(s["ms"])) and pass_ != "backward":
+                        compiled.append(Case("peft-compile", pass_, m, in_f, out_f, rank))
                     if first_rank:
                         out += [Case(f"lora-{r}", pass_, m, in_f, out_f, None) for r in LORA_RANKS]
-    return out
+    return out + compiled
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,11 +338,6 @@ class Records:
 
 def _jsonable(s: dict) -> dict:
     return {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v for k, v in s.items()}
-
-
-def deadline_passed() -> bool:
-    deadline = os.environ.get("VERA_BENCH_DEADLINE")
-    return deadline is not None and time.time() > float(deadline)
 
 
 def median(values: list[float]) -> float | None:

@@ -1,17 +1,34 @@
 """``python -m vera_kernels.verify``: correctness checks of every backend available on this machine.
 
-The matrix: every backend that runs here x float32, bfloat16, float16 x three shape sets (odd sizes, decode
-M = 1 and language-model shapes scaled to the device) x the outputs y, dx, dd, db, dbias of vera_linear
-and vera_delta's result, each against float64 on the same rounded inputs and judged by the flash-attention
-criterion; the projection scheme against known answers and bit for bit across backends; the float64
-reference against autograd. A progress line per group, then one row per check: backend, check, error
-(differing elements for the projection scheme, relative error against float64 for the math), the limit
-and pass/fail. Exit status 1 on any failure. ``--quick`` is the CI's subset, ``--json PATH`` keeps it all.
+The checks: every backend that runs here in bfloat16, float16 and float32 (in that order: the dtype that
+matters most first) on three shape sets (odd sizes, decode M = 1 and language-model shapes scaled to the
+device), the outputs y, dx, dd, db, dbias of vera_linear and vera_delta's result, each against float64 on
+the same rounded inputs and judged by the flash-attention criterion; the projection scheme against known
+answers and bit for bit across backends; the float64 reference against autograd. A progress line and the
+rows of each group as it finishes: backend, check, error (differing elements for the projection scheme,
+relative error against float64 for the math), the limit and pass/fail. Exit status 1 on any failure.
+
+How much: the default is a representative subset (every backend, the odd shapes and one decode and one
+language-model shape per dtype, the scheme's known answers on a sample of elements; under 2 minutes on 2
+CPU cores, and what CI runs); ``--full`` is the whole matrix (all shapes, every known answer, the full-size
+pairs); ``--quick`` the odd shapes and the known answers only (a smoke test: ``bench/gpu_check.sh
+--dry-run``). ``--json PATH`` keeps every row, rewritten after every group, so that a run cut short keeps
+what it finished. A failing check is a failed row (its exception in the detail), never the end of the run.
+
+On a GPU: the inputs of a shape are made on the device once and shared by every backend, the float64
+reference is computed once, and the Triton kernels run one configuration each (``autotune.untuned``:
+the first one autotuning would time; autotuning belongs to the benchmarks), so a run costs a few
+compilations per kernel, not one per config.
+
+``--static`` compiles every Triton kernel for sm_90a and sm_80 instead (no GPU needed; see
+vera_kernels/triton/static.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -97,24 +114,26 @@ def golden_word_mismatches(backend: str, device, golden: dict) -> int:
     return int((got != torch.tensor(expected)).sum())
 
 
-def golden_element_mismatches(backend: str, device, golden: dict, dtype: torch.dtype) -> int:
-    """Every sampled element, generated alone as a 1 x 1 block at its (row, col)."""
+def golden_element_mismatches(backend: str, device, golden: dict, dtype: torch.dtype, every: int = 1) -> int:
+    """Every sampled element (or every ``every``-th of each case), generated alone as a 1 x 1 block at its
+    (row, col)."""
     from .projections import projection_block
 
     mismatches = 0
     for case in golden["cases"]:
+        picked = range(0, len(case["row"]), every)
         got = torch.stack(
             [
                 bits_of(
                     projection_block(
-                        case["seed"], case["tag"], 1, 1, case["fan_in"], row_offset=row, col_offset=col,
-                        dtype=dtype, device=device, backend=backend,
+                        case["seed"], case["tag"], 1, 1, case["fan_in"], row_offset=case["row"][i],
+                        col_offset=case["col"][i], dtype=dtype, device=device, backend=backend,
                     ).cpu()
                 )[0, 0]
-                for row, col in zip(case["row"], case["col"])
+                for i in picked
             ]
         )
-        mismatches += int((got != _expected_bits(case, dtype)).sum())
+        mismatches += int((got != _expected_bits(case, dtype)[list(picked)]).sum())
     return mismatches
 
 
@@ -147,8 +166,16 @@ def cross_backend_mismatches(backend: str, device, dtype: torch.dtype, rank=256,
 
     max_out = dim if max_out is None else max_out
     got = generate_projections(seed, rank, dim, max_out, dtype=dtype, device=device, backend=backend)
-    want = generate_projections(seed, rank, dim, max_out, dtype=dtype, device="cpu", backend="torch")
+    want = _torch_pair(seed, rank, dim, max_out, dtype)
     return sum(int((bits_of(g.cpu()) != bits_of(w)).sum()) for g, w in zip(got, want))
+
+
+@functools.lru_cache(maxsize=4)
+def _torch_pair(seed, rank, max_in, max_out, dtype):
+    """The torch backend's pair on CPU, made once for every backend compared with it."""
+    from .projections import generate_projections
+
+    return generate_projections(seed, rank, max_in, max_out, dtype=dtype, device="cpu", backend="torch")
 
 
 def slice_mismatches(backend: str, device, dtype: torch.dtype, seed=2**63 - 1) -> int:
@@ -167,29 +194,52 @@ def slice_mismatches(backend: str, device, dtype: torch.dtype, seed=2**63 - 1) -
     return sum(int((bits_of(a) != bits_of(b)).sum()) for a, b in pairs)
 
 
-def projection_rows(backend: str, device, golden: dict, quick: bool = False) -> list[Row]:
-    """The scheme's known answers, and the pair bit for bit against the torch backend on CPU: 256 x 4096,
-    and on a GPU in the full run also a Llama-7B-sized pair (r = 1024, 4096 -> 11008)."""
-    def row(check, mismatches):
+LEVELS = ("quick", "default", "full")
+# How much of the scheme each level checks: every n-th sampled element of the known answers, and the
+# pairs (rank, max_in, max_out) compared bit for bit with the torch backend.
+GOLDEN_EVERY = {"quick": 24, "default": 8, "full": 1}
+CROSS_PAIRS = {"quick": ((17, 333, 130),), "default": ((64, 1000, 700),), "full": ((256, 4096, 4096),)}
+LLAMA_PAIR = (1024, 4096, 11008)  # the full run on a GPU also compares a Llama-7B-sized pair
+
+
+def projection_rows(backend: str, device, golden: dict, level: str = "default") -> list[Row]:
+    """The scheme's known answers (every sampled element in the full run, a sample of them otherwise) and
+    the pair bit for bit against the torch backend on CPU. A check that raises is a failed row."""
+    def row(check, count):
+        try:
+            mismatches = count()
+        except Exception as exc:  # noqa: BLE001 (recorded: a failed row, never the end of the run)
+            return Row(backend, check, float("inf"), "elements", False, _raised(exc))
         return Row(backend, check, mismatches, "elements", mismatches == 0)
 
-    pairs = [(256, 4096, 4096)]
-    if torch.device(device).type == "cuda" and not quick:
-        pairs.append((1024, 4096, 11008))
+    pairs = CROSS_PAIRS[level]
+    if torch.device(device).type == "cuda" and level == "full":
+        pairs += (LLAMA_PAIR,)
+    every = GOLDEN_EVERY[level]
+    sample = "" if every == 1 else f" (every {every}th)"
     rows = [
-        row("philox4x32-10 known answers", philox_kat_mismatches(backend, device, golden)),
-        row("golden words (counter/key layout)", golden_word_mismatches(backend, device, golden)),
+        row("philox4x32-10 known answers", lambda: philox_kat_mismatches(backend, device, golden)),
+        row("golden words (counter/key layout)", lambda: golden_word_mismatches(backend, device, golden)),
     ]
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        name = str(dtype).removeprefix("torch.")
-        rows.append(row(f"golden elements {name}", golden_element_mismatches(backend, device, golden, dtype)))
-        rows.append(row(f"golden blocks {name}", golden_block_mismatches(backend, device, golden, dtype)))
+    for dtype in DTYPE_ORDER:
+        name = _dtype_name(dtype)
+        rows.append(row(f"golden elements{sample} {name}",
+                        lambda: golden_element_mismatches(backend, device, golden, dtype, every)))
+        rows.append(row(f"golden blocks {name}", lambda: golden_block_mismatches(backend, device, golden, dtype)))
         if backend != "torch" or torch.device(device).type != "cpu":
             for rank, max_in, max_out in pairs:
-                mismatches = cross_backend_mismatches(backend, device, dtype, rank, max_in, max_out=max_out)
-                rows.append(row(f"A {rank}x{max_in}, B {max_out}x{rank} == torch on CPU {name}", mismatches))
-        rows.append(row(f"slices of the max pair {name}", slice_mismatches(backend, device, dtype)))
+                rows.append(row(f"A {rank}x{max_in}, B {max_out}x{rank} == torch on CPU {name}",
+                                lambda: cross_backend_mismatches(backend, device, dtype, rank, max_in, max_out=max_out)))
+        rows.append(row(f"slices of the max pair {name}", lambda: slice_mismatches(backend, device, dtype)))
     return rows
+
+
+def _raised(exc: Exception) -> str:
+    return f"raised {type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0][:300]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,55 +318,80 @@ def reference_rows(device) -> list[Row]:
 # (M, in, out, r, batch): decode M = 1, odd sizes, r = 1 and r not a multiple of 16, a 3-D input.
 OP_SHAPES = ((1, 40, 130, 1, None), (17, 130, 40, 17, None), (300, 40, 130, 64, None), (9, 40, 40, 17, 2))
 OP_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+DTYPE_ORDER = (torch.bfloat16, torch.float16, torch.float32)  # the order of the groups: bf16 matters most
 OUTPUTS = ("y", "dx", "dbias", "dd", "db", "delta")
 
 
-def shape_sets(device, quick: bool = False) -> dict[str, tuple]:
-    """The op shapes for ``device``, by set: "odd" (OP_SHAPES), "decode" (M = 1 at a language model's layer
-    sizes) and "llm" (its training shapes). On a GPU: Llama-7B's in = out = 4096 and 4096 -> 11008 at
-    r = 256 and 1024, M = 512 and 8192. On CPU the same layers at a quarter (1024 -> 1024, r = 256) and an
-    eighth (512 -> 1376, r = 64) of their sizes, M = 128: the Triton interpreter takes ~10 s per M = 1 check
-    at 1024 -> 2752 on 2 cores. ``quick`` keeps the odd set and one shape of each other set (the CI's run)."""
+def shape_sets(device, level: str = "default") -> dict[str, tuple]:
+    """The op shapes for ``device`` at ``level``, by set: "odd" (OP_SHAPES), "decode" (M = 1 at a language
+    model's layer sizes) and "llm" (its training shapes). On a GPU: Llama-7B's in = out = 4096 and
+    4096 -> 11008 at r = 256 and 1024, M = 512 and 8192. On CPU the same layers at a quarter (1024 -> 1024,
+    r = 256) and an eighth (512 -> 1376, r = 64) of their sizes, M = 128: the Triton interpreter takes
+    ~10 s per M = 1 check at 1024 -> 2752 on 2 cores. The full level has them all, the default the odd set
+    and one shape of each other set, quick the odd set alone."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}; got {level!r}")
     if torch.device(device).type == "cuda":
         decode = ((1, 4096, 11008, 256, None), (1, 4096, 4096, 1024, None))
         llm = ((512, 4096, 4096, 1024, None), (512, 4096, 11008, 256, None),
                (8192, 4096, 4096, 256, None), (8192, 4096, 11008, 1024, None))
-        quick_sets = dict(decode=decode[:1], llm=llm[1:2])
+        subset = dict(decode=decode[:1], llm=llm[1:2])
     else:
         decode = ((1, 1024, 1024, 256, None), (1, 512, 1376, 64, None))
         llm = ((128, 1024, 1024, 256, None), (128, 512, 1376, 64, None))
-        quick_sets = dict(decode=decode[1:], llm=llm[1:])
-    return dict(odd=OP_SHAPES, **(quick_sets if quick else dict(decode=decode, llm=llm)))
+        subset = dict(decode=decode[1:], llm=llm[1:])
+    return dict(odd=OP_SHAPES, **{"quick": {}, "default": subset, "full": dict(decode=decode, llm=llm)}[level])
+
+
+def op_inputs(shape, dtype: torch.dtype, seed: int, device) -> tuple[dict, dict, torch.Tensor]:
+    """(inputs in ``dtype``, the same rounded inputs in float64, the output gradient) of one shape, made
+    on ``device`` once and shared by every backend; ``seed`` seeds them and the projections (PEFT's
+    slicing of a larger shared pair: max dims = dims + 7, + 5). The trained vectors stay fp32, as in a
+    layer of any dtype."""
+    from .projections import generate_projections
+
+    m, in_features, out_features, rank, batch = shape
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size, scale=1.0, to=dtype):
+        return (torch.randn(*size, generator=generator, device=device) * scale).to(to)
+
+    A_max, B_max = generate_projections(seed, rank, in_features + 7, out_features + 5, dtype=dtype, device=device,
+                                        backend="torch")
+    rows = (batch, m) if batch else (m,)
+    low = dict(x=randn(*rows, in_features), weight=randn(out_features, in_features, scale=in_features**-0.5),
+               bias=randn(out_features), A=A_max[:, :in_features], B=B_max[:out_features, :],
+               lambda_d=randn(rank, to=torch.float32), lambda_b=randn(out_features, to=torch.float32))
+    grad = randn(*rows, out_features)
+    return low, {k: v.double() for k, v in low.items()}, grad
+
+
+def op_outputs(inputs: dict, grad: torch.Tensor, backend: str) -> dict[str, torch.Tensor]:
+    """vera_linear's y and its gradients dx, dbias, dd, db (every input that can train requires grad), and
+    vera_delta's result, on ``backend``; outputs poisoned with NaN before the kernels write them."""
+    from .dispatch import poisoned_outputs
+    from .ops import vera_delta, vera_linear
+
+    leaves = {k: v.detach().clone().requires_grad_(k in TRAINABLE) for k, v in inputs.items()}
+    with poisoned_outputs():
+        y = vera_linear(**leaves, backend=backend)
+        y.backward(grad.to(y.dtype))
+        base = leaves["x"].detach() @ leaves["weight"].t()
+        delta = vera_delta(leaves["x"].detach(), leaves["A"], leaves["B"], leaves["lambda_d"].detach(),
+                           leaves["lambda_b"].detach(), base, backend=backend)
+    grads = {f"d{k.removeprefix('lambda_')}": leaves[k].grad for k in TRAINABLE}
+    return dict(y=y.detach(), **grads, delta=delta)
+
+
+def output_errors(outputs: dict, oracle: dict) -> dict[str, float]:
+    return {k: relative_error(outputs[k], oracle[k]) for k in oracle}
 
 
 def op_errors(backend: str, device, dtype: torch.dtype, shape, seed: int) -> dict[str, float]:
     """Relative errors of vera_linear's y, dx, dd, db, dbias and of vera_delta on ``backend`` in ``dtype``
-    against the float64 torch path on the same (rounded) inputs; outputs are poisoned with NaN first.
-    ``seed`` seeds the random inputs and the projections."""
-    from .dispatch import poisoned_outputs
-    from .ops import vera_delta, vera_linear
-
-    m, in_features, out_features, rank, batch = shape
-    torch.manual_seed(seed)
-    problem = random_problem(m, in_features, out_features, rank, batch=batch, seed=seed)
-    problem["lambda_d"] = problem["lambda_d"].float()  # trained vectors stay fp32 whatever the layer dtype
-    problem["lambda_b"] = problem["lambda_b"].float()
-    low = {k: (v if k.startswith("lambda") else v.to(dtype)).to(device) for k, v in problem.items()}
-    exact = {k: v.double() for k, v in low.items()}  # the same rounded inputs, in float64
-    grad = torch.randn(*low["x"].shape[:-1], out_features, dtype=torch.float64).to(dtype).to(device)
-
-    results = {}
-    for name, inputs, use in (("kernel", low, backend), ("oracle", exact, "torch")):
-        leaves = {k: v.detach().clone().requires_grad_(k in TRAINABLE) for k, v in inputs.items()}
-        with poisoned_outputs():
-            y = vera_linear(**leaves, backend=use)
-            y.backward(grad.to(y.dtype))
-            base = leaves["x"].detach() @ leaves["weight"].t()
-            delta = vera_delta(leaves["x"].detach(), leaves["A"], leaves["B"], leaves["lambda_d"].detach(),
-                               leaves["lambda_b"].detach(), base, backend=use)
-        grads = {f"d{k.removeprefix('lambda_')}": leaves[k].grad for k in TRAINABLE}
-        results[name] = dict(y=y, **grads, delta=delta)
-    return {k: relative_error(results["kernel"][k], results["oracle"][k]) for k in results["oracle"]}
+    against the float64 torch path on the same (rounded) inputs. ``seed`` seeds the inputs."""
+    low, exact, grad = op_inputs(shape, dtype, seed, device)
+    return output_errors(op_outputs(low, grad, backend), op_outputs(exact, grad, "torch"))
 
 
 def error_limit(baseline: float, dtype: torch.dtype) -> float:
@@ -336,9 +411,11 @@ def op_passed(errors: dict, baseline: dict, dtype: torch.dtype) -> bool:
 def op_check(backend: str, device, dtype: torch.dtype, shape, seed: int, baseline: dict | None = None):
     """(passed, errors, PyTorch's own errors) of one backend on one shape; ``baseline``, the torch backend's
     errors on the same (dtype, shape, seed), is computed when not given."""
+    low, exact, grad = op_inputs(shape, dtype, seed, device)
+    oracle = op_outputs(exact, grad, "torch")
     if baseline is None:
-        baseline = op_errors("torch", device, dtype, shape, seed)
-    errors = baseline if backend == "torch" else op_errors(backend, device, dtype, shape, seed)
+        baseline = output_errors(op_outputs(low, grad, "torch"), oracle)
+    errors = baseline if backend == "torch" else output_errors(op_outputs(low, grad, backend), oracle)
     return op_passed(errors, baseline, dtype), errors, baseline
 
 
@@ -346,25 +423,50 @@ def _shape_label(shape) -> str:
     return f"M,in,out,r={shape[:4]}" + (f" batch {shape[4]}" if shape[4] else "")
 
 
+def _synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def op_group(backend_names, device, dtype: torch.dtype, set_name: str, shapes) -> list[Row]:
-    """Rows of every backend on one (shape set, dtype). Fresh random inputs each run, the same for every
-    backend of a shape (so PyTorch's own error is computed once); a row's detail names the seed."""
-    name = str(dtype).removeprefix("torch.")
+    """Rows of every backend on one (shape set, dtype). Per shape: fresh random inputs made once on the
+    device, the float64 reference computed once, then each backend (the torch backend first: its error
+    in ``dtype`` is PyTorch's own, the criterion's baseline). A row's detail names the seed; a backend
+    that raises gets a failed row, and the others still run."""
+    name = _dtype_name(dtype)
     rows = []
     for shape in shapes:
         seed = int(torch.randint(0, 2**31, ()))
-        start = time.perf_counter()
-        baseline = op_errors("torch", device, dtype, shape, seed)
-        baseline_seconds = time.perf_counter() - start
-        for backend in backend_names:
+        check = f"ops {name} {set_name} {_shape_label(shape)}"
+        try:
+            low, exact, grad = op_inputs(shape, dtype, seed, device)
+            oracle = op_outputs(exact, grad, "torch")
+        except Exception as exc:  # noqa: BLE001 (every backend's row fails, with the reason)
+            rows += [Row(b, check, float("inf"), "rel", False, f"seed {seed}: reference {_raised(exc)}")
+                     for b in backend_names]
+            continue
+        baseline, times = None, {}
+        for backend in ["torch"] + [b for b in backend_names if b != "torch"]:
             start = time.perf_counter()
-            passed, errors, _ = op_check(backend, device, dtype, shape, seed, baseline)
-            seconds = baseline_seconds if backend == "torch" else time.perf_counter() - start
+            try:
+                errors = output_errors(op_outputs(low, grad, backend), oracle)
+                _synchronize(device)
+            except Exception as exc:  # noqa: BLE001
+                if backend in backend_names:
+                    rows.append(Row(backend, check, float("inf"), "rel", False, f"seed {seed}: {_raised(exc)}",
+                                    seconds=time.perf_counter() - start))
+                continue
+            if backend == "torch":
+                baseline = errors
+            if backend not in backend_names:
+                continue
+            judged = baseline or {k: 0.0 for k in errors}  # no baseline (torch failed): the tolerance alone
+            passed = op_passed(errors, judged, dtype)
             # The output nearest its limit speaks for the row.
-            worst = max(errors, key=lambda k: errors[k] / error_limit(baseline[k], dtype))
-            detail = f"seed {seed}: " + ", ".join(f"{k} {v:.1e} (torch {baseline[k]:.1e})" for k, v in errors.items())
-            rows.append(Row(backend, f"ops {name} {set_name} {_shape_label(shape)}", errors[worst], "rel", passed,
-                            detail, output=worst, limit=error_limit(baseline[worst], dtype), seconds=seconds,
+            worst = max(errors, key=lambda k: errors[k] / error_limit(judged[k], dtype))
+            detail = f"seed {seed}: " + ", ".join(f"{k} {v:.1e} (torch {judged[k]:.1e})" for k, v in errors.items())
+            rows.append(Row(backend, check, errors[worst], "rel", passed, detail, output=worst,
+                            limit=error_limit(judged[worst], dtype), seconds=time.perf_counter() - start,
                             errors=errors, torch_errors=baseline))
     return rows
 
@@ -372,14 +474,10 @@ def op_group(backend_names, device, dtype: torch.dtype, set_name: str, shapes) -
 # --------------------------------------------------------------------------------------------------
 
 
-def run(device: str, backend_names: list[str] | None = None, *, quick: bool = False) -> list[Row]:
-    """Every check of every backend that runs on ``device`` (or of ``backend_names``), with a progress
-    line per group."""
-    from . import ops  # noqa: F401  registers the torch backend's ops
+def runnable_backends(device: str, backend_names: list[str] | None = None) -> list[str]:
+    """The backends (of ``backend_names``, or all) that run on ``device``; a line for each that does not."""
     from .dispatch import backends
 
-    golden = load_golden()
-    rows: list[Row] = []
     runnable = []
     for status in backends().values():
         if backend_names and status.name not in backend_names:
@@ -389,38 +487,68 @@ def run(device: str, backend_names: list[str] | None = None, *, quick: bool = Fa
             print(f"[skip] {status.name}: {why}", flush=True)
             continue
         runnable.append(status.name)
+    return runnable
 
-    for backend in runnable:
-        start = time.perf_counter()
-        group = projection_rows(backend, device, golden, quick=quick)
-        _progress(f"{backend}: projection scheme", group, time.perf_counter() - start)
-        rows += group
 
-    with_ops = [b for b in runnable if _implements(b, "vera_linear")]
-    for backend in sorted(set(runnable) - set(with_ops)):
-        print(f"[skip] {backend}: does not implement vera_linear yet", flush=True)
-    if with_ops:
-        for set_name, shapes in shape_sets(device, quick).items():
-            for dtype in OP_TOLERANCE:
-                start = time.perf_counter()
-                group = op_group(with_ops, device, dtype, set_name, shapes)
-                times = ", ".join(f"{b} {sum(r.seconds for r in group if r.backend == b):.1f} s" for b in with_ops)
-                what = f"ops {str(dtype).removeprefix('torch.')} {set_name}, {len(shapes)} shape{'s' * (len(shapes) > 1)} ({times})"
-                _progress(what, group, time.perf_counter() - start)
-                rows += group
-    if not backend_names or "torch" in backend_names:
+def run(device: str, backend_names: list[str] | None = None, *, level: str = "default", on_group=None) -> list[Row]:
+    """Every check of ``level`` of every backend that runs on ``device`` (or of ``backend_names``), group by
+    group: the projection scheme per backend, the ops per dtype (bf16 first) and shape set, the float64
+    reference. ``on_group(what, rows, seconds)`` is called after each group (default: a progress line)."""
+    from . import ops  # noqa: F401  registers the torch backend's ops
+
+    on_group = on_group or _progress
+    golden = load_golden()
+    rows: list[Row] = []
+    runnable = runnable_backends(device, backend_names)
+
+    def group(what, make):
         start = time.perf_counter()
-        group = reference_rows(device)
-        _progress("torch: reference math", group, time.perf_counter() - start)
-        rows += group
+        found = make()
+        rows.extend(found)
+        on_group(what, found, time.perf_counter() - start)
+
+    with _one_triton_config():
+        for backend in runnable:
+            group(f"{backend}: projection scheme", lambda: projection_rows(backend, device, golden, level))
+        with_ops = [b for b in runnable if _implements(b, "vera_linear")]
+        for backend in sorted(set(runnable) - set(with_ops)):
+            print(f"[skip] {backend}: does not implement vera_linear yet", flush=True)
+        if with_ops:
+            for dtype in DTYPE_ORDER:
+                for set_name, shapes in shape_sets(device, level).items():
+                    what = f"ops {_dtype_name(dtype)} {set_name}, {len(shapes)} shape{'s' * (len(shapes) > 1)}"
+                    group(what, lambda: op_group(with_ops, device, dtype, set_name, shapes))
+        if not backend_names or "torch" in backend_names:
+            group("torch: reference math", lambda: _guarded_rows("reference math", lambda: reference_rows(device)))
     return rows
+
+
+def _guarded_rows(check: str, make) -> list[Row]:
+    try:
+        return make()
+    except Exception as exc:  # noqa: BLE001
+        return [Row("torch", check, float("inf"), "rel", False, _raised(exc))]
+
+
+def _one_triton_config():
+    """Triton's kernels run one config each while verifying (the first one autotuning would time)."""
+    try:
+        from .triton import autotune
+    except Exception:  # noqa: BLE001  no (working) Triton: nothing to pin
+        return contextlib.nullcontext()
+    return autotune.untuned()
 
 
 def _progress(what: str, group: list[Row], seconds: float) -> None:
     failed = [r for r in group if not r.passed]
     verdict = f"{len(group)} pass" if not failed else f"{len(failed)} of {len(group)} FAIL: " + "; ".join(
         f"{r.backend} {r.check}" for r in failed[:3])
-    print(f"[{seconds:6.1f} s] {what}: {verdict}", flush=True)
+    times = {}
+    for r in group:
+        if r.unit == "rel" and r.seconds:
+            times[r.backend] = times.get(r.backend, 0.0) + r.seconds
+    timing = " (" + ", ".join(f"{b} {t:.1f} s" for b, t in times.items()) + ")" if times else ""
+    print(f"[{seconds:6.1f} s] {what}{timing}: {verdict}", flush=True)
 
 
 def _implements(backend: str, op: str) -> bool:
@@ -429,14 +557,14 @@ def _implements(backend: str, op: str) -> bool:
     return _implementation(backend, op) is not None
 
 
-def format_table(rows: list[Row]) -> str:
+def format_table(rows: list[Row], header: bool = True) -> str:
     """One line per row: the error (the output nearest its limit, for the ops) and the limit it is held to:
     the dtype's tolerance or twice PyTorch's own error in that dtype, whichever is larger."""
-    header = ("backend", "check", "error", "limit", "result")
+    titles = ("backend", "check", "error", "limit", "result")
 
     def error(r):
         if r.unit == "elements":
-            return f"{int(r.error)} differ"
+            return f"{int(r.error)} differ" if r.error < float("inf") else "-"
         return f"{r.output} {r.error:.2e}" if r.output else f"{r.error:.2e}"
 
     body = [
@@ -444,10 +572,12 @@ def format_table(rows: list[Row]) -> str:
          "pass" if r.passed else "FAIL" + (f" ({r.detail})" if r.detail else ""))
         for r in rows
     ]
-    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header] + body]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    lines = [titles] * header + body
+    widths = [max(len(line[i]) for line in lines) for i in range(len(titles))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    if header:
+        out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
 
 
 def environment(device: str) -> dict:
@@ -475,19 +605,32 @@ def device_name(device: str) -> str:
     return f"CPU {model}, {torch.get_num_threads()} threads"
 
 
+def write_json(path: str, env: dict, level: str, seconds: float, rows: list[Row], complete: bool) -> None:
+    """The rows so far, replaced atomically (a reader never sees half a file)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump({"environment": env, "mode": level, "complete": complete, "seconds": round(seconds, 1),
+                   "rows": [asdict(r) for r in rows]}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vera_kernels.verify", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
     parser.add_argument("--backend", action="append", help="check only this backend (repeatable)")
-    parser.add_argument("--quick", action="store_true",
-                        help="the odd shapes and one decode and one LLM-like shape per dtype (CI); default: all")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows and the environment as JSON")
+    how_much = parser.add_mutually_exclusive_group()
+    how_much.add_argument("--full", action="store_true",
+                          help="the whole matrix: every shape, every known answer, the full-size pairs")
+    how_much.add_argument("--quick", action="store_true",
+                          help="the odd shapes and the scheme's known answers only (a smoke test); "
+                          "default: a representative subset, under 2 minutes on 2 CPU cores (CI runs it)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows and the environment as JSON, "
+                        "rewritten after every group")
     parser.add_argument("--static", action="store_true",
-                        help="instead: compile the Triton kernels for sm_90 and sm_80 (no GPU needed) and print "
-                        "registers, shared memory, spills and the instruction mix per kernel and config")
+                        help="instead: compile every Triton kernel for sm_90a and sm_80 (no GPU needed) and print "
+                        "registers, shared memory, spills and tensor-core instructions; exit 1 on a failure or a spill")
     args = parser.parse_args(argv)
     if args.static:
-        return static_main()
+        return static_main(args.json)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to torch")
@@ -501,29 +644,39 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     env = environment(device)
-    mode = "quick" if args.quick else "full"
-    print(f"vera_kernels.verify ({mode}) on " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
-    rows = run(device, args.backend, quick=args.quick)
-    print(format_table(rows))
+    level = "full" if args.full else "quick" if args.quick else "default"
+    print(f"vera_kernels.verify ({level}) on " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
+    done: list[Row] = []
+
+    def on_group(what, group, seconds):
+        _progress(what, group, seconds)
+        print(format_table(group), flush=True)
+        done.extend(group)
+        if args.json:
+            write_json(args.json, env, level, time.perf_counter() - start, done, complete=False)
+
+    rows = run(device, args.backend, level=level, on_group=on_group)
     failed = [r for r in rows if not r.passed]
     elapsed = time.perf_counter() - start
+    if failed:
+        print("\nFailed:\n" + format_table(failed))
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed in {elapsed:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "mode": mode, "seconds": round(elapsed, 1),
-                       "rows": [asdict(r) for r in rows]}, f, indent=1)
+        write_json(args.json, env, level, elapsed, rows, complete=True)
     return 1 if failed or not rows else 0
 
 
-def static_main() -> int:
-    """``--static``: exit status 1 when a kernel spills to local memory."""
+def static_main(json_path: str | None = None) -> int:
+    """``--static``: the table and the totals; exit status 1 when a kernel fails to compile or spills."""
     from .triton import static
 
-    rows = static.report()
-    print(static.format_rows(rows))
-    spilling = [r for r in rows if r["stack"] or r["local"]]
-    print(f"{len(rows)} kernels compiled, {len(spilling)} spill to local memory")
-    return 1 if spilling else 0
+    result = static.report()
+    print(static.format_rows(result["rows"]))
+    print(static.summary(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0 if static.passed(result) else 1
 
 
 if __name__ == "__main__":

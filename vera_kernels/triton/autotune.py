@@ -17,7 +17,9 @@ another BLOCK_K, hence another summation order, in another process).
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -84,6 +86,17 @@ _BACKWARD = {
 # The second stage is memory-bound and tiny; its BLOCK_P fixes the summation order, so it is never tuned.
 _SUM = {90: [_c(4, 1, BLOCK_P=16, BLOCK_N=256)], 80: [_c(4, 1, BLOCK_P=16, BLOCK_N=256)]}
 
+# fp32 inputs take IEEE fp32 dots (as torch does by default: no TF32), which run on the FMA units with
+# each thread's rows of one operand and columns of the other in registers for the whole BLOCK_K: the
+# tensor-core tiles above spill there (and take tens of seconds each to compile). fp32 has its own tiles,
+# the same on both generations: BLOCK_K 16 and 8 warps for 64-row tiles, which compile without spilling
+# (the backward pass's BLOCK_M and BLOCK_R shrink with them, see linear.backward_blocks).
+_IEEE = {
+    "shrink": [_c(8, 3, BLOCK_M=64, BLOCK_R=64, BLOCK_K=16), _c(4, 3, BLOCK_M=16, BLOCK_R=64, BLOCK_K=16)],
+    "gemm": [_c(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8), _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, GROUP_M=1)],
+    "backward": [_c(8, 2, BLOCK_N=16)],
+}
+
 _TABLES = {"shrink": _SHRINK, "gemm": _GEMM, "backward": _BACKWARD, "sum": _SUM}
 _KEYS = {
     "shrink": ["M_BUCKET", "R", "K"],
@@ -98,8 +111,10 @@ def arch_of(capability: tuple[int, int]) -> int:
     return 90 if capability[0] >= 9 else 80
 
 
-def configs(kernel: str, arch: int) -> list[Config]:
-    """The autotune configs of ``kernel`` for sm_``arch`` (80 or 90)."""
+def configs(kernel: str, arch: int, ieee: bool = False) -> list[Config]:
+    """The autotune configs of ``kernel`` for sm_``arch`` (80 or 90); ``ieee``: for fp32 inputs."""
+    if ieee and kernel in _IEEE:
+        return list(_IEEE[kernel])
     return list(_TABLES[kernel][arch])
 
 
@@ -115,7 +130,8 @@ def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathe
     """Whether autotuning should time ``config``: decode-sized M (<= 32) gets the narrow-M configs and
     larger M the wide ones. Generating projection tiles on the fly takes registers: there the GEMM tiles
     keep to 2048 accumulator elements per warp and the backward pass to BLOCK_N 32 (and BLOCK_R 64, see
-    linear.backward_blocks), which is what compiles without spilling on sm_80 (the static check compiles the first such config)."""
+    linear.backward_blocks), which is what compiles without spilling on sm_80 (the static check compiles
+    every config each launch can reach)."""
     if _small(config) != decode:
         return False
     if gathered and kernel == "gemm":
@@ -130,16 +146,33 @@ def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathe
     return kw["BLOCK_M"] * kw.get("BLOCK_N", kw.get("BLOCK_R", 0)) <= 2048 * config.num_warps
 
 
+def candidates(kernel: str, arch: int, args: dict) -> list[Config]:
+    """The configs autotuning times for a launch of ``kernel`` with ``args`` on sm_``arch`` (its pruner
+    applies this): those of its table (the fp32 one for IEEE dots) that :func:`usable` keeps, or all of
+    them when it keeps none."""
+    return _prune(kernel, configs(kernel, arch, _ieee(args)), args)
+
+
+def _ieee(args: dict) -> bool:
+    return bool(args.get("IEEE", False))
+
+
+def _prune(kernel: str, configs_: list[Config], args: dict) -> list[Config]:
+    if kernel not in _PRUNED:
+        return list(configs_)
+    flags = dict(decode=args["M_BUCKET"] <= 32, on_the_fly=bool(args["ON_THE_FLY"]),
+                 gathered=bool(args.get("HAS_IDS", False)))
+    return [c for c in configs_ if usable(kernel, c, **flags)] or list(configs_)
+
+
+_PRUNED = ("shrink", "gemm", "backward")
+
+
 def _pruner(kernel: str):
     def prune(configs_, named_args, **kwargs):
         # The Autotuner passes the positional arguments as named_args and the keyword ones (all of ours,
         # see launch) as kwargs.
-        args = {**named_args, **kwargs}
-        decode = args["M_BUCKET"] <= 32
-        on_the_fly = bool(args["ON_THE_FLY"])
-        gathered = bool(args.get("HAS_IDS", False))
-        kept = [c for c in configs_ if usable(kernel, c, decode=decode, on_the_fly=on_the_fly, gathered=gathered)]
-        return kept or configs_
+        return _prune(kernel, configs_, {**named_args, **kwargs})
 
     return prune
 
@@ -147,9 +180,21 @@ def _pruner(kernel: str):
 # ---------------------------------------------------------------------------------------------------
 
 _pinned: dict[str, Config] = {}
-_tuners: dict[tuple[str, int], object] = {}
+_tuners: dict[tuple[str, int, bool], object] = {}
 _lock = threading.Lock()
-_capture = None  # a list while static.capture_launches() records launches instead of running them
+_capture = None  # a list while static.captured() records launches instead of running them
+_untuned = False  # within untuned(): the first candidate instead of autotuning
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A launch as :func:`launch` received it (recorded instead of run while the static check captures)."""
+
+    kernel: str  # the autotune table's name, or the jit function's for a launch with a given config
+    fn: object
+    args: dict
+    device: torch.device
+    config: Config | None  # given by the caller; None: pinned, the interpreter's or autotuned
 
 
 def pin_config(kernel: str, config: dict | None, *, num_warps: int = 4, num_stages: int = 3) -> None:
@@ -165,30 +210,58 @@ def pin_config(kernel: str, config: dict | None, *, num_warps: int = 4, num_stag
             _pinned[kernel] = Config(dict(config), num_warps=num_warps, num_stages=num_stages)
 
 
+@contextlib.contextmanager
+def untuned():
+    """Within this block, a launch that would autotune runs the first config autotuning would time for it
+    instead (:func:`candidates`; pinned configs still win): one compile per kernel and regime, the same
+    config in every run. ``python -m vera_kernels.verify`` checks correctness under it; autotuning belongs
+    to the benchmarks."""
+    global _untuned
+    previous, _untuned = _untuned, True
+    try:
+        yield
+    finally:
+        _untuned = previous
+
+
 def fixed_config(kernel: str, interpreted: bool) -> Config | None:
     """The config a launch will use without tuning: the pinned one, else the interpreter's; None on a GPU
     where the autotuner chooses."""
     return _pinned.get(kernel) or (INTERPRETER_CONFIGS[kernel] if interpreted else None)
 
 
-def _tuner(kernel: str, fn, arch: int):
+def _tuner(kernel: str, fn, arch: int, ieee: bool):
     with _lock:
-        if (kernel, arch) not in _tuners:
-            prune = {"early_config_prune": _pruner(kernel)} if kernel != "sum" else None
-            _tuners[(kernel, arch)] = triton.autotune(configs(kernel, arch), key=_KEYS[kernel], prune_configs_by=prune)(fn)
-        return _tuners[(kernel, arch)]
+        if (kernel, arch, ieee) not in _tuners:
+            prune = {"early_config_prune": _pruner(kernel)} if kernel in _PRUNED else None
+            _tuners[(kernel, arch, ieee)] = triton.autotune(configs(kernel, arch, ieee), key=_KEYS[kernel],
+                                                            prune_configs_by=prune)(fn)
+        return _tuners[(kernel, arch, ieee)]
 
 
-def launch(kernel: str, fn, grid, args: dict, *, interpreted: bool, device: torch.device) -> None:
-    """Run ``fn`` over ``grid`` (a callable of the meta-parameters) with ``args``, under the pinned, the
-    interpreter's or the autotuned config."""
+def on_device(device: torch.device):
+    """The device guard of every launch: Triton launches on the current CUDA device, so make it the
+    tensors' (a tensor on cuda:1 while cuda:0 is current would otherwise get its kernel on cuda:0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(kernel: str, fn, grid, args: dict, *, interpreted: bool, device: torch.device,
+           config: Config | None = None) -> None:
+    """The one place the package launches a Triton kernel: ``fn`` over ``grid`` (a tuple, or a callable of
+    the meta-parameters) with ``args``, on ``device`` (the tensors'), under ``config`` when given, else
+    the pinned, the interpreter's or the autotuned config of ``kernel``. While the static check captures,
+    the launch is recorded instead."""
     if _capture is not None:
-        _capture.append((kernel, fn, args))
+        _capture.append(Launch(kernel, fn, args, device, config))
         return
-    config = fixed_config(kernel, interpreted)
-    if config is not None:
-        meta = {**args, **config.kwargs}
-        fn[grid(meta)](**meta, num_warps=config.num_warps, num_stages=config.num_stages)
-        return
-    tuner = _tuner(kernel, fn, arch_of(torch.cuda.get_device_capability(device)))
-    tuner[grid](**args)
+    with on_device(device):
+        config = config or fixed_config(kernel, interpreted)
+        if config is None and _untuned:
+            config = candidates(kernel, arch_of(torch.cuda.get_device_capability(device)), args)[0]
+        if config is not None:
+            meta = {**args, **config.kwargs}
+            fn[grid(meta) if callable(grid) else grid](**meta, num_warps=config.num_warps,
+                                                       num_stages=config.num_stages)
+            return
+        tuner = _tuner(kernel, fn, arch_of(torch.cuda.get_device_capability(device)), _ieee(args))
+        tuner[grid](**args)

@@ -352,16 +352,17 @@ def _sum_rows(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def backward_blocks(m: int, r: int, on_the_fly: bool) -> tuple[int, int]:
+def backward_blocks(m: int, r: int, on_the_fly: bool, ieee: bool = False) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_R) of the backward pass: they fix its partials' layout, so they are chosen here."""
     fixed = autotune.fixed_config("backward", interpreted())
     if fixed is not None:
         return fixed.kwargs["BLOCK_M"], fixed.kwargs["BLOCK_R"]
     # dt (BLOCK_M x BLOCK_R fp32) beside the u tile: 64 x 128 is what 8 warps hold without spilling, 64 x 64
-    # when the B tiles are generated (checked statically). Larger r loops over blocks of r, reading g once
-    # per block.
-    block_r = 64 if on_the_fly else 128
-    return (16 if m <= 16 else 32 if m <= 32 else 64), min(block_r, max(16, triton.next_power_of_2(r)))
+    # when the B tiles are generated, 32 x 64 with fp32's IEEE dots on the FMA units (checked statically).
+    # Larger r loops over blocks of r, reading g once per block.
+    block_r = 64 if on_the_fly or ieee else 128
+    block_m = 16 if m <= 16 else 32 if m <= 32 or ieee else 64
+    return block_m, min(block_r, max(16, triton.next_power_of_2(r)))
 
 
 def forward(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed: int, max_in: int):
@@ -408,7 +409,7 @@ def backward(g, s, weight, A, B, lambda_d, lambda_b, *, in_features: int, with_b
         zeros = lambda size, dtype: torch.zeros(size, dtype=dtype, device=g.device)  # noqa: E731
         return (g.new_empty(0, in_features) if need_dx else None, zeros(r, lambda_d.dtype),
                 zeros(n, lambda_b.dtype), zeros(n, g.dtype) if with_bias else None)
-    block_m, block_r = backward_blocks(m, r, on_the_fly=B is None)
+    block_m, block_r = backward_blocks(m, r, on_the_fly=B is None, ieee=g.dtype == torch.float32)
     row_blocks, rank_blocks = triton.cdiv(m, block_m), triton.cdiv(r, block_r)
     ds = dispatch.new_output(m, r, dtype=g.dtype, device=g.device)
     db_part = dispatch.new_output(row_blocks * rank_blocks, n, dtype=torch.float32, device=g.device)

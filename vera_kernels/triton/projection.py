@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton import Config
 
 from ..projections import projection_scale
+from . import autotune
 
 _OUT_FP32, _OUT_BF16, _OUT_FP16 = 0, 1, 2
 _OUT_KIND = {torch.float32: _OUT_FP32, torch.bfloat16: _OUT_BF16, torch.float16: _OUT_FP16}
@@ -86,14 +88,27 @@ def _fill_projection_kernel(
 
 @triton.jit
 def _philox_kernel(counters_ptr, keys_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    # Four named loads and stores, not comprehensions over tl.static_range: the compiler (unlike the
+    # interpreter) accepts only tuple comprehensions, so a list comprehension fails to compile for a GPU.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    c = [tl.load(counters_ptr + 4 * offs + i, mask=mask, other=0).to(tl.uint32) for i in tl.static_range(4)]
+    counters = counters_ptr + 4 * offs.to(tl.int64)
+    c0 = tl.load(counters, mask=mask, other=0).to(tl.uint32)
+    c1 = tl.load(counters + 1, mask=mask, other=0).to(tl.uint32)
+    c2 = tl.load(counters + 2, mask=mask, other=0).to(tl.uint32)
+    c3 = tl.load(counters + 3, mask=mask, other=0).to(tl.uint32)
     k0 = tl.load(keys_ptr + 2 * offs, mask=mask, other=0).to(tl.uint64)
     k1 = tl.load(keys_ptr + 2 * offs + 1, mask=mask, other=0).to(tl.uint64)
-    o = tl.philox((k1 << 32) | k0, c[0], c[1], c[2], c[3])
-    for i in tl.static_range(4):
-        tl.store(out_ptr + 4 * offs + i, o[i].to(tl.int64), mask=mask)
+    o0, o1, o2, o3 = tl.philox((k1 << 32) | k0, c0, c1, c2, c3)
+    out = out_ptr + 4 * offs.to(tl.int64)
+    tl.store(out, o0.to(tl.int64), mask=mask)
+    tl.store(out + 1, o1.to(tl.int64), mask=mask)
+    tl.store(out + 2, o2.to(tl.int64), mask=mask)
+    tl.store(out + 3, o3.to(tl.int64), mask=mask)
+
+
+# Both kernels take their block sizes as arguments: launched with Triton's default warps and stages.
+_FIXED = Config({}, num_warps=4, num_stages=3)
 
 
 def interpreted() -> bool:
@@ -110,10 +125,12 @@ def fill_projection_(out: torch.Tensor, seed: int, tag: int, fan_in: int, row_of
     else:
         block_rows, block_groups = 16, 64
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(n_groups, block_groups))
-    _fill_projection_kernel[grid](
-        out, out.stride(0), out.stride(1), rows, cols, seed, tag, projection_scale(fan_in), row_offset, col_offset,
+    args = dict(
+        out_ptr=out, stride_row=out.stride(0), stride_col=out.stride(1), rows=rows, cols=cols, seed=seed, tag=tag,
+        scale=projection_scale(fan_in), row_offset=row_offset, col_offset=col_offset,
         OUT_KIND=_OUT_KIND[out.dtype], BLOCK_ROWS=block_rows, BLOCK_GROUPS=block_groups,
     )
+    _launch(_fill_projection_kernel, grid, args, out.device)
 
 
 def philox4x32_10(counters: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -122,5 +139,10 @@ def philox4x32_10(counters: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     n = counters.shape[0]
     out = torch.empty(n, 4, dtype=torch.int64, device=counters.device)
     block = 128
-    _philox_kernel[(triton.cdiv(n, block),)](counters, keys, out, n, BLOCK=block)
+    args = dict(counters_ptr=counters, keys_ptr=keys, out_ptr=out, n=n, BLOCK=block)
+    _launch(_philox_kernel, (triton.cdiv(n, block),), args, out.device)
     return out
+
+
+def _launch(fn, grid, args, device):
+    autotune.launch(fn.__name__, fn, grid, args, interpreted=interpreted(), device=device, config=_FIXED)

@@ -1,15 +1,31 @@
-"""Static check of the fused kernels without a GPU: compile every kernel with each of its autotune
-configs for sm_90 and sm_80 (bf16, the shapes' alignments of the benchmark problem) and read the cubin
-with cuobjdump: registers, shared memory, local memory (spills) and the SASS instruction mix.
+"""Static check of every Triton kernel the package can launch, without a GPU: each kernel compiled ahead
+of time for sm_90a and sm_80 in every dtype, every constexpr combination an op can reach and every
+configuration autotuning can pick for it; each cubin read with cuobjdump (registers, shared memory, local
+memory and stack, the SASS instruction mix: HGMMA/HMMA are the tensor cores).
 
-    python -m vera_kernels.triton.static [--arch 90 --arch 80] [--json]
+    python -m vera_kernels.verify --static [--json PATH]        the table; exit 1 on a failure or a spill
+    python -m vera_kernels.triton.static [--kernel NAME] [--dtype bf16] [--scenario NAME] [--configs first]
+
+How. Each line of SCENARIOS is a host call of the package (an op in one mode) made on CPU tensors of a
+small problem while launches are captured, not run (``autotune.launch`` records them): the launch
+arguments are exactly the ones the op passes, and their types and specializations (an int equal to 1 is a
+constant, ints and pointers divisible by 16 are marked so) are derived the way Triton's launcher derives
+them. Every scenario runs in fp32, bf16 and fp16 at a decode M (1: the narrow-M configs) and a training M
+(512: the wide ones), with in = out = 512 and r = 256 (Llama's 4096 and r = 256 have the same
+alignments). Each captured launch is compiled under every config ``autotune.candidates`` gives it (what
+the autotuner would time), or under the config its caller fixed; identical compilations are done once,
+in parallel processes, with a Triton cache private to the run.
+
+Adding a kernel: launch it through ``autotune.launch`` (``linear._launch`` in linear.py), then add ONE
+line to SCENARIOS calling the host function that launches it, e.g.
+
+    Scenario("my op", lambda p: linear.my_op(p.x, p.weight, p.lambda_d)),
+
+``p`` is a :class:`Problem` (its tensors in the scenario's dtype). tests/test_static.py fails while a
+@triton.jit kernel of the package (one no other jit function calls) is launched by no scenario.
 
 Compiling needs the real jit functions, so this never runs under TRITON_INTERPRET: :func:`report` runs
-the module in a subprocess with the interpreter off; ``python -m vera_kernels.verify --static`` prints it.
-
-A launch is captured, not run (``autotune._capture``), from the host code on CPU tensors: the argument
-types and specializations (int == 1 is a constant, ints and pointers divisible by 16 are marked so)
-are derived the way Triton's launcher derives them, so the cubin is the one a GPU would run.
+this module in a subprocess with the interpreter off.
 """
 
 from __future__ import annotations
@@ -23,31 +39,119 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64"}  # i64: adapter ids
-# One GEMM's worth of shapes of the benchmark problem (in = out = 4096, r = 256 has the same alignments).
-PROBLEM = dict(m=512, in_features=512, out_features=512, rank=256)
+_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ARCHS = (90, 80)
+MS = (1, 512)  # a decode M and a training M: autotuning gives them different configs
+SIZES = dict(in_features=512, out_features=512, rank=256, adapters=4)
+SEED = 2**40 + 5
 
 
-def _specialize(value):
-    """(signature type, divisible by 16) of a launch argument, as Triton's launcher decides it."""
-    if value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
-        return "constexpr", False
-    if isinstance(value, torch.Tensor):
-        return "*" + _TYPE_NAMES[value.dtype], value.data_ptr() % 16 == 0
-    if isinstance(value, bool):
-        return "u1", False
-    if isinstance(value, int):
-        return ("i32" if -(2**31) <= value < 2**31 else "i64"), value % 16 == 0
-    if isinstance(value, float):
-        return "fp32", False
-    raise TypeError(f"cannot specialize {type(value).__name__}")
+@dataclass
+class Problem:
+    """The tensors a scenario passes to the host code, in one dtype (the trained vectors in fp32)."""
+
+    dtype: torch.dtype
+    m: int
+    x: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        from ..projections import generate_projections
+
+        m, k, n, r, adapters = self.m, *SIZES.values()
+        low = lambda *shape: torch.randn(*shape).to(self.dtype)  # noqa: E731
+        self.in_features, self.out_features, self.rank = k, n, r
+        self.x, self.weight, self.bias, self.base_out = low(m, k), low(n, k), low(n), low(m, n)
+        self.A, self.B = generate_projections(0, r, k, n, dtype=self.dtype)
+        self.lambda_d, self.lambda_b = torch.randn(r), torch.randn(n)
+        self.s, self.grad = low(m, r), low(m, n)
+        self.bank_d, self.bank_b = torch.randn(adapters, r), torch.randn(adapters, n)
+        self.ids = torch.arange(m) % adapters
+        self.projection = torch.empty(r, k, dtype=self.dtype)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    call: Callable[[Problem], object]
+
+
+def _backward(p: Problem, *, weight=True, with_bias=True, need_dx=True, on_the_fly=False):
+    from . import linear
+
+    A, B = (None, None) if on_the_fly else (p.A, p.B)
+    return linear.backward(p.grad, p.s, p.weight if weight else None, A, B, p.lambda_d, p.lambda_b,
+                           in_features=p.in_features, with_bias=with_bias, need_dx=need_dx, seed=SEED,
+                           max_in=p.in_features)
+
+
+def _forward(p: Problem, *, weight=True, bias=True, on_the_fly=False):
+    from . import linear
+
+    A, B = (None, None) if on_the_fly else (p.A, p.B)
+    if not weight:  # vera_delta: base_out instead of the base GEMM
+        return linear.forward(p.x, None, None, A, B, p.lambda_d, p.lambda_b, p.base_out, SEED, p.in_features)
+    return linear.forward(p.x, p.weight, p.bias if bias else None, A, B, p.lambda_d, p.lambda_b, None, SEED,
+                          p.in_features)
+
+
+def _multi(p: Problem, *, weight=True, bias=True):
+    from . import linear
+
+    if not weight:
+        return linear.forward_multi(p.x, None, None, p.A, p.B, p.bank_d, p.bank_b, p.ids, p.base_out)
+    return linear.forward_multi(p.x, p.weight, p.bias if bias else None, p.A, p.B, p.bank_d, p.bank_b, p.ids, None)
+
+
+def _projection(p: Problem):
+    from . import projection
+
+    projection.fill_projection_(p.projection, SEED, 0, p.in_features, 0, 0)
+
+
+def _philox(p: Problem):
+    from . import projection
+
+    projection.philox4x32_10(torch.zeros(p.m, 4, dtype=torch.int64), torch.zeros(p.m, 2, dtype=torch.int64))
+
+
+# Every launch the package can make. One line per op and mode; see the module's docstring.
+SCENARIOS = (
+    Scenario("vera_linear", lambda p: _forward(p)),
+    Scenario("vera_linear without bias", lambda p: _forward(p, bias=False)),
+    Scenario("vera_delta", lambda p: _forward(p, weight=False)),
+    Scenario("on-the-fly vera_linear", lambda p: _forward(p, on_the_fly=True)),
+    Scenario("on-the-fly vera_linear without bias", lambda p: _forward(p, bias=False, on_the_fly=True)),
+    Scenario("on-the-fly vera_delta", lambda p: _forward(p, weight=False, on_the_fly=True)),
+    Scenario("backward", lambda p: _backward(p)),
+    Scenario("backward without dbias", lambda p: _backward(p, with_bias=False)),
+    Scenario("backward without dx", lambda p: _backward(p, need_dx=False)),
+    Scenario("backward of vera_delta", lambda p: _backward(p, weight=False, with_bias=False)),
+    Scenario("on-the-fly backward", lambda p: _backward(p, on_the_fly=True)),
+    Scenario("on-the-fly backward without dbias", lambda p: _backward(p, with_bias=False, on_the_fly=True)),
+    Scenario("on-the-fly backward of vera_delta", lambda p: _backward(p, weight=False, with_bias=False, on_the_fly=True)),
+    Scenario("many adapters (HAS_IDS)", lambda p: _multi(p)),
+    Scenario("many adapters without bias", lambda p: _multi(p, bias=False)),
+    Scenario("many adapters vera_delta", lambda p: _multi(p, weight=False)),
+    Scenario("projections", _projection),
+    Scenario("philox4x32-10", _philox),
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Capturing launches and turning them into compilations.
 
 
 @contextlib.contextmanager
-def _captured():
+def captured():
+    """Within this block the package's launches are recorded (``autotune.Launch``) instead of run."""
     from . import autotune
 
     autotune._capture = []
@@ -57,33 +161,38 @@ def _captured():
         autotune._capture = None
 
 
-def representative_launches(dtype=torch.bfloat16, on_the_fly=False) -> list[tuple[str, object, dict]]:
-    """(kernel name, jit function, arguments) of every launch of one forward and one backward."""
-    from ..projections import generate_projections
-    from . import linear
-
-    p = PROBLEM
-    x = torch.randn(p["m"], p["in_features"]).to(dtype)
-    weight = torch.randn(p["out_features"], p["in_features"]).to(dtype)
-    bias = torch.randn(p["out_features"]).to(dtype)
-    A, B = generate_projections(0, p["rank"], p["in_features"], p["out_features"], dtype=dtype)
-    if on_the_fly:
-        A = B = None
-    d, b = torch.randn(p["rank"]), torch.randn(p["out_features"])
-    s = torch.randn(p["m"], p["rank"]).to(dtype)
-    with _captured() as launches:
-        linear.forward(x, weight, bias, A, B, d, b, None, 2**40 + 5, p["in_features"])
-        linear.backward(x.new_empty(p["m"], p["out_features"]), s, weight, A, B, d, b, in_features=p["in_features"],
-                        with_bias=True, need_dx=True, seed=2**40 + 5, max_in=p["in_features"])
-    return list(launches)
+def capture(scenarios=SCENARIOS, dtypes=DTYPES, ms=MS) -> list[tuple[str, torch.dtype, int, object]]:
+    """(scenario name, dtype, M, autotune.Launch) of every launch of every scenario."""
+    out = []
+    for scenario in scenarios:
+        for dtype in dtypes:
+            for m in ms:
+                torch.manual_seed(0)
+                problem = Problem(dtype, m)
+                with captured() as launches:
+                    scenario.call(problem)
+                out += [(scenario.name, dtype, m, launch) for launch in launches]
+    return out
 
 
-def compile_launch(fn, args: dict, config, arch: int):
-    """The compiled kernel of ``fn`` for sm_``arch`` with ``args`` and the config's meta-parameters."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def kernel_name(fn) -> str:
+    """The jit function's own name (``fn.fn`` is the Python function under both JITFunction and the
+    interpreter's InterpretedFunction)."""
+    return fn.fn.__name__
 
+
+def _specialize(value) -> tuple[str, bool]:
+    """(signature type, divisible by 16) of a launch argument: Triton's own launcher's decision (an int
+    equal to 1 or None is a constant; ints and pointers divisible by 16 are marked so)."""
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime import jit
+
+    kind, key = jit.native_specialize_impl(CUDABackend, value, False, True, True)
+    return kind, key == "D"
+
+
+def compile_spec(fn, args: dict, config) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of ``fn`` launched with ``args`` under ``config``."""
     values = {**args, **config.kwargs}
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
@@ -94,9 +203,74 @@ def compile_launch(fn, args: dict, config, arch: int):
             constexprs[param.name] = value
         elif divisible:
             attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+@dataclass
+class Job:
+    """One compilation: a kernel, its specialization, a config and an arch; the scenarios that reach it.
+    Plain values only, so that it travels to a worker process."""
+
+    module: str
+    kernel: str
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    num_warps: int
+    num_stages: int
+    arch: int
+    flags: str
+    config: str
+    cost: int  # a guess of its compile time, to start the slowest first
+    scenarios: list = field(default_factory=list)
+    dtypes: list = field(default_factory=list)
+    ms: list = field(default_factory=list)
+
+
+def jobs(captures, archs=ARCHS, first_config_only=False) -> list[Job]:
+    """Each captured launch under each config it can run with, per arch; identical compilations once."""
+    from . import autotune
+
+    found: dict[tuple, Job] = {}
+    for scenario, dtype, m, launch in captures:
+        for arch in archs:
+            configs = [launch.config] if launch.config is not None else autotune.candidates(launch.kernel, arch, launch.args)
+            for config in configs[:1] if first_config_only else configs:
+                signature, constexprs, attrs = compile_spec(launch.fn, launch.args, config)
+                module, kernel = launch.fn.fn.__module__, kernel_name(launch.fn)
+                key = (module, kernel, arch, tuple(signature.items()), tuple(sorted(constexprs.items())),
+                       tuple(sorted(attrs)), config.num_warps, config.num_stages)
+                if key not in found:
+                    kw = config.kwargs
+                    tile = kw.get("BLOCK_M", 1) * kw.get("BLOCK_N", kw.get("BLOCK_R", 1))
+                    found[key] = Job(module, kernel, signature, constexprs, attrs, config.num_warps, config.num_stages,
+                                     arch, _flags(launch.fn, launch.args), describe_config(config),
+                                     cost=tile * (4 if dtype == torch.float32 else 1))
+                job = found[key]
+                for seen, value in ((job.scenarios, scenario), (job.dtypes, _TYPE_NAMES[dtype]), (job.ms, m)):
+                    if value not in seen:
+                        seen.append(value)
+    return list(found.values())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compiling and reading the cubin.
+
+
+def compile_launch(fn, args: dict, config, arch: int):
+    """The compiled kernel of ``fn`` for sm_``arch`` (sm_90a for 90) with ``args`` and the config."""
+    signature, constexprs, attrs = compile_spec(fn, args, config)
+    return _compile(fn, signature, constexprs, attrs, config.num_warps, config.num_stages, arch)
+
+
+def _compile(fn, signature, constexprs, attrs, num_warps, num_stages, arch):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def _cuobjdump() -> str:
@@ -113,7 +287,7 @@ _OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)"
 
 
 def analyse(cubin: bytes, tmpdir: str) -> dict:
-    """Registers, static shared memory, local memory and the opcode counts of a cubin."""
+    """Registers, local memory, stack and the opcode counts of a cubin."""
     path = os.path.join(tmpdir, "kernel.cubin")
     with open(path, "wb") as f:
         f.write(cubin)
@@ -126,85 +300,196 @@ def analyse(cubin: bytes, tmpdir: str) -> dict:
                 opcodes=dict(opcodes))
 
 
-def compile_all(archs=(90, 80), dtype=torch.bfloat16) -> list[dict]:
-    """One row per (kernel, projection mode, arch, config): every autotune config of every kernel in the
-    materialized mode; the first wide-M config of each on-the-fly variant."""
-    import tempfile
+def describe_config(config) -> str:
+    blocks = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK"))
+    return f"{blocks + ' ' if blocks else ''}w{config.num_warps} s{config.num_stages}"
 
-    from . import autotune, projection
+
+def _flags(fn, args: dict) -> str:
+    """The launch's constexpr switches that are on (block sizes aside), and its sizes specialized to 1."""
+    out = []
+    for param in fn.params:
+        value = args.get(param.name)
+        if param.is_constexpr and not param.name.startswith("BLOCK") and param.name != "GROUP_M":
+            if value is True or (not isinstance(value, bool) and value not in (None, False, 0)):
+                out.append(param.name if value is True else f"{param.name}={value}")
+        elif type(value) is int and value == 1 and not param.is_constexpr and not param.name.startswith("stride"):
+            out.append(f"{param.name}=1")  # a size specialized to the constant 1 (decode M = 1)
+    return " ".join(out)
+
+
+def run_job(job: Job) -> dict:
+    """Compile one job and read its cubin: a row of the report (a compile failure is a row, not an end)."""
+    import importlib
+
+    row = dict(kernel=job.kernel, module=job.module, arch=job.arch,
+               sm=f"sm_{job.arch}{'a' if job.arch == 90 else ''}", dtypes=job.dtypes, ms=job.ms, flags=job.flags,
+               config=job.config, scenarios=job.scenarios, error=None)
+    start = time.perf_counter()
+    tmpdir = tempfile.mkdtemp(prefix="vera-static-")
+    try:
+        fn = getattr(importlib.import_module(job.module), job.kernel)
+        compiled = _compile(fn, job.signature, job.constexprs, job.attrs, job.num_warps, job.num_stages, job.arch)
+        row.update(analyse(compiled.asm["cubin"], tmpdir), shared=compiled.metadata.shared)
+    except Exception as exc:
+        row.update(error=f"{type(exc).__name__}: {exc}".strip()[-2000:], registers=None, local=0, stack=0,
+                   opcodes={}, shared=None)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    ops = row["opcodes"]
+    row["spill_instructions"] = ops.get("STL", 0) + ops.get("LDL", 0)
+    row["spills"] = bool(row["local"] or row["stack"] or row["spill_instructions"])
+    row["hgmma"], row["hmma"] = ops.get("HGMMA", 0), ops.get("HMMA", 0)
+    return row
+
+
+def _indexed_job(item):
+    i, job = item
+    return i, run_job(job)
+
+
+def compile_all(jobs_: list[Job], processes: int | None = None, progress=None) -> list[dict]:
+    """Every job, in ``processes`` worker processes (default: the CPUs this process may use; spawned, not
+    forked: a fork of a process running torch's threads can deadlock), slowest first; rows in the jobs'
+    order."""
+    import multiprocessing
+
+    from . import projection
 
     if projection.interpreted():
         raise RuntimeError("the static check compiles real kernels: run it without TRITON_INTERPRET")
-    rows = []
-    with tempfile.TemporaryDirectory() as tmpdir:
-        for on_the_fly in (False, True):
-            seen = set()  # the three second-stage sums differ only in their output dtype
-            for kernel, fn, args in representative_launches(dtype, on_the_fly):
-                variant = _variant(kernel, args)
-                if (kernel, variant) in seen or (on_the_fly and kernel == "sum"):
-                    continue
-                seen.add((kernel, variant))
-                for arch in archs:
-                    configs = autotune.configs(kernel, arch)
-                    if on_the_fly:  # compile time: the first config that autotuning would time
-                        configs = [c for c in configs if autotune.usable(kernel, c, decode=False, on_the_fly=True)][:1]
-                    for config in configs:
-                        compiled = compile_launch(fn, args, config, arch)
-                        row = analyse(compiled.asm["cubin"], tmpdir)
-                        row.update(kernel=kernel, variant=variant, arch=arch, config=_describe(config),
-                                   shared=compiled.metadata.shared)
-                        rows.append(row)
-    return rows
+    _cuobjdump()  # fail early, before any compile, when it is missing
+    items = sorted(enumerate(jobs_), key=lambda item: -item[1].cost)
+    processes = max(1, min(processes or len(os.sched_getaffinity(0)), len(jobs_)))
+    rows: dict[int, dict] = {}
+    with contextlib.ExitStack() as stack:
+        if processes > 1:
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(processes))
+            results = pool.imap_unordered(_indexed_job, items)
+        else:
+            results = map(_indexed_job, items)
+        for i, row in results:
+            rows[i] = row
+            if progress:
+                progress(len(rows), len(jobs_), row)
+    return [rows[i] for i in range(len(jobs_))]
 
 
-def _variant(kernel: str, args: dict) -> str:
-    mode = "on-the-fly" if args.get("ON_THE_FLY") else "materialized"
-    if kernel == "gemm":
-        return ("forward" if args["HAS_SCALE"] else "dx") + " " + mode
-    return mode
+# ---------------------------------------------------------------------------------------------------
+# The report.
 
 
-def _describe(config) -> str:
-    blocks = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK"))
-    return f"{blocks} w{config.num_warps} s{config.num_stages}"
+def totals(rows: list[dict]) -> dict:
+    return dict(kernels=len({(r["module"], r["kernel"]) for r in rows}), compiles=len(rows),
+                failed=sum(r["error"] is not None for r in rows), spills=sum(r["spills"] for r in rows),
+                compile_seconds=round(sum(r["seconds"] for r in rows), 1))
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = ("kernel", "variant", "sm", "config", "regs", "smem KB", "stack", "STL/LDL", "HGMMA", "HMMA", "instr", "top opcodes")
+    header = ("kernel", "sm", "dtypes", "flags", "config", "regs", "smem KB", "local+stack", "STL/LDL", "HGMMA",
+              "HMMA", "instr", "s", "result")
     body = []
     for r in rows:
-        ops = r["opcodes"]
-        top = ", ".join(f"{k} {v}" for k, v in collections.Counter(ops).most_common(5))
-        body.append((r["kernel"], r["variant"], str(r["arch"]), r["config"], str(r["registers"]),
-                     f"{r['shared'] / 1024:.0f}", str(r["stack"] + r["local"]),
-                     str(ops.get("STL", 0) + ops.get("LDL", 0)), str(ops.get("HGMMA", 0)), str(ops.get("HMMA", 0)),
-                     str(sum(ops.values())), top))
+        ok = r["error"] is None
+        body.append((r["kernel"], r["sm"], "/".join(r["dtypes"]), r["flags"], r["config"],
+                     str(r["registers"]) if ok else "", f"{r['shared'] / 1024:.0f}" if ok else "",
+                     str(r["local"] + r["stack"]), str(r["spill_instructions"]), str(r["hgmma"]), str(r["hmma"]),
+                     str(sum(r["opcodes"].values())), f"{r['seconds']:.1f}",
+                     "SPILLS" if r["spills"] else "ok" if ok else "FAILED: " + r["error"].splitlines()[-1][:200]))
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def report(archs=(90, 80)) -> list[dict]:
-    """compile_all in a fresh interpreter with TRITON_INTERPRET off (this process may have it on)."""
+def environment() -> dict:
+    import platform
+
+    import triton
+
+    return dict(triton=triton.__version__, torch=torch.__version__, python=platform.python_version())
+
+
+def run(args) -> dict:
+    """Capture, compile and analyse what ``args`` (the CLI's) select: {"environment", "totals", "rows"}."""
+    scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
+    dtypes = [d for d in DTYPES if not args.dtype or _TYPE_NAMES[d] in args.dtype]
+    captures = capture(scenarios, dtypes)
+    if args.kernel:
+        captures = [c for c in captures if kernel_name(c[3].fn) in args.kernel]
+    selected = jobs(captures, tuple(args.arch or ARCHS), first_config_only=args.configs == "first")
+    start = time.perf_counter()
+
+    def progress(done, total, row):
+        if not args.quiet:
+            verdict = "SPILLS" if row["spills"] else "ok" if row["error"] is None else "FAILED"
+            print(f"[{done}/{total} {time.perf_counter() - start:5.0f} s] {row['kernel']} {row['sm']} "
+                  f"{'/'.join(row['dtypes'])} {row['flags']} {row['config']}: {verdict} ({row['seconds']:.1f} s)",
+                  file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="vera-triton-cache-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # private to the run: nothing stale, nothing left behind
+        # Triton 3.9 warns unless told; 1 is its default (and Triton 3.6's behaviour): FMA contraction on.
+        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        rows = compile_all(selected, args.jobs, progress)
+    result = dict(environment=environment(), seconds=round(time.perf_counter() - start, 1), totals=totals(rows),
+                  rows=rows)
+    return result
+
+
+def passed(result: dict) -> bool:
+    return bool(result["rows"]) and not result["totals"]["failed"] and not result["totals"]["spills"]
+
+
+def summary(result: dict) -> str:
+    t = result["totals"]
+    return (f"{t['kernels']} kernels, {t['compiles']} compilations (sm_90a, sm_80) in {result['seconds']:.0f} s "
+            f"on Triton {result['environment']['triton']}: {t['failed']} failed, {t['spills']} spill")
+
+
+def report(argv=()) -> dict:
+    """This module run in a fresh interpreter with TRITON_INTERPRET off (this process may have it on),
+    with the command-line arguments ``argv``: its JSON result."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    command = [sys.executable, "-m", "vera_kernels.triton.static", "--json"] + [f"--arch={a}" for a in archs]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"static check failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "static.json")
+        command = [sys.executable, "-m", "vera_kernels.triton.static", "--quiet", "--json", path, *argv]
+        done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if not os.path.exists(path):
+            raise RuntimeError(f"static check failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        with open(path) as f:
+            return json.load(f)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vera_kernels.triton.static", description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, action="append", choices=ARCHS, help="sm_ARCH (default: 90 and 80)")
+    p.add_argument("--kernel", action="append", help="only this jit function (repeatable)")
+    p.add_argument("--dtype", action="append", choices=("fp32", "bf16", "fp16"), help="only this dtype (repeatable)")
+    p.add_argument("--scenario", action="append", choices=[s.name for s in SCENARIOS], metavar="NAME",
+                   help="only this scenario (repeatable)")
+    p.add_argument("--configs", choices=("all", "first"), default="all",
+                   help="every config a launch can reach (default), or the first (the one verify runs)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: the CPUs)")
+    p.add_argument("--json", metavar="PATH", help="write the environment, the totals and every row as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vera_kernels.triton.static", description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, action="append", choices=(80, 90), help="sm_ARCH (default: 90 and 80)")
-    parser.add_argument("--json", action="store_true", help="print the rows as one JSON line")
-    args = parser.parse_args(argv)
-    rows = compile_all(tuple(args.arch or (90, 80)))
-    print(json.dumps(rows) if args.json else format_rows(rows))
-    return 0
+    """Print the table and the totals; exit 1 when a kernel fails to compile or spills."""
+    args = parser().parse_args(argv)
+    result = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if not args.quiet:
+        print(format_rows(result["rows"]))
+        print(summary(result))
+    return 0 if passed(result) else 1
 
 
 if __name__ == "__main__":

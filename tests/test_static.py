@@ -1,0 +1,183 @@
+"""The static check (vera_kernels/triton/static.py): every Triton kernel of the package is covered by it, the
+launcher runs every kernel on its tensors' device, the exit status, and a few real compiles for sm_90a and
+sm_80 (the full matrix, both Triton versions, runs in CI: python -m vera_kernels.verify --static)."""
+
+import ast
+import importlib
+import inspect
+import json
+import pkgutil
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+
+import vera_kernels
+from vera_kernels import verify
+
+triton = pytest.importorskip("triton")
+from vera_kernels.triton import autotune, linear, static  # noqa: E402
+
+
+def _jit_functions():
+    """Every @triton.jit function of the package, by (module, name): JITFunction, or InterpretedFunction
+    under TRITON_INTERPRET; both keep the Python function as ``.fn``."""
+    kinds = tuple(k for k in (getattr(triton.runtime.jit, "JITFunction", None),
+                              getattr(getattr(triton.runtime, "interpreter", None), "InterpretedFunction", None)) if k)
+    found = {}
+    for info in pkgutil.walk_packages(vera_kernels.__path__, "vera_kernels."):
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if isinstance(obj, kinds) and obj.fn.__module__ == module.__name__:
+                found[(module.__name__, name)] = obj
+    return found
+
+
+def _called_names(fn) -> set:
+    """Names of the functions a jit function calls."""
+    tree = ast.parse(inspect.getsource(fn.fn).lstrip())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            names.add(node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None))
+    return names
+
+
+def kernels():
+    """The jit functions no other jit function calls: the ones a host launches."""
+    functions = _jit_functions()
+    called = set().union(*(_called_names(fn) for fn in functions.values()))
+    return {key for key in functions if key[1] not in called}
+
+
+def test_every_kernel_has_a_static_entry():
+    launched = {(launch.fn.fn.__module__, static.kernel_name(launch.fn)) for *_, launch in static.capture()}
+    found = kernels()
+    assert {"_philox_kernel", "_fill_projection_kernel", "_shrink_kernel", "_two_source_gemm_kernel",
+            "_backward_kernel", "_sum_rows_kernel"} <= {name for _, name in found}
+    missing = sorted(found - launched)
+    assert not missing, (
+        f"Triton kernels no scenario of vera_kernels/triton/static.py launches: {missing}. Launch them through "
+        "autotune.launch (linear._launch) and add a line to static.SCENARIOS calling the host function that "
+        "launches them (see static.py's docstring).")
+    assert launched <= found, f"static scenarios launch jit functions the package does not define: {launched - found}"
+
+
+def test_scenarios_reach_every_dtype_and_mode():
+    captures = static.capture()
+    by_kernel = {}
+    for _, dtype, m, launch in captures:
+        by_kernel.setdefault(static.kernel_name(launch.fn), []).append((dtype, m, launch.args))
+    for name in ("_shrink_kernel", "_two_source_gemm_kernel", "_backward_kernel", "_fill_projection_kernel"):
+        assert {d for d, _, _ in by_kernel[name]} == set(static.DTYPES), name
+    gemm = [args for _, _, args in by_kernel["_two_source_gemm_kernel"]]
+    for flag in ("HAS_IDS", "ON_THE_FLY", "HAS_BASE_OUT", "HAS_BIAS"):  # many adapters, on the fly, vera_delta
+        assert {bool(a[flag]) for a in gemm} == {False, True}, flag
+    assert {bool(a["HAS_SCALE"]) for a in gemm} == {False, True}  # forward and dx
+    assert {m for _, m, _ in by_kernel["_shrink_kernel"]} == set(static.MS)  # decode tiles and wide ones
+
+
+def test_jobs_cover_every_candidate_config_once():
+    captures = [c for c in static.capture(dtypes=[torch.bfloat16]) if c[0] == "vera_linear"]
+    jobs = static.jobs(captures)
+    for _, _, m, launch in captures:
+        for arch in static.ARCHS:
+            for config in autotune.candidates(launch.kernel, arch, launch.args):
+                described = static.describe_config(config)
+                assert any(j.kernel == static.kernel_name(launch.fn) and j.arch == arch and j.config == described
+                           and m in j.ms for j in jobs)
+    keys = [(j.kernel, j.arch, tuple(j.signature.items()), tuple(sorted(j.constexprs.items())), j.config)
+            for j in jobs]
+    assert len(keys) == len(set(keys))
+    assert len(static.jobs(captures, first_config_only=True)) < len(jobs)
+
+
+def test_fp32_has_its_own_tiles():
+    # IEEE fp32 dots run on the FMA units: the tensor-core tiles spill there.
+    for kernel in ("shrink", "gemm", "backward"):
+        for arch in (80, 90):
+            assert autotune.configs(kernel, arch, ieee=True) != autotune.configs(kernel, arch)
+
+
+def test_launcher_guards_the_tensors_device(monkeypatch):
+    """The launcher makes the tensors' device current around the launch (Triton launches on the current
+    device): checked with a mock of torch.cuda.device, on CPU."""
+    events = []
+
+    class Guard:
+        def __init__(self, device):
+            events.append(("guard", device))
+
+        def __enter__(self):
+            events.append(("enter",))
+
+        def __exit__(self, *exc):
+            events.append(("exit",))
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda **kwargs: events.append(("launch", grid, kwargs["BLOCK"]))
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    config = triton.Config({"BLOCK": 32}, num_warps=4, num_stages=3)
+    autotune.launch("k", Kernel(), lambda meta: (meta["BLOCK"],), {"n": 3}, interpreted=False,
+                    device=torch.device("cuda", 1), config=config)
+    assert events == [("guard", torch.device("cuda", 1)), ("enter",), ("launch", (32,), 32), ("exit",)]
+
+
+def test_every_launch_asks_for_its_tensors_device():
+    # Every op's launches name the device of its tensors (CPU here: the guard is then a no-op).
+    launches = [launch for *_, launch in static.capture(dtypes=[torch.bfloat16], ms=[17])]
+    assert launches
+    for launch in launches:
+        tensors = [v for v in launch.args.values() if isinstance(v, torch.Tensor)]
+        assert tensors and all(t.device == launch.device for t in tensors)
+
+
+def test_static_exit_status(monkeypatch, capsys, tmp_path):
+    row = dict(kernel="_k", module="m", arch=90, sm="sm_90a", dtypes=["bf16"], ms=[1], flags="", config="w4 s3",
+               scenarios=["s"], error=None, registers=32, local=0, stack=0, opcodes={"HMMA": 2}, shared=0,
+               seconds=1.0, spill_instructions=0, spills=False, hgmma=0, hmma=2)
+    spilling = dict(row, local=16, spills=True)
+    failed = dict(row, error="CompilationError: boom", registers=None, opcodes={}, hmma=0)
+    for rows, status in (([row], 0), ([row, spilling], 1), ([row, failed], 1), ([], 1)):
+        result = dict(environment=dict(triton="x"), seconds=1.0, totals=static.totals(rows), rows=rows)
+        monkeypatch.setattr(static, "report", lambda argv=(), result=result: result)
+        assert verify.main(["--static", "--json", str(tmp_path / "s.json")]) == status
+        assert json.loads((tmp_path / "s.json").read_text())["totals"] == static.totals(rows)
+    out = capsys.readouterr().out
+    assert "SPILLS" in out and "FAILED: CompilationError: boom" in out
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """A few real compilations in a process without the interpreter: the projection kernels, and the forward
+    of vera_linear in bf16 under the config verify runs."""
+    try:
+        return static.report(["--scenario", "philox4x32-10", "--scenario", "projections", "--scenario", "vera_linear",
+                              "--dtype", "bf16", "--configs", "first"])
+    except RuntimeError as exc:
+        if "cuobjdump not found" in str(exc):
+            pytest.skip(str(exc))
+        raise
+
+
+def test_kernels_compile_for_hopper_and_ampere(compiled):
+    rows = compiled["rows"]
+    assert static.passed(compiled), static.format_rows(rows)
+    names = {r["kernel"] for r in rows}
+    assert {"_philox_kernel", "_fill_projection_kernel", "_shrink_kernel", "_two_source_gemm_kernel"} <= names
+    for r in rows:
+        where = f"{r['kernel']} {r['sm']} {r['flags']} {r['config']}"
+        assert {r["sm"] for x in rows if x["kernel"] == r["kernel"]} >= {"sm_90a", "sm_80"}, where
+        if r["kernel"] in ("_shrink_kernel", "_two_source_gemm_kernel"):  # bf16 dots: on the tensor cores
+            wide = int(r["config"].split("x")[0]) >= 64
+            expected = "hgmma" if r["arch"] == 90 and wide else "hmma"  # wgmma takes 64-row warpgroup tiles
+            assert r[expected] > 0, f"{where}: no {expected.upper()}"
+
+
+def test_static_cli_prints_the_totals():
+    done = subprocess.run([sys.executable, "-m", "vera_kernels.triton.static", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--configs" in done.stdout
