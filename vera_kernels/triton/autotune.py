@@ -51,10 +51,11 @@ _GEMM = {
         _c(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
-        _c(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=1),
+        _c(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=1),
     ],
     80: [
-        _c(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8),
+        # (128 x 256 with 8 warps spills 48 bytes under Triton 3.6.)
+        _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
         _c(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
         _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
         _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
@@ -92,7 +93,7 @@ _SUM = {90: [_c(4, 1, BLOCK_P=16, BLOCK_N=256)], 80: [_c(4, 1, BLOCK_P=16, BLOCK
 # the same on both generations: BLOCK_K 16 and 8 warps for 64-row tiles, which compile without spilling
 # (the backward pass's BLOCK_M and BLOCK_R shrink with them, see linear.backward_blocks).
 _IEEE = {
-    "shrink": [_c(8, 3, BLOCK_M=64, BLOCK_R=64, BLOCK_K=16), _c(4, 3, BLOCK_M=16, BLOCK_R=64, BLOCK_K=16)],
+    "shrink": [_c(4, 3, BLOCK_M=64, BLOCK_R=64, BLOCK_K=16), _c(4, 3, BLOCK_M=16, BLOCK_R=64, BLOCK_K=16)],
     "gemm": [_c(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8), _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, GROUP_M=1)],
     "backward": [_c(8, 2, BLOCK_N=16)],
 }
@@ -126,24 +127,26 @@ def _small(config: Config) -> bool:
     return config.kwargs.get("BLOCK_M", 64) <= 32
 
 
-def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathered: bool = False) -> bool:
+def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathered: bool = False,
+           base_out: bool = False) -> bool:
     """Whether autotuning should time ``config``: decode-sized M (<= 32) gets the narrow-M configs and
-    larger M the wide ones. Generating projection tiles on the fly takes registers: there the GEMM tiles
-    keep to 2048 accumulator elements per warp and the backward pass to BLOCK_N 32 (and BLOCK_R 64, see
-    linear.backward_blocks), which is what compiles without spilling on sm_80 (the static check compiles
-    every config each launch can reach)."""
+    larger M the wide ones. What else sits in registers beside the accumulator shrinks the tiles that
+    compile without spilling for sm_80 and sm_90a (the static check compiles every config each launch can
+    reach): a gathered b[ids] tile (many adapters) or a base_out tile (vera_delta) in the GEMM's epilogue,
+    projection tiles generated on the fly (the GEMM tiles keep to 2048 accumulator elements per warp and
+    BLOCK_K 64, the dx GEMM's generated BLOCK_K x BLOCK_N tile of A being the largest; the backward pass
+    to BLOCK_N 32 and BLOCK_R 64, see linear.backward_blocks)."""
     if _small(config) != decode:
         return False
-    if gathered and kernel == "gemm":
-        # Many adapters (HAS_IDS): the epilogue's b[ids] is a gathered BLOCK_M x BLOCK_N tile (values and
-        # 64-bit addresses) beside the accumulator; wider tiles spill (compiled for sm_80 and sm_90).
-        return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 2048 * config.num_warps
+    kw = config.kwargs
+    fits = kw.get("BLOCK_M", 0) * kw.get("BLOCK_N", kw.get("BLOCK_R", 0)) <= 2048 * config.num_warps
+    if kernel == "gemm" and (gathered or base_out) and not fits:
+        return False
     if not on_the_fly:
         return True
-    kw = config.kwargs
     if kernel == "backward":
         return kw["BLOCK_N"] <= 32
-    return kw["BLOCK_M"] * kw.get("BLOCK_N", kw.get("BLOCK_R", 0)) <= 2048 * config.num_warps
+    return fits and (kernel != "gemm" or kw["BLOCK_K"] <= 64)
 
 
 def candidates(kernel: str, arch: int, args: dict) -> list[Config]:
@@ -161,7 +164,7 @@ def _prune(kernel: str, configs_: list[Config], args: dict) -> list[Config]:
     if kernel not in _PRUNED:
         return list(configs_)
     flags = dict(decode=args["M_BUCKET"] <= 32, on_the_fly=bool(args["ON_THE_FLY"]),
-                 gathered=bool(args.get("HAS_IDS", False)))
+                 gathered=bool(args.get("HAS_IDS", False)), base_out=bool(args.get("HAS_BASE_OUT", False)))
     return [c for c in configs_ if usable(kernel, c, **flags)] or list(configs_)
 
 

@@ -191,16 +191,27 @@ def _specialize(value) -> tuple[str, bool]:
     return kind, key == "D"
 
 
+def parameters(fn) -> list[tuple[str, bool]]:
+    """(name, is constexpr) of each parameter of a jit function (or of the interpreter's stand-in, which
+    keeps only the Python function: its annotations then say which are constexpr)."""
+    if hasattr(fn, "params"):
+        return [(p.name, p.is_constexpr) for p in fn.params]
+    import inspect
+
+    return [(name, str(p.annotation).split(".")[-1].endswith("constexpr"))
+            for name, p in inspect.signature(fn.fn).parameters.items()]
+
+
 def compile_spec(fn, args: dict, config) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) of ``fn`` launched with ``args`` under ``config``."""
     values = {**args, **config.kwargs}
     signature, constexprs, attrs = {}, {}, {}
-    for i, param in enumerate(fn.params):
-        value = values[param.name]
-        kind, divisible = ("constexpr", False) if param.is_constexpr else _specialize(value)
-        signature[param.name] = kind
+    for i, (name, is_constexpr) in enumerate(parameters(fn)):
+        value = values[name]
+        kind, divisible = ("constexpr", False) if is_constexpr else _specialize(value)
+        signature[name] = kind
         if kind == "constexpr":
-            constexprs[param.name] = value
+            constexprs[name] = value
         elif divisible:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, constexprs, attrs
@@ -308,13 +319,13 @@ def describe_config(config) -> str:
 def _flags(fn, args: dict) -> str:
     """The launch's constexpr switches that are on (block sizes aside), and its sizes specialized to 1."""
     out = []
-    for param in fn.params:
-        value = args.get(param.name)
-        if param.is_constexpr and not param.name.startswith("BLOCK") and param.name != "GROUP_M":
+    for name, is_constexpr in parameters(fn):
+        value = args.get(name)
+        if is_constexpr and not name.startswith("BLOCK") and name != "GROUP_M":
             if value is True or (not isinstance(value, bool) and value not in (None, False, 0)):
-                out.append(param.name if value is True else f"{param.name}={value}")
-        elif type(value) is int and value == 1 and not param.is_constexpr and not param.name.startswith("stride"):
-            out.append(f"{param.name}=1")  # a size specialized to the constant 1 (decode M = 1)
+                out.append(name if value is True else f"{name}={value}")
+        elif type(value) is int and value == 1 and not is_constexpr and not name.startswith("stride"):
+            out.append(f"{name}=1")  # a size specialized to the constant 1 (decode M = 1)
     return " ".join(out)
 
 
