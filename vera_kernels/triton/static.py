@@ -14,7 +14,9 @@ them. Every scenario runs in fp32, bf16 and fp16 at a decode M (1: the narrow-M 
 (512: the wide ones), with in = out = 512 and r = 256 (Llama's 4096 and r = 256 have the same
 alignments). Each captured launch is compiled under every config ``autotune.candidates`` gives it (what
 the autotuner would time), or under the config its caller fixed; identical compilations are done once,
-in parallel processes, with a Triton cache private to the run.
+in parallel processes (``--jobs``, default one per CPU), slowest first. Triton's cache is one private to
+the run, or the one TRITON_CACHE_DIR names (content-addressed: a compilation found there is the one the
+run would make; CI keeps one between runs, so that only kernels that changed are compiled again).
 
 Adding a kernel: launch it through ``autotune.launch`` (``linear._launch`` in linear.py), then add ONE
 line to SCENARIOS calling the host function that launches it, e.g.
@@ -439,8 +441,11 @@ def run(args) -> dict:
                   f"{'/'.join(row['dtypes'])} {row['flags']} {row['config']}: {verdict} ({row['seconds']:.1f} s)",
                   file=sys.stderr, flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="vera-triton-cache-") as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache  # private to the run: nothing stale, nothing left behind
+    with tempfile.TemporaryDirectory(prefix="vera-triton-cache-") as private:
+        # Triton's cache is keyed by everything that shapes a compilation (the kernel's source and its
+        # callees', the specialization, the options, the Triton build): a cache given in TRITON_CACHE_DIR
+        # (CI keeps one between runs) only skips compilations already done; else one private to the run.
+        os.environ.setdefault("TRITON_CACHE_DIR", private)
         # Triton 3.9 warns unless told; 1 is its default (and Triton 3.6's behaviour): FMA contraction on.
         os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
         rows = compile_all(selected, args.jobs, progress)
