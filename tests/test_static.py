@@ -171,7 +171,7 @@ def test_kernels_compile_for_hopper_and_ampere(compiled):
     assert {"_philox_kernel", "_fill_projection_kernel", "_shrink_kernel", "_two_source_gemm_kernel"} <= names
     for r in rows:
         where = f"{r['kernel']} {r['sm']} {r['flags']} {r['config']}"
-        assert {r["sm"] for x in rows if x["kernel"] == r["kernel"]} >= {"sm_90a", "sm_80"}, where
+        assert {x["sm"] for x in rows if x["kernel"] == r["kernel"]} >= {"sm_90a", "sm_80"}, where
         if r["kernel"] in ("_shrink_kernel", "_two_source_gemm_kernel"):  # bf16 dots: on the tensor cores
             wide = int(r["config"].split("x")[0]) >= 64
             expected = "hgmma" if r["arch"] == 90 and wide else "hmma"  # wgmma takes 64-row warpgroup tiles
