@@ -3,7 +3,9 @@
 #include "vera_ops.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/logical_and.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/core/DeviceGuard.h>
@@ -162,6 +164,23 @@ void check_no_shared_memory(const char* op, std::initializer_list<Named> outputs
 }
 
 const at::Tensor* get(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
+// The kernels index the banks with the ids: out of range would read outside them. Checked without reading a
+// device back (no host sync: a decode step stays capturable in a CUDA graph): on CPU the ids are host
+// memory, read in place; on CUDA a device-side assert fails the launch instead.
+void check_adapter_ids(const char* op, const at::Tensor& ids, int64_t n) {
+  if (ids.numel() == 0) return;
+  if (ids.is_cpu()) {
+    const at::Tensor c = ids.contiguous();
+    const int64_t* v = c.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      TORCH_CHECK(v[i] >= -1 && v[i] < n, op, ": adapter_ids must be in [-1, ", n,
+                  ") (-1: the base alone), got ", v[i], " at row ", i);
+    }
+    return;
+  }
+  at::_assert_async(at::logical_and(ids.ge(-1), ids.lt(n)).all(), "adapter_ids must be in [-1, number of adapters)");
+}
 
 // ---------------------------------------------------------------------------------------------------
 // The kernels of vera_math.h on the tensors' device. Every tensor given is contiguous and checked.
@@ -421,12 +440,7 @@ void vera_forward_multi_(at::Tensor y, const at::Tensor& x, const std::optional<
                          {{"x", &x}, {"weight", get(weight)}, {"bias", get(bias)}, {"A", &A}, {"B", &B},
                           {"lambda_d_bank", &lambda_d_bank}, {"lambda_b_bank", &lambda_b_bank},
                           {"adapter_ids", &adapter_ids}, {"base_out", get(base_out)}});
-  if (m > 0) {
-    // The kernels index the banks with these values: out of range would read outside them.
-    const int64_t low = adapter_ids.min().item<int64_t>(), high = adapter_ids.max().item<int64_t>();
-    TORCH_CHECK(low >= -1 && high < n, op, ": adapter_ids must be in [-1, ", n, ") (-1: the base alone), got min ",
-                low, ", max ", high);
-  }
+  check_adapter_ids(op, adapter_ids, n);
 
   const c10::DeviceGuard guard(x.device());
   const at::Tensor ids = adapter_ids.contiguous();

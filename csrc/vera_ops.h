@@ -35,7 +35,8 @@ void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::o
 //   weight given:   y_m = x_m W0ᵀ + bias + b[a] ⊙ ((d[a] ⊙ (x_m Aᵀ)) Bᵀ)
 //   base_out given: y_m = base_out_m + b[a] ⊙ ((d[a] ⊙ (x_m Aᵀ)) Bᵀ)
 // a = -1: y_m is the base output alone, bit for bit (x W0ᵀ + bias as at::addmm computes it, or base_out).
-// adapter_ids: int64 (M,), values in [-1, N) (checked here; on CUDA that reads two numbers back). The
+// adapter_ids: int64 (M,), values in [-1, N) (checked here without a host sync: on CUDA by a device-side
+// assert). The
 // adapter term is added over blocks of rows: u = t Bᵀ for a block (a temporary of at most ~2^20
 // elements), then y += b[ids] ⊙ u; no M x out temporary. Other arguments as vera_forward_.
 void vera_forward_multi_(at::Tensor y, const at::Tensor& x, const std::optional<at::Tensor>& weight,

@@ -12,7 +12,9 @@ generator). Either materializes the pair on first use per (device, dtype), so ``
 
 from __future__ import annotations
 
+import contextvars
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +24,51 @@ from . import dispatch, ops
 from .projections import check_positive_int, check_seed, get_projections
 
 
+class Routing(NamedTuple):
+    """Per-row adapter ids for a layer's bank, checked when they were set (range, removed slots), and the
+    layer's bank generation then: removing an adapter bumps the generation, so a routing made before can
+    never send rows to whatever takes the freed slot next (it raises instead)."""
+
+    ids: torch.Tensor | None  # None: the layer's own adapter
+    generation: int
+
+
+# Routing set by ``vera_kernels.adapter_ids(model, ids)``: layer -> Routing, per thread and per asyncio task
+# (a ContextVar), so two threads serving different adapters through one model never see each other's.
+# ``set_adapter_ids`` (no block) sets the layer's own default instead, shared by every thread.
+ROUTES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vera_kernels_routes", default=None)
+
+
+class _Plan(NamedTuple):
+    """What a layer's per-call path needs for one (device, dtype), checked once: the backend's implementation,
+    the projection slices, and the tensors the checks saw (a call with other tensors checks again)."""
+
+    impl: object
+    A: torch.Tensor
+    B: torch.Tensor
+    checked: tuple  # the tensors check_vera_args / check_multi_args accepted, compared by identity
+
+
 def _conv1d_type():
     """transformers' GPT-2 ``Conv1D`` (weight stored in x out), or None when transformers isn't loaded: then
     no module can be one, and importing it (seconds) is not worth it."""
     module = sys.modules.get("transformers.pytorch_utils")
     return getattr(module, "Conv1D", None)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x flattened to 2-D (M, in), as the backends take it."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _check_serving(x, *others):
+    """The bank serves, it does not train: refuse inputs that require grad (ops.check_multi_args' rule, per
+    call because requires_grad and the grad mode change without the tensors changing)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)):
+        raise RuntimeError(
+            "vera_*_multi is inference-only (no backward), but an input requires grad; run it under "
+            "torch.no_grad() or torch.inference_mode(), or train one adapter at a time with vera_linear"
+        )
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -161,7 +203,10 @@ class _VeRABase(nn.Module):
         self.register_buffer("_bank_d", torch.zeros(0, rank, dtype=torch.float32, device=device), persistent=False)
         self.register_buffer("_bank_b", torch.zeros(0, out_features, dtype=torch.float32, device=device),
                              persistent=False)
-        self._routing_ids: torch.Tensor | None = None  # set by vera_kernels.set_adapter_ids
+        # Bumped by remove_adapter: routings made before are stale (see Routing).
+        self._bank_generation = 0
+        self._routing: Routing | None = None  # the default routing, set by vera_kernels.set_adapter_ids
+        self._plans: dict = {}  # (kind, device, dtype) -> _Plan, cleared when the layer's tensors change
 
     def _projection_slices(self, device, dtype):
         A, B = self.projections.pair(device, dtype)
@@ -190,8 +235,89 @@ class _VeRABase(nn.Module):
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
+        self._plans.clear()
         self._prepare_for_device()
         return module
+
+    def _plan(self, kind: str, op: str, x: torch.Tensor, checked: tuple, check) -> _Plan | None:
+        """The cached plan for x's device and dtype; the checks run again only when the layer's tensors
+        (``checked``: compared by identity, so a replaced Parameter or bank counts) or x's device or dtype
+        differ from the last call's. Everything else of x (its last dimension, the ids' shape) is checked
+        on every call by the caller."""
+        if torch.compiler.is_compiling():
+            return None  # traced once: the public op's checks cost nothing at run time there
+        key = (kind, x.device, x.dtype)
+        plan = self._plans.get(key)
+        if plan is not None and len(plan.checked) == len(checked) and all(
+                a is b for a, b in zip(plan.checked, checked)):
+            return plan
+        A, B = self._projection_slices(x.device, x.dtype)
+        check(A, B)
+        plan = _Plan(dispatch.lookup(op, self.backend, x.device), A, B, checked)
+        self._plans[key] = plan
+        return plan
+
+    # ---- routing ----------------------------------------------------------------------------------
+
+    def _routed_ids(self) -> torch.Tensor | None:
+        """The ids the current routing gives this layer (the adapter_ids block of this thread, else the
+        set_adapter_ids default), or None; a stale routing raises."""
+        if torch.compiler.is_compiling():
+            # Dynamo cannot trace a ContextVar: compiled models route by set_adapter_ids (a module attribute
+            # it guards on) or by ids given to the call; vera_kernels.adapter_ids refuses compiled models.
+            routing = self._routing
+        else:
+            routes = ROUTES.get()
+            routing = routes.get(self, self._routing) if routes is not None else self._routing
+        if routing is None:
+            return None
+        if routing.generation != self._bank_generation:
+            raise RuntimeError(
+                f"{type(self).__name__}: the adapter routing was set before an adapter was removed from the bank "
+                "(its slot may now hold another adapter); route again with vera_kernels.set_adapter_ids or "
+                "vera_kernels.adapter_ids"
+            )
+        return routing.ids
+
+    def make_routing(self, ids) -> Routing:
+        """A Routing of this layer for ``ids``: None (the layer's own adapter), an int64 tensor, or a sequence
+        of indices, names (looked up in the bank now) and None (-1: the base alone). Everything is checked
+        here, once (a tensor's values are read back here, never per call): the range, and that no id names a
+        removed adapter."""
+        if ids is None:
+            return Routing(None, self._bank_generation)
+        if isinstance(ids, torch.Tensor):
+            if ids.dtype != torch.int64:
+                raise TypeError(f"set_adapter_ids: ids must be int64, got {ids.dtype}")
+            if ids.dim() != 1:
+                raise ValueError(f"set_adapter_ids: ids must be 1-D (one per row or sequence), got shape {tuple(ids.shape)}")
+            values = ids.tolist()
+            tensor = ids
+        else:
+            if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+                raise TypeError(
+                    f"set_adapter_ids: expected an int64 tensor or a sequence of ids/names, got {type(ids).__name__}")
+            values = []
+            for item in ids:
+                if item is None:
+                    values.append(-1)
+                elif isinstance(item, str):
+                    values.append(self.adapter_index(item))
+                elif isinstance(item, int) and not isinstance(item, bool):
+                    values.append(item)
+                else:
+                    raise TypeError(f"set_adapter_ids: each id must be an int, a name or None, got {item!r}")
+            tensor = None
+        n = len(self._bank_names)
+        for value in values:
+            if not -1 <= value < n:
+                raise ValueError(
+                    f"set_adapter_ids: ids must be in [-1, {n}) (-1: the base alone; the bank holds {n} slots), got {value}")
+            if value >= 0 and self._bank_names[value] is None:
+                raise ValueError(f"set_adapter_ids: id {value} routes rows to a removed adapter (a free slot)")
+        if tensor is None:
+            tensor = torch.tensor(values, dtype=torch.int64, device=self.lambda_d.device)
+        return Routing(tensor, self._bank_generation)
 
     # ---- the adapter bank -------------------------------------------------------------------------
 
@@ -234,6 +360,7 @@ class _VeRABase(nn.Module):
             self._bank_names.append(name)
         else:
             self._bank_names[index] = name
+        self._plans.clear()
         return index
 
     @torch.no_grad()
@@ -243,14 +370,32 @@ class _VeRABase(nn.Module):
         self._bank_names[index] = None
         self._bank_d[index] = 0
         self._bank_b[index] = 0
+        self._bank_generation += 1
+        self._plans.clear()
 
     def _banks(self):
-        n = len(self._bank_names)
-        return self._bank_d[:n], self._bank_b[:n]
+        # The slices are cached (the plans are cleared on every add and remove), so that their identity
+        # keys the bank plan.
+        banks = self._plans.get(("banks", None, None))
+        if banks is None:
+            n = len(self._bank_names)
+            banks = self._plans[("banks", None, None)] = (self._bank_d[:n], self._bank_b[:n])
+        return banks
 
-    def _row_ids(self, x: torch.Tensor, ids) -> torch.Tensor:
+    def _ids_table(self, device) -> torch.Tensor:
+        """Which ids are valid, for a check on the device: entry i + 2 for id i, with entry 0 for every id
+        below -1 and the last for every id >= the slots (both False), entry 1 for -1 (True)."""
+        key = ("ids table", device, None)
+        table = self._plans.get(key)
+        if table is None:
+            valid = [False, True] + [name is not None for name in self._bank_names] + [False]
+            table = self._plans[key] = torch.tensor(valid, device=device)
+        return table
+
+    def _row_ids(self, x: torch.Tensor, ids, *, checked: bool) -> torch.Tensor:
         """One id per row of x flattened to 2-D: ids holds one per row of a 2-D x or one per sequence
-        (first dimension) of a 3-D or larger x. The range is checked by the op."""
+        (first dimension) of a 3-D or larger x. Ids given to this call (not ``checked`` when routed) are
+        checked on the device, without reading them back: range and removed slots."""
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
             got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise TypeError(f"{type(self).__name__}: adapter_ids must be an int64 tensor, got {got}")
@@ -261,9 +406,13 @@ class _VeRABase(nn.Module):
             )
         if ids.device != x.device:
             raise ValueError(f"{type(self).__name__}: adapter_ids are on {ids.device}, the input on {x.device}")
-        free = [index for index, name in enumerate(self._bank_names) if name is None]
-        if free and ids.numel() and torch.isin(ids, torch.tensor(free, device=ids.device)).any():
-            raise ValueError(f"{type(self).__name__}: adapter_ids route rows to removed adapters (free indices {free})")
+        if not checked and ids.numel():
+            slots = len(self._bank_names)
+            torch._assert_async(
+                self._ids_table(ids.device)[ids.clamp(-2, slots) + 2].all(),
+                f"{type(self).__name__}: adapter_ids must be in [-1, {slots}) and name no removed adapter "
+                f"(free slots: {[i for i, name in enumerate(self._bank_names) if name is None]})",
+            )
         if x.dim() > 2:
             ids = ids[:, None].expand(x.shape[0], x[0].numel() // x.shape[-1]).reshape(-1)
         return ids
@@ -373,14 +522,16 @@ class FusedVeRALinear(_VeRABase):
         """adapter_ids (int64, one per row of a 2-D x or per sequence of a 3-D x; default: the ids set by
         vera_kernels.set_adapter_ids, else None): each row uses that adapter of the bank, -1 the base layer
         alone (inference only). None: the layer's own adapter (lambda_d, lambda_b)."""
-        self._check_input(x)
+        if x.shape[-1] != self.in_features:
+            self._check_input(x)
         weight, bias = self._weight_out_in(), self.bias
-        if adapter_ids is None:
-            adapter_ids = self._routing_ids
+        routed = adapter_ids is None
+        if routed:
+            adapter_ids = self._routed_ids()
         if adapter_ids is not None:
             if self.merged:
                 raise RuntimeError("FusedVeRALinear is merged (its own adapter is in the weight); unmerge() to serve the bank")
-            return self._autocast(self._banked, x, weight, bias, self._row_ids(x, adapter_ids))
+            return self._autocast(self._banked, x, weight, bias, self._row_ids(x, adapter_ids, checked=routed))
         if self.merged:
             if self.training and torch.is_grad_enabled():
                 raise RuntimeError(
@@ -401,18 +552,33 @@ class FusedVeRALinear(_VeRABase):
 
     def _banked(self, x, weight, bias, row_ids):
         # No dropout: the bank serves (the op refuses inputs that require grad).
-        A, B = self._projection_slices(x.device, x.dtype)
         bank_d, bank_b = self._banks()
-        return ops.vera_linear_multi(x, weight, bias, A, B, bank_d, bank_b, row_ids, backend=self.backend)
+        plan = self._plan("bank", "vera_linear_multi", x, (self.weight, bias, bank_d, bank_b), lambda A, B: (
+            ops.check_multi_args(x, weight, bias, A, B, bank_d, bank_b, row_ids, backend=self.backend)))
+        if plan is None:
+            return ops.vera_linear_multi(x, weight, bias, *self._projection_slices(x.device, x.dtype), bank_d, bank_b,
+                                         row_ids, backend=self.backend)
+        _check_serving(x, bias)
+        y = plan.impl(_rows(x), weight, bias, plan.A, plan.B, bank_d, bank_b, row_ids, None)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def _adapted(self, x, weight, bias):
-        A, B = self._projection_slices(x.device, x.dtype)
+        d, b = self.lambda_d, self.lambda_b
         if self.dropout and self.training:
             # The adapter sees dropout(x), the base sees x: two inputs, so the base GEMM runs on its own.
+            A, B = self._projection_slices(x.device, x.dtype)
             base_out = F.linear(x, weight, bias)
             x_drop = F.dropout(x, self.dropout, training=True)
-            return ops.vera_delta(x_drop, A, B, self.lambda_d, self.lambda_b, base_out, backend=self.backend)
-        return ops.vera_linear(x, weight, bias, A, B, self.lambda_d, self.lambda_b, backend=self.backend)
+            return ops.vera_delta(x_drop, A, B, d, b, base_out, backend=self.backend)
+        plan = self._plan("linear", "vera_linear", x, (self.weight, bias, d, b), lambda A, B: (
+            ops.check_vera_args(x, weight, bias, A, B, d, b, backend=self.backend)))
+        if plan is None:
+            return ops.vera_linear(x, weight, bias, *self._projection_slices(x.device, x.dtype), d, b,
+                                   backend=self.backend)
+        if self.weight.requires_grad:  # frozen when the plan was checked; the one thing that can change in place
+            ops.check_vera_args(x, weight, bias, plan.A, plan.B, d, b, backend=self.backend)
+        y = plan.impl(_rows(x), weight, bias, plan.A, plan.B, d, b)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -513,10 +679,12 @@ class VeRAWrapper(_VeRABase):
 
     def forward(self, x: torch.Tensor, *args, adapter_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """adapter_ids: as FusedVeRALinear.forward (per-row adapters of the bank, -1: the base alone)."""
-        self._check_input(x)
-        if adapter_ids is None:
-            adapter_ids = self._routing_ids
-        row_ids = None if adapter_ids is None else self._row_ids(x, adapter_ids)
+        if x.shape[-1] != self.in_features:
+            self._check_input(x)
+        routed = adapter_ids is None
+        if routed:
+            adapter_ids = self._routed_ids()
+        row_ids = None if adapter_ids is None else self._row_ids(x, adapter_ids, checked=routed)
         base_out = self.base_layer(x, *args, **kwargs)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
@@ -527,14 +695,29 @@ class VeRAWrapper(_VeRABase):
         return self._add_adapter(x, base_out.to(x.dtype), row_ids)
 
     def _add_adapter(self, x, base_out, row_ids=None):
+        if base_out.shape != (*x.shape[:-1], self.out_features):
+            ops.check_vera_args(x, None, None, *self._projection_slices(x.device, x.dtype), self.lambda_d,
+                                self.lambda_b, base_out, backend=self.backend)  # raises, naming base_out
         if row_ids is not None:
-            A, B = self._projection_slices(x.device, x.dtype)
             bank_d, bank_b = self._banks()
-            return ops.vera_delta_multi(x, A, B, bank_d, bank_b, row_ids, base_out, backend=self.backend)
-        A, B = self._projection_slices(x.device, x.dtype)
+            plan = self._plan("bank", "vera_delta_multi", x, (bank_d, bank_b), lambda A, B: ops.check_multi_args(
+                x, None, None, A, B, bank_d, bank_b, row_ids, base_out, backend=self.backend))
+            if plan is None:
+                return ops.vera_delta_multi(x, *self._projection_slices(x.device, x.dtype), bank_d, bank_b, row_ids,
+                                            base_out, backend=self.backend)
+            _check_serving(x, base_out)
+            y = plan.impl(_rows(x), None, None, plan.A, plan.B, bank_d, bank_b, row_ids,
+                          base_out.reshape(-1, self.out_features))
+            return y.reshape(base_out.shape)
+        d, b = self.lambda_d, self.lambda_b
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
-        return ops.vera_delta(x, A, B, self.lambda_d, self.lambda_b, base_out, backend=self.backend)
+        plan = self._plan("delta", "vera_delta", x, (d, b), lambda A, B: ops.check_vera_args(
+            x, None, None, A, B, d, b, base_out, backend=self.backend))
+        if plan is None:
+            return ops.vera_delta(x, *self._projection_slices(x.device, x.dtype), d, b, base_out, backend=self.backend)
+        y = plan.impl(_rows(x), plan.A, plan.B, d, b, base_out.reshape(-1, self.out_features))
+        return y.reshape(base_out.shape)
 
     def merge(self) -> None:
         raise NotImplementedError(

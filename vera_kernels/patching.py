@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 
 import torch
 from torch import nn
 
 from .layer import (
+    ROUTES,
     VERA_LAYERS,
     ExplicitProjections,
     FusedVeRALinear,
@@ -58,53 +60,40 @@ def vera_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, VERA_LAYERS)]
 
 
-def _layer_ids(module, ids):
-    """ids as the int64 tensor this layer routes with: a tensor is taken as is (the layer checks its dtype,
-    shape and device at the call, the op its range); a sequence of int (-1: base), None (base) or str (an
-    adapter's name, looked up in this layer's bank) becomes a tensor on the layer's device."""
-    if ids is None or isinstance(ids, torch.Tensor):
-        if isinstance(ids, torch.Tensor) and ids.dtype != torch.int64:
-            raise TypeError(f"set_adapter_ids: ids must be int64, got {ids.dtype}")
-        return ids
-    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-        raise TypeError(f"set_adapter_ids: expected an int64 tensor or a sequence of ids/names, got {type(ids).__name__}")
-    values = []
-    for item in ids:
-        if item is None:
-            values.append(-1)
-        elif isinstance(item, str):
-            values.append(module.adapter_index(item))
-        elif isinstance(item, int) and not isinstance(item, bool):
-            values.append(item)
-        else:
-            raise TypeError(f"set_adapter_ids: each id must be an int, a name or None, got {item!r}")
-    return torch.tensor(values, dtype=torch.int64, device=module.lambda_d.device)
-
-
 def set_adapter_ids(model: nn.Module, ids) -> None:
     """Route the model's next batches: row (2-D inputs) or sequence (3-D inputs) m of every VeRA layer's input
     uses adapter ids[m] of that layer's bank; -1 or None: the base model. ids: an int64 tensor, or a sequence
-    of indices, names and None (names are looked up per layer). ``None`` clears the routing (each layer's own
-    adapter again). Every id is resolved before any layer changes."""
+    of indices, names and None (names are looked up per layer, now). ``None`` clears the routing (each layer's
+    own adapter again). Every id is checked here, before any layer changes (a tensor's values are read back
+    once, here: the forward never synchronizes). This routing is the model's default, shared by every
+    thread; :func:`adapter_ids` routes one thread's block. Removing an adapter from a layer makes the
+    routings made before it stale: the next forward raises until the model is routed again."""
     layers = vera_layers(model)
     if not layers:
         raise ValueError("set_adapter_ids: the model has no VeRA layer")
-    resolved = [(module, _layer_ids(module, ids)) for _, module in layers]
-    for module, layer_ids in resolved:
-        module._routing_ids = layer_ids
+    resolved = [(module, module.make_routing(ids)) for _, module in layers]
+    for module, routing in resolved:
+        module._routing = routing
 
 
 @contextlib.contextmanager
 def adapter_ids(model: nn.Module, ids):
-    """``with vera_kernels.adapter_ids(model, ids): model(x)``: set_adapter_ids for the block, then the
-    previous routing again."""
-    previous = [(module, module._routing_ids) for _, module in vera_layers(model)]
-    set_adapter_ids(model, ids)
+    """``with vera_kernels.adapter_ids(model, ids): model(x)``: route the block's forwards as set_adapter_ids
+    would, for this thread (and asyncio task) only: other threads serving through the same model keep their
+    own routing. Eager only (torch.compile cannot trace per-thread state): route a compiled model with
+    set_adapter_ids, or pass adapter_ids to the layers."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) if "torch._dynamo" in sys.modules else False:
+        raise TypeError("adapter_ids: a torch.compile'd model cannot see per-thread routing; use set_adapter_ids")
+    layers = vera_layers(model)
+    if not layers:
+        raise ValueError("adapter_ids: the model has no VeRA layer")
+    routes = dict(ROUTES.get() or {})
+    routes.update((module, module.make_routing(ids)) for _, module in layers)
+    token = ROUTES.set(routes)
     try:
         yield model
     finally:
-        for module, layer_ids in previous:
-            module._routing_ids = layer_ids
+        ROUTES.reset(token)
 
 
 def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module, tuple[int, int]]]:

@@ -170,8 +170,6 @@ def _fill_projection_torch(out, seed, tag, fan_in, row_offset, col_offset):
     out.copy_(_bits16_to(to_half_bits(fp32_bits), out.dtype))
 
 
-dispatch.register("torch", "fill_projection_", _fill_projection_torch)
-dispatch.register("torch", "philox4x32_10", philox4x32_10_torch)
 
 
 # --------------------------------------------------------------------------------------------------
