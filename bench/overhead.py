@@ -4,8 +4,9 @@
 
 Part 1 (1 thread): M = 1, in = out = 64, r = 16, fp32 on CPU, where the GEMMs cost almost nothing and the
 time per call is the Python and dispatch work around them. Each round times N calls of every
-implementation in turn (interleaved, so a noisy neighbour slows them alike); the figure is the median over
-rounds of the per-call time, and the ratio is to nn.Linear's median in the same run. Two passes:
+implementation in turn (interleaved); the figure is the median over rounds of the per-call time, measured
+as the thread's CPU time (time.thread_time: what a call costs the host, unaffected by other processes on a
+busy machine), and the ratio is to nn.Linear's median in the same run. Two passes:
   inference      y = layer(x) under torch.no_grad()
   training step  y = layer(x); y.backward(g)   (nn.Linear: weight and bias trained; VeRA: lambda_d, lambda_b)
 Target (issue 12): FusedVeRALinear (backend auto) within 2x of nn.Linear for both.
@@ -68,21 +69,21 @@ def layers(in_features=64, out_features=64, rank=16):
     return out
 
 
-def _time(step, calls) -> float:
-    start = time.perf_counter()
+def _time(step, calls, clock) -> float:
+    start = clock()
     for _ in range(calls):
         step()
-    return (time.perf_counter() - start) / calls
+    return (clock() - start) / calls
 
 
-def interleaved(steps: dict, rounds=ROUNDS, calls=CALLS) -> dict[str, float]:
+def interleaved(steps: dict, rounds=ROUNDS, calls=CALLS, clock=time.perf_counter) -> dict[str, float]:
     """Median per-call seconds of each step, the steps timed in turn within every round."""
     for step in steps.values():
-        _time(step, max(5, calls // 10))  # warm up: first-call caches, allocator
+        _time(step, max(5, calls // 10), clock)  # warm up: first-call caches, allocator
     samples = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            samples[name].append(_time(step, calls))
+            samples[name].append(_time(step, calls, clock))
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -108,9 +109,12 @@ def part1() -> dict:
     built = layers()
     results = {}
     for pass_, make in (("inference", lambda m, p: _inference(m, x)), ("training step", lambda m, p: _training(m, x, p))):
-        times = interleaved({name: make(module, params) for name, (module, params) in built.items()})
+        # One thread: its CPU time is the host time a call costs, whatever else the machine runs.
+        times = interleaved({name: make(module, params) for name, (module, params) in built.items()},
+                            clock=time.thread_time)
         base = times["nn.Linear"]
-        print(f"\n{pass_}: M = 1, 64x64, r = 16, fp32, 1 thread; median of {ROUNDS} rounds x {CALLS} calls")
+        print(f"\n{pass_}: M = 1, 64x64, r = 16, fp32, 1 thread; thread CPU time, median of {ROUNDS} rounds x "
+              f"{CALLS} calls")
         print(f"{'implementation':<16}{'us/call':>10}{'x nn.Linear':>13}")
         for name, seconds in times.items():
             print(f"{name:<16}{seconds * 1e6:>10.1f}{seconds / base:>13.2f}")
@@ -125,7 +129,7 @@ def part2(threads: int) -> dict:
         return {}
     results = {}
     shapes = [(64, 64, 16, (1, 16, 256, 4096)), (1024, 1024, 64, (1, 16, 256) if QUICK else (1, 16, 256, 2048))]
-    print(f"\ncpu backend vs torch backend, inference, fp32, {threads} threads (median us per call)")
+    print(f"\ncpu backend vs torch backend, inference, fp32, {threads} threads (wall time, median us per call)")
     print(f"{'in x out, r':<16}{'M':>6}{'torch':>10}{'cpu':>10}{'cpu/torch':>11}")
     for in_f, out_f, rank, ms in shapes:
         torch.manual_seed(0)

@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 
 #include <ATen/autocast_mode.h>
+#include <c10/util/ParallelGuard.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 #include <atomic>
@@ -48,6 +49,19 @@ Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return t;
 }
 
+// Small problems run on the calling thread alone: below about this many multiply-adds, handing work to other
+// threads costs more than it saves (on a busy machine a fork/join can wait for milliseconds). Decided per
+// call, without touching the process-wide thread count: under the guard every nested at::parallel_for (ours
+// and ATen's) runs inline.
+constexpr int64_t kSerialWork = int64_t(1) << 20;
+
+struct SerialIfSmall {
+  SerialIfSmall(const Tensor& t, int64_t work) {
+    if (t.is_cpu() && work <= kSerialWork) guard.emplace(true);
+  }
+  std::optional<c10::ParallelGuard> guard;
+};
+
 void check_projections_given(const char* op, const OptTensor& A, const OptTensor& B) {
   TORCH_CHECK(A.has_value() && B.has_value(), op,
               ": the cpu and cuda backends read A and B; generating them inside the kernels (A and B None, "
@@ -69,8 +83,10 @@ std::tuple<Tensor, Tensor> forward_kernel(const Tensor& x, const OptTensor& weig
   check_2d(op, "x", x);
   check_2d(op, "A", *A);
   check_2d(op, "B", *B);
-  Tensor y = new_output({x.size(0), B->size(0)}, x.options());
-  Tensor s = new_output({x.size(0), A->size(0)}, x.options());
+  const int64_t m = x.size(0), in = x.size(1), r = A->size(0), out = B->size(0);
+  const SerialIfSmall serial(x, m * (in * out + r * (in + out)) + r * out);
+  Tensor y = new_output({m, out}, x.options());
+  Tensor s = new_output({m, r}, x.options());
   vera::vera_forward_(y, s, x, weight, bias, *A, *B, lambda_d, lambda_b, base_out);
   return {y, s};
 }
@@ -84,7 +100,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_kernel(
   check_2d(op, "grad", grad);
   check_2d(op, "s", s);
   check_2d(op, "A", *A);
-  const int64_t m = grad.size(0), out = grad.size(1);
+  const int64_t m = grad.size(0), out = grad.size(1), r = s.size(1), in = A->size(1);
+  const SerialIfSmall serial(grad, 2 * m * (in * out + r * (in + out)) + r * out);
   const auto maybe = [](bool needed, at::IntArrayRef sizes, const at::TensorOptions& options) -> OptTensor {
     return needed ? OptTensor(new_output(sizes, options)) : std::nullopt;
   };
@@ -103,7 +120,9 @@ Tensor forward_multi_kernel(const Tensor& x, const OptTensor& weight, const OptT
   constexpr const char* op = "vera_kernels::forward_multi";
   check_2d(op, "x", x);
   check_2d(op, "B", B);
-  Tensor y = new_output({x.size(0), B.size(0)}, x.options());
+  const int64_t m = x.size(0), out = B.size(0);
+  const SerialIfSmall serial(x, m * (x.size(1) * out + A.size(0) * (x.size(1) + out)));
+  Tensor y = new_output({m, out}, x.options());
   vera::vera_forward_multi_(y, x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_out);
   return y;
 }
@@ -183,6 +202,14 @@ std::tuple<Tensor, Tensor> forward_autograd(const Tensor& x, const OptTensor& we
                                             const OptTensor& A, const OptTensor& B, const Tensor& lambda_d,
                                             const Tensor& lambda_b, const OptTensor& base_out, int64_t seed,
                                             int64_t max_in) {
+  const auto wants_grad = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
+  if (!at::GradMode::is_enabled() ||
+      !(x.requires_grad() || wants_grad(bias) || lambda_d.requires_grad() || lambda_b.requires_grad() ||
+        wants_grad(base_out) || wants_grad(weight) || wants_grad(A) || wants_grad(B))) {
+    // Nothing to differentiate (serving): no autograd node, nothing saved.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return forward_op().call(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed, max_in);
+  }
   auto out = VeraFunction::apply(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed, max_in);
   return {out[0], out[1]};
 }

@@ -522,6 +522,24 @@ class FusedVeRALinear(_VeRABase):
         """adapter_ids (int64, one per row of a 2-D x or per sequence of a 3-D x; default: the ids set by
         vera_kernels.set_adapter_ids, else None): each row uses that adapter of the bank, -1 the base layer
         alone (inference only). None: the layer's own adapter (lambda_d, lambda_b)."""
+        if (adapter_ids is None and self._routing is None and not self.merged and not torch.compiler.is_compiling()
+                and ROUTES.get() is None):
+            # The per-call path of the layer's own adapter, once a call has checked everything for x's device
+            # and dtype and these Parameters (compared by identity; read from _parameters, as nn.Module's
+            # __getattr__ is slow): the op, and nothing else that costs. Anything else goes the long way.
+            params = self._parameters
+            weight, d, b = params["weight"], params["lambda_d"], params["lambda_b"]
+            bias = params.get("bias")
+            plan = self._plans.get(("linear", x.device, x.dtype))
+            if (plan is not None and plan.checked[0] is weight and plan.checked[2] is d and plan.checked[3] is b
+                    and plan.checked[1] is bias and x.shape[-1] == self.in_features and not weight.requires_grad
+                    and not (self.dropout and self.training) and not torch.is_autocast_enabled(x.device.type)):
+                if self.fan_in_fan_out:
+                    weight = weight.t()
+                if x.dim() == 2:
+                    return plan.impl(x, weight, bias, plan.A, plan.B, d, b)
+                y = plan.impl(x.reshape(-1, self.in_features), weight, bias, plan.A, plan.B, d, b)
+                return y.reshape(*x.shape[:-1], self.out_features)
         if x.shape[-1] != self.in_features:
             self._check_input(x)
         weight, bias = self._weight_out_in(), self.bias
