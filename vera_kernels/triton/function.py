@@ -46,9 +46,9 @@ def backward_op(
         grad, s, weight, A, B, lambda_d, lambda_b, in_features=in_features, with_bias=need_dbias,
         need_dx=need_dx, seed=seed, max_in=max_in,
     )
-    empty = grad.new_empty(0)
-    return (dx if need_dx else empty, dd if need_dd else empty, db if need_db else empty,
-            dbias if need_dbias else empty)
+    # Each empty stand-in is its own tensor: a custom op's outputs may not alias one another.
+    return (dx if need_dx else grad.new_empty(0), dd if need_dd else grad.new_empty(0),
+            db if need_db else grad.new_empty(0), dbias if need_dbias else grad.new_empty(0))
 
 
 @backward_op.register_fake
