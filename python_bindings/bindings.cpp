@@ -15,7 +15,7 @@
 #include <torch/extension.h>
 
 #include <ATen/autocast_mode.h>
-#include <c10/util/ParallelGuard.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 #include <atomic>
@@ -24,6 +24,10 @@
 #include <tuple>
 
 #include "vera_ops.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -52,15 +56,34 @@ Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 // Small problems run on the calling thread alone: below about this many multiply-adds (~0.1 ms on one core),
 // handing work to other threads costs more than it saves, and on a busy machine a fork/join can wait for
 // milliseconds (measured: a 1024 x 1024 decode step, M = 1, took 4x the torch backend's time on 2 threads of a
-// loaded machine, and less than it on one). Decided per call, without touching the process-wide thread count:
-// under the guard every nested at::parallel_for (ours and ATen's) runs inline.
+// loaded machine, and less than it on one). Decided per call and per thread: OpenMP's thread count is a
+// per-thread setting (at::get_num_threads reads it), so this leaves other threads and the process-wide
+// at::set_num_threads alone; every at::parallel_for inside the call (ours and ATen's) then runs inline.
 constexpr int64_t kSerialWork = int64_t(1) << 22;
 
-struct SerialIfSmall {
+class SerialIfSmall {
+ public:
   SerialIfSmall(const Tensor& t, int64_t work) {
-    if (t.is_cpu() && work <= kSerialWork) guard.emplace(true);
+#ifdef _OPENMP
+    if (t.is_cpu() && work <= kSerialWork && !omp_in_parallel()) {
+      const int threads = at::get_num_threads();  // also ATen's per-thread first-use initialization
+      if (threads > 1) {
+        previous_ = threads;
+        omp_set_num_threads(1);
+      }
+    }
+#endif
   }
-  std::optional<c10::ParallelGuard> guard;
+  ~SerialIfSmall() {
+#ifdef _OPENMP
+    if (previous_ > 1) omp_set_num_threads(previous_);
+#endif
+  }
+  SerialIfSmall(const SerialIfSmall&) = delete;
+  SerialIfSmall& operator=(const SerialIfSmall&) = delete;
+
+ private:
+  int previous_ = 0;
 };
 
 void check_projections_given(const char* op, const OptTensor& A, const OptTensor& B) {

@@ -83,11 +83,39 @@ def check_vera_args(x, weight, bias, A, B, lambda_d, lambda_b, base_out=None, *,
     return in_features, out_features, rank
 
 
+# Argument lists check_vera_args accepted, by what it looks at (shape, dtype, device, requires_grad of each
+# tensor): a call like an earlier one costs a dictionary lookup instead of the checks. Bounded: cleared when full.
+_accepted: dict[tuple, tuple[int, int, int]] = {}
+_ACCEPTED_MAX = 4096
+
+
+def _metadata(t):
+    return None if t is None else (type(t), t.shape, t.dtype, t.device, t.requires_grad)
+
+
+def check_vera_args_cached(x, weight, bias, A, B, lambda_d, lambda_b, base_out=None, *, backend="auto"):
+    """check_vera_args, remembered by the tensors' metadata (its checks read nothing else)."""
+    tensors = (x, weight, bias, A, B, lambda_d, lambda_b, base_out)
+    if torch.compiler.is_compiling():
+        return check_vera_args(*tensors, backend=backend)  # traced once: free at run time
+    try:
+        key = (backend, *map(_metadata, tensors))
+    except AttributeError:  # not a tensor: the checks say which
+        return check_vera_args(*tensors, backend=backend)
+    found = _accepted.get(key)
+    if found is None:
+        found = check_vera_args(*tensors, backend=backend)
+        if len(_accepted) >= _ACCEPTED_MAX:
+            _accepted.clear()
+        _accepted[key] = found
+    return found
+
+
 def vera_linear(x, weight, bias, A, B, lambda_d, lambda_b, *, backend: str = "auto") -> torch.Tensor:
     """y = x W0ᵀ + bias + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ), the base GEMM fused with the adapter."""
     if weight is None:
         raise TypeError("weight: expected a torch.Tensor of shape (out_features, in_features), got None")
-    in_features, out_features, _ = check_vera_args(x, weight, bias, A, B, lambda_d, lambda_b, backend=backend)
+    in_features, out_features, _ = check_vera_args_cached(x, weight, bias, A, B, lambda_d, lambda_b, backend=backend)
     impl = dispatch.lookup("vera_linear", backend, x.device)
     y = impl(x.reshape(-1, in_features), weight, bias, A, B, lambda_d, lambda_b)
     return y.reshape(*x.shape[:-1], out_features)
@@ -97,7 +125,8 @@ def vera_delta(x, A, B, lambda_d, lambda_b, base_out, *, backend: str = "auto") 
     """base_out + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ): the adapter accumulated onto a given tensor."""
     if base_out is None:
         raise TypeError("base_out: expected a torch.Tensor of shape (..., out_features), got None")
-    in_features, out_features, _ = check_vera_args(x, None, None, A, B, lambda_d, lambda_b, base_out, backend=backend)
+    in_features, out_features, _ = check_vera_args_cached(x, None, None, A, B, lambda_d, lambda_b, base_out,
+                                                          backend=backend)
     impl = dispatch.lookup("vera_delta", backend, x.device)
     y = impl(x.reshape(-1, in_features), A, B, lambda_d, lambda_b, base_out.reshape(-1, out_features))
     return y.reshape(*x.shape[:-1], out_features)
