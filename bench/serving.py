@@ -13,7 +13,8 @@ maps the batch's hidden states (B rows, one token each) to the next ones; the lo
               the batch, set_adapter and a forward over its rows. Measured up to PEFT_MAX_K adapters (creating
               thousands of PEFT adapters takes minutes); larger K is extrapolated from the per-adapter cost at
               the largest measured K, and labelled so.
-Figures: median of ROUNDS timings of the whole loop, tokens/s = B * T / seconds, and the ratio to base.
+Figures: median of ROUNDS timings of the whole loop (on one CPU thread, VERA_BENCH_THREADS=1: the thread's CPU
+time, unaffected by other processes), tokens/s = B * T / seconds, and the ratio to base.
 """
 
 from __future__ import annotations
@@ -149,7 +150,10 @@ def main():
         loops[("vera", k)] = _decode(_vera_bank(k), x0)
         if have_peft and k <= PEFT_MAX_K:
             loops[("peft", k)] = _peft_loop(_peft(k), x0, _ids(k))
-    seconds = interleaved(loops)
+    # One CPU thread: that thread's CPU time is the work a loop costs, whatever else the machine runs.
+    clock = time.thread_time if DEVICE == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+    print(f"clock: {clock.__name__}")
+    seconds = interleaved(loops, clock)
     tokens = BATCH * STEPS
     base = seconds[("base", 0)]
     print(f"\n{'K':>6}{'base tok/s':>12}{'vera bank tok/s':>17}{'x base':>8}{'peft loop tok/s':>20}{'x base':>8}")
@@ -167,7 +171,7 @@ def main():
     print("(x base: tokens/s as a fraction of the base model's; K > batch: only batch-many adapters are in use)")
 
 
-def interleaved(loops: dict) -> dict:
+def interleaved(loops: dict, clock=time.perf_counter) -> dict:
     """Median seconds of each loop, every loop timed once per round, in turn (a noisy neighbour slows them
     alike)."""
     for loop in loops.values():
@@ -176,10 +180,10 @@ def interleaved(loops: dict) -> dict:
     for _ in range(ROUNDS):
         for key, loop in loops.items():
             _synchronize()
-            start = time.perf_counter()
+            start = clock()
             loop()
             _synchronize()
-            samples[key].append(time.perf_counter() - start)
+            samples[key].append(clock() - start)
     return {key: statistics.median(s) for key, s in samples.items()}
 
 
