@@ -129,6 +129,109 @@ __global__ void dd_chunk_sums_kernel(LambdaGrads p, float* scratch, int64_t chun
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Decode (DecodeAdapter in vera_math.h).
+
+constexpr int kDecodeWarps = 8;           // warps per block of the decode kernels
+constexpr int64_t kDecodeMinSplit = 256;  // columns of x at least per split of the shrink
+
+// The adapter of row m: ids[m], or 0 for one adapter.
+__device__ int64_t adapter_of(const DecodeAdapter& p, int64_t m) { return p.ids == nullptr ? 0 : p.ids[m]; }
+
+// Stage 1: one warp per rank row k, over the columns of split c (blockIdx.y); the lanes stride the columns,
+// then a butterfly per row m.
+template <typename E>
+__global__ void decode_shrink_kernel(DecodeAdapter p, int64_t split_len) {
+  using T = typename E::type;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t k = blockIdx.x * int64_t(kDecodeWarps) + threadIdx.x / kWarp;
+  if (k >= p.r) return;
+  const int64_t c = blockIdx.y;
+  const int64_t begin = c * split_len;
+  const int64_t end = begin + split_len < p.in ? begin + split_len : p.in;
+  const T* const x = static_cast<const T*>(p.x);
+  const T* const a_row = static_cast<const T*>(p.A) + k * p.A_stride;
+  float acc[kDecodeMaxRows];
+#pragma unroll
+  for (int m = 0; m < kDecodeMaxRows; ++m) acc[m] = 0.0f;
+  for (int64_t i = begin + lane; i < end; i += kWarp) {
+    const float a = E::load(a_row[i]);
+#pragma unroll
+    for (int m = 0; m < kDecodeMaxRows; ++m) {
+      if (m < p.rows) acc[m] += E::load(x[m * p.x_stride + i]) * a;
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kDecodeMaxRows; ++m) {
+    if (m >= p.rows) break;
+    float v = acc[m];
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+    if (lane == 0) p.scratch[(c * p.rows + m) * p.r + k] = v;
+  }
+}
+
+// Stage 2: one thread per (m, k): the split sums in split order; s, and t = d[a_m] ⊙ σ after the partials.
+template <typename E, typename V>
+__global__ void decode_shrink_total_kernel(DecodeAdapter p) {
+  const int64_t n = p.rows * p.r;
+  float* const t = p.scratch + p.splits * n;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = idx / p.r, k = idx % p.r;
+    float sigma = 0.0f;
+    for (int64_t c = 0; c < p.splits; ++c) sigma += p.scratch[c * n + idx];
+    if (p.s != nullptr) static_cast<typename E::type*>(p.s)[idx] = E::store(sigma);
+    const int64_t a = adapter_of(p, m);
+    t[idx] = a < 0 ? 0.0f : V::load(static_cast<const typename V::type*>(p.d_bank)[a * p.r + k]) * sigma;
+  }
+}
+
+// Stage 3: one warp per output column j (grid-stride); lane m < rows writes y[m, j].
+template <typename E, typename V>
+__global__ void decode_expand_kernel(DecodeAdapter p) {
+  using T = typename E::type;
+  const int lane = threadIdx.x % kWarp;
+  const float* const t = p.scratch + p.splits * p.rows * p.r;
+  for (int64_t j = blockIdx.x * int64_t(kDecodeWarps) + threadIdx.x / kWarp; j < p.out;
+       j += int64_t(gridDim.x) * kDecodeWarps) {
+    const T* const b_row = static_cast<const T*>(p.B) + j * p.B_stride;
+    float acc[kDecodeMaxRows];
+#pragma unroll
+    for (int m = 0; m < kDecodeMaxRows; ++m) acc[m] = 0.0f;
+    for (int64_t k = lane; k < p.r; k += kWarp) {
+      const float bjk = E::load(b_row[k]);
+#pragma unroll
+      for (int m = 0; m < kDecodeMaxRows; ++m) {
+        if (m < p.rows) acc[m] += t[m * p.r + k] * bjk;
+      }
+    }
+    float mine = 0.0f;  // lane m keeps the sum of row m
+#pragma unroll
+    for (int m = 0; m < kDecodeMaxRows; ++m) {
+      if (m >= p.rows) break;
+      float v = acc[m];
+      for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+      if (lane == m) mine = v;
+    }
+    if (lane >= p.rows) continue;
+    const int64_t m = lane;
+    const int64_t a = adapter_of(p, m);
+    T* const y = static_cast<T*>(p.y) + m * p.out + j;
+    const float term = a < 0 ? 0.0f : V::load(static_cast<const typename V::type*>(p.b_bank)[a * p.out + j]) * mine;
+    switch (p.base_kind) {
+      case DecodeBase::kBias:
+        *y = E::store((p.base == nullptr ? 0.0f : E::load(static_cast<const T*>(p.base)[j])) + term);
+        break;
+      case DecodeBase::kRows:
+        *y = a < 0 ? static_cast<const T*>(p.base)[m * p.out + j]
+                   : E::store(E::load(static_cast<const T*>(p.base)[m * p.out + j]) + term);
+        break;
+      case DecodeBase::kAccumulate:
+        if (a >= 0) *y = E::store(E::load(*y) + term);
+        break;
+    }
+  }
+}
+
 const char* last_launch_error() {
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
@@ -200,6 +303,33 @@ const char* column_sums_cuda(const ColumnSums& p, float* scratch, void* stream) 
   });
   dispatch_dtype(p.out_dtype, [&](auto o) {
     column_total_kernel<decltype(o)><<<blocks_x(p.cols, kSumThreads), kSumThreads, 0, s>>>(p.out, scratch, chunks, p.cols);
+  });
+  return last_launch_error();
+}
+
+int64_t decode_splits_cuda(int64_t in, int64_t r, int device) {
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 132;
+  const int64_t row_blocks = ceil_div(r, kDecodeWarps);
+  const int64_t wanted = ceil_div(2 * int64_t(sms), row_blocks);
+  const int64_t most = std::max<int64_t>(1, in / kDecodeMinSplit);
+  return std::max<int64_t>(1, std::min(wanted, most));
+}
+
+const char* decode_adapter_cuda(const DecodeAdapter& p, void* stream) {
+  if (p.rows == 0 || p.out == 0) return nullptr;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  // Each split a multiple of the warp width, so that the lanes' loads of a row stay aligned.
+  const int64_t split_len = ceil_div(ceil_div(p.in, p.splits), kWarp) * kWarp;
+  dispatch_dtype(p.dtype, [&](auto e) {
+    dispatch_dtype(p.v_dtype, [&](auto v) {
+      using E = decltype(e);
+      using V = decltype(v);
+      const dim3 shrink_grid(unsigned(ceil_div(p.r, kDecodeWarps)), unsigned(p.splits));
+      decode_shrink_kernel<E><<<shrink_grid, kDecodeWarps * kWarp, 0, s>>>(p, split_len);
+      decode_shrink_total_kernel<E, V><<<blocks_x(p.rows * p.r, kSumThreads), kSumThreads, 0, s>>>(p);
+      decode_expand_kernel<E, V><<<blocks_x(p.out, kDecodeWarps), kDecodeWarps * kWarp, 0, s>>>(p);
+    });
   });
   return last_launch_error();
 }

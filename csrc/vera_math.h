@@ -157,6 +157,42 @@ struct GatherScale {
   bool accumulate;
 };
 
+// Decode on CUDA (M <= kDecodeMaxRows rows): the adapter term in three launches that spread over every SM,
+// without a GEMM library call, without folding B and without an M x out temporary:
+//   1. shrink, split over K: partial[c, m, k] = Σ_{i in split c} x[m, i] A[k, i]   (fp32; enough splits
+//      that the grid has about two blocks per SM)
+//   2. shrink, second stage: σ = Σ_c partial[c, m, k] in split order (a fixed order: the same bits in every
+//      run); s[m, k] = σ rounded to `dtype` (s null: not stored); t[m, k] = d[a_m, k] σ (fp32 scratch)
+//   3. expand, one warp per output column j: y[m, j] = base + b[a_m, j] Σ_k t[m, k] B[j, k]
+// with a_m = ids[m] for many adapters in one batch (-1: no adapter, t = 0 and y = base bit for bit) and
+// a_m = 0 for one adapter (ids null, banks of one row). The base: kBias writes y = bias (null: 0) plus the
+// term, kRows y = base_rows + the term (base_out), kAccumulate adds the term to y as it is (-1: untouched).
+// x (rows x in), A (r x in), B (out x r) have unit column strides and the given row strides; the banks
+// (N x r, N x out, `v_dtype`), base_rows, y (rows x out) and s (rows x r) are contiguous.
+constexpr int64_t kDecodeMaxRows = 16;
+
+enum class DecodeBase { kBias, kRows, kAccumulate };
+
+struct DecodeAdapter {
+  const void* x;
+  const void* A;
+  const void* B;
+  int64_t x_stride, A_stride, B_stride;
+  const void* d_bank;
+  const void* b_bank;
+  const int64_t* ids;
+  DecodeBase base_kind;
+  const void* base;  // bias (out) for kBias, or null; base_out (rows x out) for kRows; unused for kAccumulate
+  void* y;
+  void* s;
+  Dtype dtype, v_dtype;
+  int64_t rows, in, r, out;
+  int64_t splits;  // decode_splits(...)
+  float* scratch;  // decode_scratch_floats(rows, r, splits) floats
+};
+
+VERA_HD int64_t decode_scratch_floats(int64_t rows, int64_t r, int64_t splits) { return (splits + 1) * rows * r; }
+
 void fold_projection_cpu(const FoldProjection& p);
 void lambda_grads_cpu(const LambdaGrads& p);
 void gather_scale_cpu(const GatherScale& p);
@@ -169,6 +205,10 @@ const char* fold_projection_cuda(const FoldProjection& p, void* stream);
 const char* lambda_grads_cuda(const LambdaGrads& p, float* scratch, void* stream);
 const char* gather_scale_cuda(const GatherScale& p, void* stream);
 const char* column_sums_cuda(const ColumnSums& p, float* scratch, void* stream);
+// K splits of the decode shrink for this shape on `device`: about two blocks per SM, at least 256 columns
+// of x per split.
+int64_t decode_splits_cuda(int64_t in, int64_t r, int device);
+const char* decode_adapter_cuda(const DecodeAdapter& p, void* stream);
 // Whether `stream` is being captured into a CUDA graph (work issued now runs again at every replay).
 bool stream_is_capturing(void* stream);
 

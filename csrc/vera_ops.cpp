@@ -8,6 +8,7 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/record_function.h>
+#include <torch/version.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 
@@ -241,9 +242,12 @@ void gather_scale(const at::Tensor& out, const at::Tensor& in, const at::Tensor&
   gather_scale_cpu(p);
 }
 
-// Elements of the row-blocked u = t Bᵀ temporary of vera_forward_multi_ (512 KB in fp32): small enough
-// that y += b[ids] ⊙ u reads u back from the CPU's L2, large enough (32 rows at out = 4096) for the GEMM.
+// Elements of the row-blocked u = t Bᵀ temporary of vera_forward_multi_. CPU: 512 KB in fp32, small enough
+// that y += b[ids] ⊙ u reads u back from the L2, large enough (32 rows at out = 4096) for the GEMM. CUDA: a
+// cache size means nothing there and each block costs two launches, so blocks are as large as a bounded
+// temporary allows (2^24 elements, 32 MB in bf16: 4096 rows at out = 4096, two blocks at M = 8192).
 constexpr int64_t kMultiBlockElements = int64_t(1) << 17;
+constexpr int64_t kMultiBlockElementsCuda = int64_t(1) << 24;
 
 // ---------------------------------------------------------------------------------------------------
 // The folded projection Bdb = b[:, None] * B * d[None, :] (out x r, x's dtype) and its cache.
@@ -375,8 +379,10 @@ constexpr int64_t kWidenRows = 256;
 // do (M = 8192 rows of g = 1 and s ~ 11 make 9e4), so the GEMM accumulates and writes in fp32.
 at::Tensor grad_outer(const at::Tensor& g, const at::Tensor& s) {
   if (g.scalar_type() == at::kFloat) return at::mm(g.t(), s);
-#ifdef VERA_WITH_CUDA
-  if (g.is_cuda()) return at::mm(g.t(), s, at::kFloat);  // cuBLAS: 16-bit operands, fp32 accumulator and output
+#if defined(VERA_WITH_CUDA) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8))
+  // cuBLAS: 16-bit operands, fp32 accumulator and output (aten::mm.dtype, torch >= 2.8); older torch widens
+  // blocks of rows as the CPU does.
+  if (g.is_cuda()) return at::mm(g.t(), s, at::kFloat);
 #endif
   // ATen's CPU GEMMs round their output to the operands' dtype: widen blocks of rows to fp32.
   at::Tensor G = at::zeros({g.size(1), s.size(1)}, s.options().dtype(at::kFloat));
@@ -385,6 +391,49 @@ at::Tensor grad_outer(const at::Tensor& g, const at::Tensor& s) {
     G.addmm_(g.narrow(0, row, rows).to(at::kFloat).t(), s.narrow(0, row, rows).to(at::kFloat));
   }
   return G;
+}
+
+#ifdef VERA_WITH_CUDA
+// t with a unit column stride, as the decode kernels read it (a copy only for exotic layouts).
+at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+// The decode kernels (DecodeAdapter in vera_math.h): banks of one row for one adapter (ids undefined).
+// Scratch: (splits + 1) M r floats from the caching allocator, no device allocation after the first call.
+void decode_adapter(const at::Tensor& y, const at::Tensor& s, const at::Tensor& x, const at::Tensor& A,
+                    const at::Tensor& B, const at::Tensor& d_bank, const at::Tensor& b_bank, const at::Tensor& ids,
+                    DecodeBase base_kind, const at::Tensor& base) {
+  RECORD_FUNCTION("vera::decode_adapter", std::vector<c10::IValue>({x, A, B, d_bank, b_bank}));
+  const at::Tensor x_u = unit_column_stride(x), A_u = unit_column_stride(A), B_u = unit_column_stride(B);
+  DecodeAdapter p;
+  p.x = x_u.const_data_ptr();
+  p.A = A_u.const_data_ptr();
+  p.B = B_u.const_data_ptr();
+  p.x_stride = x_u.stride(0);
+  p.A_stride = A_u.stride(0);
+  p.B_stride = B_u.stride(0);
+  p.d_bank = d_bank.const_data_ptr();
+  p.b_bank = b_bank.const_data_ptr();
+  p.ids = ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr;
+  p.base_kind = base_kind;
+  p.base = base.defined() ? base.const_data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  p.s = s.defined() ? s.data_ptr() : nullptr;
+  p.dtype = kernel_dtype(x.scalar_type());
+  p.v_dtype = kernel_dtype(d_bank.scalar_type());
+  p.rows = x.size(0);
+  p.in = x.size(1);
+  p.r = A.size(0);
+  p.out = B.size(0);
+  p.splits = decode_splits_cuda(p.in, p.r, x.device().index());
+  const at::Tensor scratch = at::empty({decode_scratch_floats(p.rows, p.r, p.splits)}, x.options().dtype(at::kFloat));
+  p.scratch = scratch.mutable_data_ptr<float>();
+  check_cuda("vera decode", decode_adapter_cuda(p, current_stream(x)));
+}
+#endif
+
+// Rows per block of the adapter term of vera_forward_multi_ (see there).
+int64_t multi_block_rows(const at::Tensor& y, int64_t out) {
+  return std::max<int64_t>(1, (y.is_cuda() ? kMultiBlockElementsCuda : kMultiBlockElements) / std::max<int64_t>(1, out));
 }
 
 }  // namespace
@@ -502,6 +551,20 @@ void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::o
                           {"lambda_d", &lambda_d}, {"lambda_b", &lambda_b}, {"base_out", get(base_out)}});
 
   const c10::DeviceGuard guard(x.device());
+#ifdef VERA_WITH_CUDA
+  if (x.is_cuda() && m > 0 && m <= kDecodeMaxRows) {
+    // Decode: the adapter term by the split-K kernels (B is read once, unfolded; no GEMM call), then the
+    // base GEMM accumulates into y.
+    const at::Tensor d = lambda_d.contiguous().view({1, r}), b = lambda_b.contiguous().view({1, out});
+    if (weight) {
+      decode_adapter(y, s, x, A, B, d, b, at::Tensor(), DecodeBase::kBias, bias ? bias->contiguous() : at::Tensor());
+      y.addmm_(x, weight->t());
+    } else {
+      decode_adapter(y, s, x, A, B, d, b, at::Tensor(), DecodeBase::kRows, base_out->contiguous());
+    }
+    return;
+  }
+#endif
   // y is written once by the small product (with the bias or base_out), then the base GEMM accumulates
   // into it (beta = 1: in a compute-bound main loop the read of y costs nothing).
   const at::Tensor Bdb = folded_projection(B, lambda_d, lambda_b);
@@ -561,21 +624,31 @@ void vera_forward_multi_(at::Tensor y, const at::Tensor& x, const std::optional<
   const c10::DeviceGuard guard(x.device());
   const at::Tensor ids = adapter_ids.contiguous();
   const at::Tensor bank_d = lambda_d_bank.contiguous(), bank_b = lambda_b_bank.contiguous();
-  // t = d[ids] ⊙ (x Aᵀ), in place over s (nothing is saved: no backward).
-  at::Tensor t = at::mm(x, A.t());
-  gather_scale(t, t, bank_d, ids, /*accumulate=*/false);
   if (weight) {
     if (bias) {
       at::addmm_out(y, *bias, x, weight->t());  // F.linear's own call: -1 rows equal it bit for bit
     } else {
       at::mm_out(y, x, weight->t());
     }
-  } else {
-    y.copy_(*base_out);
   }
+#ifdef VERA_WITH_CUDA
+  if (x.is_cuda() && m > 0 && m <= kDecodeMaxRows) {
+    // Decode: the split-K kernels gather each row's vectors in the shrink's second stage and the expand.
+    if (weight) {
+      decode_adapter(y, at::Tensor(), x, A, B, bank_d, bank_b, ids, DecodeBase::kAccumulate, at::Tensor());
+    } else {
+      decode_adapter(y, at::Tensor(), x, A, B, bank_d, bank_b, ids, DecodeBase::kRows, base_out->contiguous());
+    }
+    return;
+  }
+#endif
+  if (!weight) y.copy_(*base_out);
+  // t = d[ids] ⊙ (x Aᵀ), in place over s (nothing is saved: no backward).
+  at::Tensor t = at::mm(x, A.t());
+  gather_scale(t, t, bank_d, ids, /*accumulate=*/false);
   // b[ids] cannot be folded into B as in vera_forward_ (one b per row, not per launch): per block of rows,
   // u = t Bᵀ into a bounded temporary, then y += b[ids] ⊙ u.
-  const int64_t block = std::max<int64_t>(1, kMultiBlockElements / std::max<int64_t>(1, out));
+  const int64_t block = multi_block_rows(y, out);
   at::Tensor u = at::empty({std::min(block, m), out}, y.options());
   const at::Tensor Bt = B.t();
   for (int64_t row = 0; row < m; row += block) {
