@@ -36,6 +36,7 @@ forward+backward (dx, dd, db) (2 in out + r (2 in + 3 out)) / (2 in out) times b
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -62,8 +63,7 @@ NO_LAUNCH = {
     "aten::result_type", "aten::is_same_size", "aten::numpy_T", "aten::matrix_H", "aten::_has_same_storage_numel",
     "aten::new_empty", "aten::new_empty_strided", "aten::set_", "detach", "aten::unbind",
 }
-_DTYPE_SIZES = {"float": 4, "c10::BFloat16": 2, "c10::Half": 2, "double": 8, "long int": 8, "int": 4,
-                "bool": 1, "Scalar": 0, "": 0}
+_DTYPE_SIZES = {"float": 4, "c10::BFloat16": 2, "c10::Half": 2, "double": 8, "long int": 8, "int": 4, "bool": 1}
 
 
 @dataclass
@@ -150,7 +150,8 @@ class Symbols:
 
 def _elem_size(dtype_name: str, symbolic, target_size: int, traced_in_fp32: bool, fp32_roles=()) -> int:
     if not traced_in_fp32:
-        return _DTYPE_SIZES.get(dtype_name, 4)
+        # (a profiler without input dtypes, older torch: the requested dtype)
+        return _DTYPE_SIZES.get(dtype_name) or target_size
     if len(symbolic) <= 1 or symbolic in fp32_roles:  # the vectors and the fp32 sums stay fp32
         return 4
     return target_size
@@ -159,7 +160,8 @@ def _elem_size(dtype_name: str, symbolic, target_size: int, traced_in_fp32: bool
 def describe(events, symbols: Symbols, target_size: int, traced_in_fp32: bool) -> list[Launch]:
     launches = []
     for e in events:
-        tensors = [(symbols.symbolic(s), dt) for s, dt in zip(e.input_shapes, e.input_dtypes) if dt != "Scalar"]
+        dtypes = getattr(e, "input_dtypes", None) or [""] * len(e.input_shapes)
+        tensors = [(symbols.symbolic(s), dt) for s, dt in zip(e.input_shapes, dtypes) if dt != "Scalar" and len(s)]
         shapes = [sym for sym, _ in tensors]
         numels = [symbols.numel(sym) for sym in shapes]
         fp32_roles = ()
@@ -299,24 +301,67 @@ def base_passes(p, dtype):
     return _passes(lambda: torch.nn.functional.linear(q["x"], q["weight"], q["bias"]), q["grad"], _leaves(q))
 
 
-def build_plans(shape: dict, proxy: dict = PROXY) -> list[Plan]:
-    dtype = getattr(torch, shape["dtype"])
-    target_size = torch.empty(0, dtype=dtype).element_size()
-    symbols = Symbols(proxy, shape)
-    plans = []
-    candidates = [("cpp", cpp_passes(proxy), True), ("unfused", unfused_passes(proxy, dtype), False)]
+@functools.lru_cache(maxsize=None)
+def traced(dtype_name: str) -> tuple:
+    """((plan name, traced in fp32, {pass: profiler events}), ...) at the proxy shape: traced once per dtype,
+    rescaled to any shape by describe()."""
+    dtype = getattr(torch, dtype_name)
+    candidates = []
+    if vera_kernels_cpu_available():
+        candidates.append(("cpp", cpp_passes(PROXY), True))
+    candidates.append(("unfused", unfused_passes(PROXY, dtype), False))
     try:
-        candidates.append(("peft", peft_passes(proxy, dtype), False))
+        candidates.append(("peft", peft_passes(PROXY, dtype), False))
     except ImportError:
         pass
-    for name, passes, fp32 in candidates + [("base", base_passes(proxy, dtype), False)]:
-        plan = Plan(name)
+    candidates.append(("base", base_passes(PROXY, dtype), False))
+    out = []
+    for name, passes, fp32 in candidates:
+        events = {}
         for pass_, (prepare, fn) in passes.items():
             if prepare is not None:
                 prepare()
-            plan.passes[pass_] = describe(trace(fn), symbols, target_size, fp32)
+            events[pass_] = trace(fn)
+        out.append((name, fp32, events))
+    return tuple(out)
+
+
+def vera_kernels_cpu_available() -> bool:
+    import vera_kernels
+
+    return vera_kernels.backends()["cpu"].available
+
+
+def build_plans(shape: dict) -> list[Plan]:
+    dtype = getattr(torch, shape["dtype"])
+    target_size = torch.empty(0, dtype=dtype).element_size()
+    symbols = Symbols(PROXY, shape)
+    plans = []
+    for name, fp32, events in traced(shape["dtype"]):
+        plan = Plan(name)
+        for pass_, pass_events in events.items():
+            plan.passes[pass_] = describe(pass_events, symbols, target_size, fp32)
         plans.append(plan)
     return plans
+
+
+# The layer benchmark's implementations (bench/harness.py) and passes, by plan.
+_BENCH_PLANS = {"base": "base", "vera-cuda": "cpp", "vera-cpu": "cpp", "unfused": "unfused", "peft": "peft"}
+
+
+def estimate_seconds(impl: str, pass_: str, m: int, in_features: int, out_features: int, rank, dtype: str):
+    """The H200 roofline estimate of a layer benchmark case (bench/harness.py's impl and pass names), or
+    None for implementations without a traced plan here (Triton, compiled PEFT, LoRA, merged)."""
+    name = _BENCH_PLANS.get(impl)
+    if name is None:
+        return None
+    shape = dict(m=m, in_features=in_features, out_features=out_features, rank=rank or PROXY["rank"], dtype=dtype)
+    plan = next((p for p in build_plans(shape) if p.name == name), None)
+    if plan is None:
+        return None
+    if pass_ == "forward+backward":
+        return plan.seconds("training forward") + plan.seconds("backward")
+    return plan.seconds(pass_)
 
 
 def floors(shape: dict) -> dict:
