@@ -23,11 +23,13 @@ Plans:
   peft     PEFT's own VeRA layer (where peft is installed), traced in the requested dtype: its vectors
            are fp32 and it casts x to them, so its adapter GEMMs run in fp32
   base     nn.Linear alone (forward; backward dx only): the floor's reference
-The Triton plan is not listed: its kernels run on CPU only under the interpreter, whose launches are
-not the GPU's (see vera_kernels/triton and python -m vera_kernels.verify --static).
+  triton   the Triton backend, traced under Triton's interpreter (CPU tensors; where the interpreter is on):
+           each kernel launch with its tensor arguments, those it wrote found by comparing them before and
+           after; FLOPs inferred from the operand shapes (see describe_triton)
 
 Roofline per launch: max(FLOPs / peak, bytes / bandwidth), summed over the launches (no launch latency,
-no overlap between launches). H200: 790 TFLOP/s for GEMMs on bf16/fp16 operands (cuBLAS's rate, measured
+no overlap between launches): what a plan's launches allow with every kernel at the hardware's rate, not
+how close a kernel's own code comes to it (cuBLAS does; a Triton kernel may not). H200: 790 TFLOP/s for GEMMs on bf16/fp16 operands (cuBLAS's rate, measured
 on one), 67 TFLOP/s on fp32 operands (TF32 is off by default), 4.3 TB/s (a measured copy).
 The arithmetic floor (DESIGN.md section 5): forward 1 + r (in + out) / (in out) times the base forward,
 forward+backward (dx, dd, db) (2 in out + r (2 in + 3 out)) / (2 in out) times base forward + dx.
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -131,6 +134,46 @@ def trace(fn):
     return _top_launches(prof.events())
 
 
+@dataclass
+class TritonLaunch:
+    name: str
+    tensors: list  # (shape, dtype, written) of each tensor argument
+
+
+def trace_triton(fn) -> list[TritonLaunch]:
+    """The Triton kernels fn() launches, run by Triton's interpreter (CPU tensors, TRITON_INTERPRET=1):
+    each kernel's tensor arguments, and which of them it wrote (compared bit for bit before and after the
+    launch, the outputs poisoned with NaN first so that every write shows)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from vera_kernels.dispatch import poisoned_outputs
+
+    launches = []
+    original = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if warmup:
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        before = [t.clone() for t in tensors]
+        result = original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        launches.append(TritonLaunch(self.fn.__name__, [
+            (tuple(t.shape), t.dtype, not torch.equal(_bits(t), _bits(b))) for t, b in zip(tensors, before)]))
+        return result
+
+    InterpretedFunction.run = run
+    try:
+        with poisoned_outputs():
+            fn()
+    finally:
+        InterpretedFunction.run = original
+    return launches
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8) if t.dtype.is_floating_point else t
+
+
 class Symbols:
     """Maps the proxy's sizes back to symbols and the symbols to the requested sizes."""
 
@@ -206,6 +249,36 @@ def describe(events, symbols: Symbols, target_size: int, traced_in_fp32: bool) -
     return launches
 
 
+def describe_triton(launches: list[TritonLaunch], symbols: Symbols) -> list[Launch]:
+    """Bytes from the tensor arguments (each read or written once; the ones a kernel changed are counted
+    as written). FLOPs inferred from the operand shapes: a matrix (a, b) the kernel writes, or reads with
+    the token dimension M and could rebuild from two others it reads (the backward recomputes u = t Bᵀ for
+    g ⊙ u), is a product of every pair of read matrices (a, k) and (b, k), k another dimension: 2 a b k
+    each, each product counted once. Element-wise work is not counted. Scratch buffers with a
+    program-count dimension keep their traced size (they are not rescaled)."""
+    out = []
+    for launch in launches:
+        tensors = [(symbols.symbolic(shape), torch.empty(0, dtype=dt).element_size(), written)
+                   for shape, dt, written in launch.tensors]
+        read = sum(symbols.numel(sym) * size for sym, size, written in tensors if not written)
+        write = sum(symbols.numel(sym) * size for sym, size, written in tensors if written)
+        reads = [sym for sym, _, written in tensors if not written and len(sym) == 2]
+        products = set()  # (a, b, k): one matrix product, however many outputs share its shape
+        # A written matrix (a, b) and a read one that the kernel can rebuild from two others it reads (the
+        # backward's g ⊙ u, u = t Bᵀ) are both products of the read (a, k) and (b, k).
+        targets = [sym for sym, _, written in tensors if written and len(sym) == 2] + [p for p in reads if "M" in p]
+        for y in targets:
+            a, b = y
+            for p in reads:
+                for q in reads:
+                    k = (set(p) - {a}) & (set(q) - {b}) - {a, b}
+                    if p is not y and q is not y and p is not q and a in p and b in q and len(k) == 1:
+                        products.add((a, b, *k))
+        flops = sum(2 * symbols.numel(product) for product in products)
+        out.append(Launch("triton::" + launch.name, [sym for sym, _, _ in tensors], flops, read, write))
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # The plans, run at the proxy shape.
 
@@ -264,6 +337,21 @@ def cpp_passes(p):
     return _passes(lambda: vera_kernels.vera_linear(**fields, backend="cpu"), q["grad"], _leaves(q))
 
 
+def triton_passes(p, dtype):
+    import vera_kernels
+
+    q = _problem(p, dtype)
+    fields = {k: q[k] for k in ("x", "weight", "bias", "A", "B", "lambda_d", "lambda_b")}
+    return _passes(lambda: vera_kernels.vera_linear(**fields, backend="triton"), q["grad"], _leaves(q))
+
+
+def triton_on_cpu() -> bool:
+    import vera_kernels
+
+    status = vera_kernels.backends()["triton"]
+    return status.available and "cpu" in status.devices
+
+
 def unfused_passes(p, dtype):
     q = _problem(p, dtype)
 
@@ -303,26 +391,28 @@ def base_passes(p, dtype):
 
 @functools.lru_cache(maxsize=None)
 def traced(dtype_name: str) -> tuple:
-    """((plan name, traced in fp32, {pass: profiler events}), ...) at the proxy shape: traced once per dtype,
-    rescaled to any shape by describe()."""
+    """((plan name, how it was traced, {pass: events}), ...) at the proxy shape: traced once per dtype,
+    rescaled to any shape by describe() and describe_triton()."""
     dtype = getattr(torch, dtype_name)
     candidates = []
     if vera_kernels_cpu_available():
-        candidates.append(("cpp", cpp_passes(PROXY), True))
-    candidates.append(("unfused", unfused_passes(PROXY, dtype), False))
+        candidates.append(("cpp", cpp_passes(PROXY), "fp32"))
+    if triton_on_cpu():
+        candidates.append(("triton", triton_passes(PROXY, dtype), "triton"))
+    candidates.append(("unfused", unfused_passes(PROXY, dtype), "dtype"))
     try:
-        candidates.append(("peft", peft_passes(PROXY, dtype), False))
+        candidates.append(("peft", peft_passes(PROXY, dtype), "dtype"))
     except ImportError:
         pass
-    candidates.append(("base", base_passes(PROXY, dtype), False))
+    candidates.append(("base", base_passes(PROXY, dtype), "dtype"))
     out = []
-    for name, passes, fp32 in candidates:
+    for name, passes, how in candidates:
         events = {}
         for pass_, (prepare, fn) in passes.items():
             if prepare is not None:
                 prepare()
-            events[pass_] = trace(fn)
-        out.append((name, fp32, events))
+            events[pass_] = trace_triton(fn) if how == "triton" else trace(fn)
+        out.append((name, how, events))
     return tuple(out)
 
 
@@ -337,16 +427,18 @@ def build_plans(shape: dict) -> list[Plan]:
     target_size = torch.empty(0, dtype=dtype).element_size()
     symbols = Symbols(PROXY, shape)
     plans = []
-    for name, fp32, events in traced(shape["dtype"]):
+    for name, how, events in traced(shape["dtype"]):
         plan = Plan(name)
         for pass_, pass_events in events.items():
-            plan.passes[pass_] = describe(pass_events, symbols, target_size, fp32)
+            plan.passes[pass_] = (describe_triton(pass_events, symbols) if how == "triton"
+                                  else describe(pass_events, symbols, target_size, how == "fp32"))
         plans.append(plan)
     return plans
 
 
 # The layer benchmark's implementations (bench/harness.py) and passes, by plan.
-_BENCH_PLANS = {"base": "base", "vera-cuda": "cpp", "vera-cpu": "cpp", "unfused": "unfused", "peft": "peft"}
+_BENCH_PLANS = {"base": "base", "vera-cuda": "cpp", "vera-cpu": "cpp", "vera-triton": "triton", "unfused": "unfused",
+                "peft": "peft"}
 
 
 def estimate_seconds(impl: str, pass_: str, m: int, in_features: int, out_features: int, rank, dtype: str):
@@ -410,6 +502,8 @@ def report(shape: dict, plans: list[Plan]) -> str:
 
 
 def main(argv=None):
+    if not torch.cuda.is_available():  # Triton's kernels run on CPU only under its interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--m", type=int, default=TARGET["m"])
     parser.add_argument("--in-features", type=int, default=TARGET["in_features"])

@@ -59,6 +59,18 @@ def test_target_shape_estimate_is_within_5_percent_of_the_floor():
     assert gemm_flops["backward"] == 2 * m * i * o + 2 * m * r * (i + 2 * o)
 
 
+def test_triton_plan_is_traced_from_its_kernels():
+    if not plan.triton_on_cpu():
+        pytest.skip("the Triton interpreter is off")
+    shape = dict(plan.TARGET)
+    triton = next(p for p in plan.build_plans(shape) if p.name == "triton")
+    m, i, o, r = (shape[k] for k in ("m", "in_features", "out_features", "rank"))
+    assert all(launch.name.startswith("triton::") for pass_ in triton.passes.values() for launch in pass_)
+    # Whatever its kernels, the plan does at least the operation's FLOPs (inferred from their operands).
+    assert sum(launch.flops for launch in triton.passes["forward"]) >= 2 * m * i * o + 2 * m * r * (i + o)
+    assert sum(launch.flops for launch in triton.passes["backward"]) >= 2 * m * i * o + 2 * m * r * (i + 2 * o)
+
+
 class _Allocations(TorchDispatchMode):
     """Records the shape of every tensor an ATen op returns that owns fresh memory (not a view of an input,
     not an out= or in-place result): the C++ code's at::empty, at::mm, ... calls all pass through here."""
