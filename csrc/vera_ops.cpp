@@ -5,6 +5,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/record_function.h>
@@ -266,7 +267,8 @@ constexpr int64_t kMultiBlockElementsCuda = int64_t(1) << 24;
 // anew. Never cached: inference tensors (no version counter) and calls under CUDA graph capture (a replay
 // must rerun the fold, which then sees the vectors of that moment).
 
-void fold_projection(const at::Tensor& out, const at::Tensor& B, const at::Tensor& d, const at::Tensor& b) {
+// Writes Bdb into out; returns whether b is finite (see Folded).
+bool fold_projection(const at::Tensor& out, const at::Tensor& B, const at::Tensor& d, const at::Tensor& b) {
   RECORD_FUNCTION("vera::fold_projection", std::vector<c10::IValue>({B, d, b}));
   FoldProjection p;
   p.out = out.data_ptr();
@@ -281,10 +283,11 @@ void fold_projection(const at::Tensor& out, const at::Tensor& B, const at::Tenso
 #ifdef VERA_WITH_CUDA
   if (out.is_cuda()) {
     check_cuda("vera fold projection", fold_projection_cuda(p, current_stream(out)));
-    return;
+    return true;
   }
 #endif
   fold_projection_cpu(p);
+  return at::isfinite(b).all().item<bool>();
 }
 
 // What identifies a tensor's contents without reading them (see above).
@@ -311,9 +314,17 @@ struct Watched {
   }
 };
 
+// Bdb, and whether folding b keeps the formula: Σ_k s_k (b_j B_jk d_k) equals b_j Σ_k t_k B_jk only for a
+// finite b_j (an infinite one times entries of both signs sums to inf - inf = NaN where the formula gives
+// ±inf). Checked on CPU tensors, where no device has to be waited for; assumed on CUDA.
+struct Folded {
+  at::Tensor Bdb;
+  bool b_finite = true;
+};
+
 struct FoldedEntry {
   Watched B, d, b;
-  at::Tensor folded;
+  Folded folded;
 };
 
 // Keyed by the three data pointers and the dtype of the fold; the entry's Watched fields decide.
@@ -339,8 +350,8 @@ bool cacheable(std::initializer_list<const at::Tensor*> tensors) {
   return true;
 }
 
-// Bdb for these B, lambda_d, lambda_b in `dtype` (B's), contiguous: the cached one, or folded now.
-at::Tensor folded_projection(const at::Tensor& B, const at::Tensor& lambda_d, const at::Tensor& lambda_b) {
+// Bdb for these B, lambda_d, lambda_b in B's dtype, contiguous: the cached one, or folded now.
+Folded folded_projection(const at::Tensor& B, const at::Tensor& lambda_d, const at::Tensor& lambda_b) {
   const bool use_cache = cacheable({&B, &lambda_d, &lambda_b});
   const FoldKey key = fold_key(B, lambda_d, lambda_b, B.scalar_type());
   if (use_cache) {
@@ -351,8 +362,9 @@ at::Tensor folded_projection(const at::Tensor& B, const at::Tensor& lambda_d, co
       if (e.B.matches(B) && e.d.matches(lambda_d) && e.b.matches(lambda_b)) return e.folded;
     }
   }
-  at::Tensor folded = at::empty({B.size(0), B.size(1)}, B.options().memory_format(at::MemoryFormat::Contiguous));
-  fold_projection(folded, B.contiguous(), lambda_d.contiguous(), lambda_b.contiguous());
+  Folded folded;
+  folded.Bdb = at::empty({B.size(0), B.size(1)}, B.options().memory_format(at::MemoryFormat::Contiguous));
+  folded.b_finite = fold_projection(folded.Bdb, B.contiguous(), lambda_d.contiguous(), lambda_b.contiguous());
   if (use_cache) {
     const std::lock_guard<std::mutex> lock(fold_cache_mutex);
     auto& cache = fold_cache();
@@ -567,8 +579,23 @@ void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::o
 #endif
   // y is written once by the small product (with the bias or base_out), then the base GEMM accumulates
   // into it (beta = 1: in a compute-bound main loop the read of y costs nothing).
-  const at::Tensor Bdb = folded_projection(B, lambda_d, lambda_b);
+  const Folded folded = folded_projection(B, lambda_d, lambda_b);
+  const at::Tensor& Bdb = folded.Bdb;
   at::mm_out(s, x, A.t());
+  if (!folded.b_finite) {
+    // An infinite b_j (see Folded): y = base, then y += b ⊙ (t Bᵀ) in fp32, rounded once, through the bank
+    // kernel with a one-adapter bank and every row on it (an M x out temporary, for this case only).
+    if (weight) {
+      bias ? at::addmm_out(y, *bias, x, weight->t()) : at::mm_out(y, x, weight->t());
+    } else {
+      y.copy_(*base_out);
+    }
+    const at::Tensor on_it = at::zeros({m}, x.options().dtype(at::kLong));
+    at::Tensor t = at::empty({m, r}, s.options());
+    gather_scale(t, s, lambda_d.contiguous().view({1, r}), on_it, /*accumulate=*/false);
+    gather_scale(y, at::mm(t, B.t()), lambda_b.contiguous().view({1, out}), on_it, /*accumulate=*/true);
+    return;
+  }
   if (weight) {
     if (bias) {
       at::addmm_out(y, *bias, s, Bdb.t());
@@ -722,7 +749,7 @@ void vera_backward_(const std::optional<at::Tensor>& dx, const std::optional<at:
   if (dx) {
     // d ⊙ dt = g Bdb (M x r), then dx is written once by (d ⊙ dt) A and the base GEMM accumulates into it.
     at::Tensor dx_out = *dx;
-    at::mm_out(dx_out, at::mm(grad_out, folded_projection(B, lambda_d, lambda_b)), A);
+    at::mm_out(dx_out, at::mm(grad_out, folded_projection(B, lambda_d, lambda_b).Bdb), A);
     if (weight) dx_out.addmm_(grad_out, *weight);
   }
   if (dd || db) forget_folded_projection(B, lambda_d, lambda_b);
