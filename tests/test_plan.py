@@ -173,3 +173,19 @@ def test_folded_projection_of_a_new_tensor_at_a_reused_address():
         want = vera_kernels.vera_linear(x, weight, None, A, B, d, b, backend="torch")
         assert verify.relative_error(y, want) < 1e-5
         del b
+
+
+def test_inference_forward_allocates_only_its_outputs_once_folded():
+    # The C++ path used to allocate a scaled copy of B per call; with the fold cached, a decode step
+    # allocates y and s (the op's outputs) and nothing else.
+    p = verify.random_problem(1, 29, 23, 7)
+    p = {k: v.float() for k, v in p.items()}
+
+    def forward():
+        with torch.no_grad():
+            vera_kernels.vera_linear(**p, backend="cpu")
+
+    forward()
+    with _Allocations() as allocations:
+        forward()
+    assert sorted(allocations.shapes) == [(1, 7), (1, 23)], allocations.shapes
