@@ -265,7 +265,8 @@ constexpr int64_t kMultiBlockElementsCuda = int64_t(1) << 24;
 // 2.13). The second is covered by forgetting the entry in every backward that computes dd or db: an
 // optimizer changes only vectors that received gradients, so the forward after a training step folds
 // anew. Never cached: inference tensors (no version counter) and calls under CUDA graph capture (a replay
-// must rerun the fold, which then sees the vectors of that moment).
+// must rerun the fold, which then sees the vectors of that moment). The fold is written on the stream of
+// the call that made it; calls on other streams follow the usual rule for tensors shared across streams.
 
 // Writes Bdb into out; returns whether b is finite (see Folded).
 bool fold_projection(const at::Tensor& out, const at::Tensor& B, const at::Tensor& d, const at::Tensor& b) {
