@@ -15,7 +15,8 @@ cached), a training step's forward (the fold is redone after every backward that
 gradients) and its backward.
 
 Plans:
-  cpp      the C++/CUDA extension (backend "cpu" is the CPU twin of "cuda": same ATen calls, same kernels;
+  cpp      the C++/CUDA extension (backend "cpu" is the CPU twin of "cuda": same ATen calls, same kernels
+           at M > 16; at M <= 16 CUDA runs its split-K decode kernels instead, not traceable here;
            traced in fp32, whose structure is the CUDA plan's in any dtype (on CUDA, G = gᵀ s is one cuBLAS
            GEMM with fp32 output; the CPU twin widens blocks of 16-bit rows instead). Bytes use the
            requested dtype for activations, weights and projections, fp32 for the vectors and G.
@@ -492,6 +493,9 @@ def report(shape: dict, plans: list[Plan]) -> str:
                 lines.append(f"  {launch.name:22s} {launch.flops / 1e9:9.2f} GFLOP  read {_fmt_bytes(launch.bytes_read)}"
                              f"  write {_fmt_bytes(launch.bytes_written)}  {launch.seconds() * 1e6:8.1f} us  {shapes}")
         lines.append("")
+    if shape["m"] <= 16:
+        lines.append("note: at M <= 16 the cuda backend runs its split-K decode kernels (csrc/vera_cuda.cu), not "
+                     "the GEMM plan traced above; the cpp rows are the CPU twin's plan")
     floor = floors(shape)
     lines.append(f"Estimated time over the base layer's (arithmetic floor: forward {floor['forward']:.3f}, "
                  f"forward+backward {floor['forward+backward']:.3f}):")
