@@ -191,13 +191,15 @@ class VeraFunction : public torch::autograd::Function<VeraFunction> {
     ctx->saved_data["with_base_out"] = base_out.has_value();
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["max_in"] = max_in;
-    // s leaves the op only to be saved: no gradient flows into it.
+    // s leaves the op only to be saved: no gradient flows into it, and none is materialized for it.
     ctx->mark_non_differentiable({s});
+    ctx->set_materialize_grads(false);
     return {y, s};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    if (!grads[0].defined()) return torch::autograd::variable_list(10);  // y's gradient is zero
     const auto saved = ctx->get_saved_variables();
     const auto optional = [](const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
     // needs_input_grad counts the tensor inputs that were given (an absent optional has no edge).
