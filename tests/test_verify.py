@@ -32,6 +32,9 @@ def test_criterion():
 
 
 def test_op_group_rows():
+    # op_group draws its seed from the global generator: fixed here, so that the limit checked below (the
+    # tolerance, unless PyTorch's own error is larger for some inputs) does not depend on the tests before.
+    torch.manual_seed(0)
     rows = verify.op_group(["torch"], "cpu", torch.float32, "odd", verify.OP_SHAPES[:1])
     (row,) = rows
     assert row.passed and set(row.errors) == set(verify.OUTPUTS) and row.output in verify.OUTPUTS
