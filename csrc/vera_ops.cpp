@@ -6,12 +6,15 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <initializer_list>
 #include <tuple>
+
+#include <torch/version.h>
 
 #include "projection.h"
 #include "vera_math.h"
@@ -248,6 +251,25 @@ void gather_scale(const at::Tensor& out, const at::Tensor& in, const at::Tensor&
 // Elements of the row-blocked u = t Bᵀ temporary of vera_forward_multi_ (512 KB in fp32): small enough
 // that y += b[ids] ⊙ u reads u back from the CPU's L2, large enough (32 rows at out = 4096) for the GEMM.
 constexpr int64_t kMultiBlockElements = int64_t(1) << 17;
+
+// gᵀ t (out x r) for g (M x out) and t (M x r) of one dtype, in fp32: the product sums over all M rows
+// and overflows fp16 at long batches, although what it feeds (db) is an fp32 value.
+at::Tensor transposed_product_fp32(const at::Tensor& g, const at::Tensor& t) {
+  if (g.scalar_type() == at::kFloat) return at::mm(g.t(), t);
+#if defined(VERA_WITH_CUDA) && (TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 8)
+  // cuBLAS reads the half operands and accumulates and writes in fp32.
+  if (g.is_cuda()) return at::mm(g.t(), t, at::kFloat);
+#endif
+  // Blocks of rows widened to fp32 (a bounded temporary), accumulated into one fp32 product.
+  const int64_t m = g.size(0), out = g.size(1);
+  const int64_t block = std::max<int64_t>(1, kMultiBlockElements / std::max<int64_t>(1, out));
+  at::Tensor product = at::zeros({out, t.size(1)}, g.options().dtype(at::kFloat));
+  for (int64_t row = 0; row < m; row += block) {
+    const int64_t rows = std::min(block, m - row);
+    product.addmm_(g.narrow(0, row, rows).t().to(at::kFloat), t.narrow(0, row, rows).to(at::kFloat));
+  }
+  return product;
+}
 
 // b ⊙ B (out x r, x's dtype): B's rows scaled by lambda_b, so that one GEMM with it applies both.
 at::Tensor scaled_B(const at::Tensor& B, const at::Tensor& lambda_b) {
@@ -521,7 +543,7 @@ void vera_backward_(const std::optional<at::Tensor>& dx, const std::optional<at:
     // db_j = Σ_m g_mj (t Bᵀ)_mj = Σ_k B_jk (gᵀ t)_jk: one out x r GEMM instead of recomputing u (M x out),
     // the same FLOPs, then a row-wise dot with B.
     scale(scratch, s, d, /*per_row=*/false);
-    row_dots(*db, B.contiguous(), at::mm(grad_out.t(), scratch));
+    row_dots(*db, B.to(at::kFloat).contiguous(), transposed_product_fp32(grad_out, scratch));
   }
   if (dbias) column_sums(*dbias, grad_out, at::Tensor());
   if (dx) {

@@ -330,3 +330,18 @@ def test_backward_rejects_outputs_sharing_memory():
                        "db must not share memory with dbias")
     _outputs_untouched(C.vera_backward_, {**args, "dd": args["s"][0]}, ("dx", "db", "dbias"),
                        "dd must not share memory with s")
+
+
+def test_fp16_db_of_a_long_batch_is_finite():
+    # db_j = Σ_k B_jk (gᵀ t)_jk: the out x r product gᵀ t sums over M rows and overflows fp16 (max 65504) at
+    # M = 8192 with x = 8 and g = 1, although db itself is an fp32 value. Regression: it was formed in fp16
+    # (64 of 64 elements NaN); it must be accumulated in fp32 as the other backends do.
+    m, in_features, out_features, rank = 8192, 64, 64, 16
+    p = problem(m, in_features, out_features, rank, dtype=torch.float16)
+    p["x"] = torch.full_like(p["x"], 8.0)
+    grad = torch.ones(m, out_features, dtype=torch.float16, device=DEVICE)
+    *_, dd, db = run_layer(p, grad)
+    exact = {k: v.double() for k, v in p.items()}
+    *_, dd_ref, db_ref = run_layer(exact, grad.double(), backend="torch")
+    assert torch.isfinite(db).all() and torch.isfinite(dd).all()
+    assert verify.relative_error(db, db_ref) < 1e-2 and verify.relative_error(dd, dd_ref) < 1e-2
