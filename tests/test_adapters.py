@@ -190,3 +190,30 @@ def test_save_needs_an_adapter_and_seeded_projections(base, tmp_path):
         save_adapter(model, tmp_path / "a.safetensors")
     with pytest.raises(FileNotFoundError):
         load_adapter(base, tmp_path / "missing.safetensors")
+
+
+def test_loading_into_a_merged_model_is_refused_and_changes_nothing(base, saved):
+    # Regression: the load was accepted, the forward kept the old ΔW and unmerge() then subtracted the new
+    # one from W0. A merged layer's weight holds W0 + ΔW(lambdas): its lambdas can't change under it.
+    trained_model, path = saved
+    target = trained(copy.deepcopy(base), seed=1)
+    for _, layer in vera_kernels.vera_layers(target):
+        layer.merge()
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="merged.*unmerge"):
+        load_adapter(target, path)
+    assert_untouched(target, before)
+    with pytest.raises(RuntimeError, match="merged.*unmerge"):
+        target.load_state_dict(trained_model.state_dict())
+    assert_untouched(target, before)
+    layer = target.mlp[2]
+    with pytest.raises(RuntimeError, match="merged.*unmerge"):
+        layer.load_state_dict(trained_model.mlp[2].state_dict())
+    assert_untouched(target, before)
+    # Unmerged, the same loads work and the weights are W0 again.
+    for _, layer in vera_kernels.vera_layers(target):
+        layer.unmerge()
+    load_adapter(target, path)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(target(x), trained_model(x))
+    target.load_state_dict(trained_model.state_dict())

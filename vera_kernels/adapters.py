@@ -163,6 +163,12 @@ def load_adapter(model: nn.Module, path, *, name: str | None = None) -> nn.Modul
         taken = sorted(layer_name for layer_name, module in existing.items() if name in module.adapters)
         if taken:
             raise ValueError(f"load_adapter: an adapter named {name!r} is already in the bank of {taken[:3]}")
+    merged = sorted(layer_name for layer_name, module in existing.items() if getattr(module, "merged", False))
+    if merged and name is None:
+        raise ValueError(
+            f"load_adapter: layers {merged[:5]} are merged (ΔW is folded into their weights), so adapter file "
+            f"{path!r} can't replace their lambdas; call unmerge() on them first"
+        )
     if existing:
         missing, unknown = sorted(set(existing) - set(names)), sorted(set(names) - set(existing))
         if missing or unknown:

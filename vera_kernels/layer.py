@@ -440,6 +440,10 @@ class FusedVeRALinear(_VeRABase):
         weight.copy_((weight.to(_accumulation_dtype(weight.dtype)) - self.delta_weight()).to(weight.dtype))
         self.merged = False
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        refuse_loads_into_merged_layers(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def to_base(self) -> nn.Module:
         """An nn.Linear (or Conv1D) holding this layer's weight and bias Parameters, without the adapter."""
         if self.merged:
@@ -549,3 +553,20 @@ class VeRAWrapper(_VeRABase):
 
 
 VERA_LAYERS = (FusedVeRALinear, VeRAWrapper)
+
+
+def refuse_loads_into_merged_layers(module, state_dict, prefix, *_):
+    """A load_state_dict pre-hook (apply_vera puts it on the model; FusedVeRALinear runs it itself): refuse,
+    before anything is copied, a state_dict that would set the weight or the lambdas of a merged layer. Its
+    weight holds W0 + ΔW(lambdas): new lambdas under it would leave the old ΔW in the forward, and unmerge()
+    would then subtract the new ΔW from W0."""
+    for name, layer in module.named_modules(prefix=prefix.rstrip(".")):
+        if not getattr(layer, "merged", False):
+            continue
+        keys = [f"{name}.{key}" if name else key for key in ("weight", "lambda_d", "lambda_b")]
+        loading = [key for key in keys if key in state_dict]
+        if loading:
+            raise RuntimeError(
+                f"load_state_dict: layer {name!r} is merged (ΔW is folded into its weight), so {loading} can't be "
+                "loaded into it; call unmerge() on the merged layers first"
+            )

@@ -20,6 +20,7 @@ from .layer import (
     VeRAWrapper,
     _check_base_dtype,
     _conv1d_type,
+    refuse_loads_into_merged_layers,
 )
 from .projections import check_positive_int
 
@@ -191,6 +192,11 @@ def apply_vera(
         for name, parameter in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
                 parameter.requires_grad_(True)
+    # The whole model's load_state_dict refuses a merged layer before any module is loaded (the layer's own
+    # check runs only when the load reaches it).
+    hooks = [getattr(hook, "hook", hook) for hook in model._load_state_dict_pre_hooks.values()]
+    if refuse_loads_into_merged_layers not in hooks:
+        model.register_load_state_dict_pre_hook(refuse_loads_into_merged_layers)
     return model
 
 
