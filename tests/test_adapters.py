@@ -217,3 +217,25 @@ def test_loading_into_a_merged_model_is_refused_and_changes_nothing(base, saved)
     x = torch.randn(5, 16)
     torch.testing.assert_close(target(x), trained_model(x))
     target.load_state_dict(trained_model.state_dict())
+
+
+def test_a_huge_max_in_costs_no_memory(base, saved, tmp_path):
+    # Regression: a 400-byte file with max_in = 2**28 made load_adapter generate the full rank x max_in A
+    # (8 GB at rank 8). Only the slices the layers use are generated; max_in sets their scale.
+    _, path = saved
+    from vera_kernels.projections import TAG_A, TAG_B, projection_block
+
+    for max_in, max_out in ((2**20, 24), (2**28, 2**31), (2**34, 2**32)):
+        big = rewrite(path, tmp_path, max_in=str(max_in), max_out=str(max_out))
+        model = load_adapter(copy.deepcopy(base), big)
+        layer = model.mlp[0]
+        A, B = layer.projections.pair(torch.device("cpu"), torch.float32)
+        assert tuple(A.shape) == (8, 24) and tuple(B.shape) == (24, 8)  # the widest layer: 24 -> 24
+        assert torch.equal(A, projection_block(5, TAG_A, 8, 24, max_in))
+        assert torch.equal(B, projection_block(5, TAG_B, 24, 8, 8))
+        x = torch.randn(3, 16)
+        model(x)  # runs on those slices
+        assert (layer.projections.max_in, layer.projections.max_out) == (max_in, max_out)
+        out = tmp_path / "resaved.safetensors"
+        save_adapter(model, out)  # and saves the file's sizes again
+        assert vera_kernels.read_adapter(out)[0]["max_in"] == max_in

@@ -216,7 +216,13 @@ def load_adapter(model: nn.Module, path, *, name: str | None = None) -> nn.Modul
         biases[key] = parameter
 
     if not existing:
-        projections = SeededProjections(config["seed"], config["rank"], config["max_in"], config["max_out"])
+        # Only the slices the model's layers use are generated: the file's max_in and max_out set the values
+        # (the scale), not how much memory the load takes.
+        projections = SeededProjections(
+            config["seed"], config["rank"], config["max_in"], config["max_out"],
+            in_features=max(features[0] for features in found.values()),
+            out_features=max(features[1] for features in found.values()),
+        )
         apply_vera(model, pattern, rank=config["rank"], d_initial=config["d_initial"], dropout=config["dropout"],
                    projections=projections)
     layers = dict(vera_layers(model))

@@ -53,6 +53,8 @@ class _ProjectionSource:
         self.rank = check_positive_int("rank", rank)
         self.max_in = check_positive_int("max_in", max_in)
         self.max_out = check_positive_int("max_out", max_out)
+        # The widest slices A_max[:, :in_features], B_max[:out_features] a layer may use: what pair() holds.
+        self.in_features, self.out_features = self.max_in, self.max_out
         self._pairs: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def pair(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,16 +87,27 @@ class SeededProjections(_ProjectionSource):
     """The pair regenerated from ``seed`` with the package's scheme (``vera_kernels.SCHEME``): bit-identical
     on every device, backend and process, so a file needs only the seed and the sizes."""
 
-    def __init__(self, seed: int, rank: int, max_in: int, max_out: int):
+    def __init__(self, seed: int, rank: int, max_in: int, max_out: int, *, in_features: int | None = None,
+                 out_features: int | None = None):
+        """``in_features``/``out_features`` (default max_in/max_out): the widest layer that will use the pair;
+        only those slices are generated (the scale still follows max_in), so a large max_in costs no memory."""
         super().__init__(rank, max_in, max_out)
         self.seed = check_seed(seed)
+        for name, value, limit in (("in_features", in_features, self.max_in), ("out_features", out_features, self.max_out)):
+            if value is not None:
+                check_positive_int(name, value)
+                if value > limit:
+                    raise ValueError(f"{name} must be <= {limit} (max_in, max_out), got {value}")
+                setattr(self, name, value)
 
     def _make(self, device, dtype):
+        widths = dict(in_features=self.in_features, out_features=self.out_features)
         if dtype == torch.float64:
             # The scheme's values are fp32 numbers; float64 (the torch backend's oracle) holds them exactly.
-            A, B = get_projections(self.seed, self.rank, self.max_in, self.max_out, dtype=torch.float32, device=device)
+            A, B = get_projections(self.seed, self.rank, self.max_in, self.max_out, dtype=torch.float32,
+                                   device=device, **widths)
             return A.double(), B.double()
-        return get_projections(self.seed, self.rank, self.max_in, self.max_out, dtype=dtype, device=device)
+        return get_projections(self.seed, self.rank, self.max_in, self.max_out, dtype=dtype, device=device, **widths)
 
     def key(self) -> tuple:
         return ("seeded", self.seed, self.rank, self.max_in, self.max_out)
@@ -137,15 +150,20 @@ class _VeRABase(nn.Module):
         if backend != "auto" and backend not in dispatch.NAMES:
             raise ValueError(f"backend must be 'auto' or one of {', '.join(dispatch.NAMES)}; got {backend!r}")
         if projections is None:
-            projections = SeededProjections(seed, rank, max_in or in_features, max_out or out_features)
+            max_in = in_features if max_in is None else check_positive_int("max_in", max_in)
+            max_out = out_features if max_out is None else check_positive_int("max_out", max_out)
+            # Generated up to this layer's sizes (the check below names a max_in or max_out that is too small).
+            projections = SeededProjections(seed, rank, max_in, max_out, in_features=min(in_features, max_in),
+                                            out_features=min(out_features, max_out))
         elif max_in is not None or max_out is not None:
             raise ValueError("max_in/max_out come from the given projections; pass one or the other")
         if projections.rank != rank:
             raise ValueError(f"rank {rank} differs from the projections' rank {projections.rank}")
-        if projections.max_in < in_features or projections.max_out < out_features:
+        if projections.in_features < in_features or projections.out_features < out_features:
             raise ValueError(
-                f"projections of max_in={projections.max_in}, max_out={projections.max_out} are too small for "
-                f"a layer of in_features={in_features}, out_features={out_features}"
+                f"projections of max_in={projections.max_in}, max_out={projections.max_out} (generated for layers "
+                f"up to {projections.in_features} -> {projections.out_features}) are too small for a layer of "
+                f"in_features={in_features}, out_features={out_features}"
             )
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.projections = projections

@@ -249,20 +249,38 @@ _cache_lock = threading.Lock()
 
 
 def get_projections(
-    seed: int, rank: int, max_in: int, max_out: int, *, dtype=torch.float32, device="cpu"
+    seed: int, rank: int, max_in: int, max_out: int, *, dtype=torch.float32, device="cpu",
+    in_features: int | None = None, out_features: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The cached pair for (seed, rank, max_in, max_out, device, dtype): every layer of a model shares it.
 
+    ``in_features``/``out_features`` (default max_in/max_out): generate only ``A_max[:, :in_features]`` and
+    ``B_max[:out_features]``, the widest slices the layers use. The values are those of the full pair (its
+    scale follows max_in), without the memory of columns and rows no layer reads.
+
     The tensors are shared: treat them as read-only.
     """
+    in_features = max_in if in_features is None else in_features
+    out_features = max_out if out_features is None else out_features
+    for name, value, limit in (("in_features", in_features, max_in), ("out_features", out_features, max_out)):
+        check_positive_int(name, value)
+        if isinstance(limit, int) and value > limit:
+            bound = "max_in" if name == "in_features" else "max_out"
+            raise ValueError(f"{name} must be <= {bound} = {limit} (a slice of the full pair), got {value}")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (seed, rank, max_in, max_out, device, dtype)
+    key = (seed, rank, max_in, max_out, in_features, out_features, device, dtype)
     with _cache_lock:
         pair = _cache.get(key)
         if pair is None:
-            pair = generate_projections(seed, rank, max_in, max_out, dtype=dtype, device=device)
+            check_seed(seed)
+            check_positive_int("rank", rank)
+            check_positive_int("max_in", max_in)
+            check_positive_int("max_out", max_out)
+            common = dict(dtype=dtype, device=device)
+            pair = (projection_block(seed, TAG_A, rank, in_features, max_in, **common),
+                    projection_block(seed, TAG_B, out_features, rank, rank, **common))
             _cache[key] = pair
     return pair
 
