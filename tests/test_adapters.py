@@ -239,3 +239,21 @@ def test_a_huge_max_in_costs_no_memory(base, saved, tmp_path):
         out = tmp_path / "resaved.safetensors"
         save_adapter(model, out)  # and saves the file's sizes again
         assert vera_kernels.read_adapter(out)[0]["max_in"] == max_in
+
+
+def test_a_load_that_fails_building_the_layers_changes_nothing(base, saved, monkeypatch):
+    # Regression: when generating the projections failed (out of memory, say), the first target's weight
+    # was already frozen, and the error named neither the file nor its metadata.
+    _, path = saved
+    import vera_kernels.layer
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(vera_kernels.layer, "get_projections", out_of_memory)
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=f"adapter file '{path}'.*max_in=24.*not enough memory"):
+        load_adapter(model, path)
+    assert_untouched(model, before)
+    assert all(p.requires_grad for p in model.parameters())

@@ -223,8 +223,13 @@ def load_adapter(model: nn.Module, path, *, name: str | None = None) -> nn.Modul
             in_features=max(features[0] for features in found.values()),
             out_features=max(features[1] for features in found.values()),
         )
-        apply_vera(model, pattern, rank=config["rank"], d_initial=config["d_initial"], dropout=config["dropout"],
-                   projections=projections)
+        try:
+            apply_vera(model, pattern, rank=config["rank"], d_initial=config["d_initial"],
+                       dropout=config["dropout"], projections=projections)
+        except Exception as exc:  # e.g. out of memory generating the projections; apply_vera changed nothing
+            fields = ", ".join(f"{f}={config[f]}" for f in _INT_FIELDS)
+            error = ValueError if isinstance(exc, (ValueError, TypeError)) else RuntimeError
+            raise error(f"adapter file {path!r}: building its layers from metadata {fields} failed: {exc}") from exc
     layers = dict(vera_layers(model))
     if name is not None:
         for layer_name in names:

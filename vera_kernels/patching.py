@@ -169,18 +169,25 @@ def apply_vera(
     if projections is None:
         projections = SeededProjections(seed, rank, max_in, max_out)
     common = dict(rank=rank, d_initial=d_initial, dropout=dropout, backend=backend, projections=projections)
-    # Check every base and build every new layer before changing any (from_linear freezes the base it
-    # takes), so a failure leaves the model as it was.
+    # Check every base and build every new layer before changing any, so a failure leaves the model as it
+    # was: from_linear and VeRAWrapper freeze the base they take, so a failure in a later layer (generating
+    # the projections, say) puts the flags back.
     for _, module, _ in targets:
         if _fusable(module):
             _check_base_dtype(module.weight.dtype, backend)
+    trainable = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     new_layers = []
-    for name, module, (in_features, out_features) in targets:
-        if _fusable(module):
-            layer = FusedVeRALinear.from_linear(module, train_bias=bias == "vera_only", **common)
-        else:
-            layer = VeRAWrapper(module, in_features=in_features, out_features=out_features, **common)
-        new_layers.append((name, layer))
+    try:
+        for name, module, (in_features, out_features) in targets:
+            if _fusable(module):
+                layer = FusedVeRALinear.from_linear(module, train_bias=bias == "vera_only", **common)
+            else:
+                layer = VeRAWrapper(module, in_features=in_features, out_features=out_features, **common)
+            new_layers.append((name, layer))
+    except BaseException:
+        for parameter, flag in trainable:
+            parameter.requires_grad_(flag)
+        raise
     model.requires_grad_(False)
     for name, layer in new_layers:
         _replace(model, name, layer)
