@@ -257,3 +257,22 @@ def test_a_load_that_fails_building_the_layers_changes_nothing(base, saved, monk
         load_adapter(model, path)
     assert_untouched(model, before)
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("field, text", [
+    ("seed", " 5 "), ("seed", "1_000"), ("seed", "+5"), ("seed", "-1"), ("seed", "0x5"), ("seed", str(2**63)),
+    ("rank", "8.0"), ("rank", "0"), ("max_in", str(2**34 + 1)), ("max_out", str(2**32 + 1)),
+    ("d_initial", "nan"), ("d_initial", "inf"), ("d_initial", "1e999"), ("d_initial", " 0.05"),
+    ("dropout", "1.0"), ("dropout", "-0.1"), ("dropout", "NaN"),
+])
+def test_metadata_is_parsed_strictly_and_errors_name_file_and_field(base, saved, tmp_path, field, text):
+    # Regression: int() and float() accepted ' 7 ', '1_000' and NaN; out-of-range values failed later, in
+    # the middle of building the layers.
+    _, path = saved
+    bad = rewrite(path, tmp_path, **{field: text})
+    for model in (copy.deepcopy(base), apply_vera(copy.deepcopy(base), TARGETS, rank=8, seed=5)):
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=f"adapter file '{bad}': metadata '{field}'"):
+            load_adapter(model, bad)
+        assert_untouched(model, before)
+

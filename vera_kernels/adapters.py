@@ -10,6 +10,7 @@ load_adapter checks everything (format, scheme, sizes, names, shapes, dtypes) be
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -25,6 +26,11 @@ FORMAT = "vera-kernels-adapter"
 FORMAT_VERSION = "1"
 _INT_FIELDS = ("seed", "rank", "max_in", "max_out")
 _FLOAT_FIELDS = ("dropout", "d_initial")
+# What save_adapter writes (str(int), repr(float)), nothing looser: no spaces, underscores, signs or NaN.
+_INT_TEXT = re.compile(r"0|[1-9][0-9]*")
+_FLOAT_TEXT = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+# [low, high] of each field: the scheme addresses rows < 2**32 and columns < 2**34 with seeds < 2**63.
+_INT_RANGES = {"seed": (0, 2**63 - 1), "rank": (1, 2**32), "max_in": (1, 2**34), "max_out": (1, 2**32)}
 
 
 def _import_safetensors():
@@ -107,16 +113,32 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"adapter file {path!r} was made with projection scheme {metadata.get('scheme')!r}; this version "
             f"generates {SCHEME!r}: its projections would differ"
         )
-    config = {}
-    for field, parse in [(f, int) for f in _INT_FIELDS] + [(f, float) for f in _FLOAT_FIELDS]:
-        try:
-            config[field] = parse(metadata[field])
-        except (KeyError, ValueError):
-            raise ValueError(f"adapter file {path!r}: metadata {field!r} missing or not a number ({metadata.get(field)!r})") from None
+    config = _parse_config(path, metadata)
     for key in tensors:
         if not (key.endswith(".lambda_d") or key.endswith(".lambda_b") or _is_bias(key)):
             raise ValueError(f"adapter file {path!r}: unexpected tensor {key!r} (only lambda_d, lambda_b and biases belong)")
     return config, tensors
+
+
+def _parse_config(path, metadata: dict) -> dict:
+    """The numeric fields of the metadata, each written as save_adapter writes it and within its range."""
+    config = {}
+    for field in _INT_FIELDS + _FLOAT_FIELDS:
+        text = metadata.get(field)
+        is_int = field in _INT_FIELDS
+        pattern = _INT_TEXT if is_int else _FLOAT_TEXT
+        if not isinstance(text, str) or not pattern.fullmatch(text):
+            kind = "a non-negative integer in decimal digits" if is_int else "a decimal number"
+            raise ValueError(f"adapter file {path!r}: metadata {field!r} missing or not {kind} (got {text!r})")
+        config[field] = int(text) if is_int else float(text)
+    for field, (low, high) in _INT_RANGES.items():
+        if not low <= config[field] <= high:
+            raise ValueError(f"adapter file {path!r}: metadata {field!r} must be in [{low}, {high}], got {config[field]}")
+    if not 0.0 <= config["dropout"] < 1.0:
+        raise ValueError(f"adapter file {path!r}: metadata 'dropout' must be in [0, 1), got {config['dropout']}")
+    if not math.isfinite(config["d_initial"]):
+        raise ValueError(f"adapter file {path!r}: metadata 'd_initial' must be finite, got {config['d_initial']}")
+    return config
 
 
 def _layer_names(path, tensors) -> list[str]:
