@@ -276,3 +276,10 @@ def test_metadata_is_parsed_strictly_and_errors_name_file_and_field(base, saved,
             load_adapter(model, bad)
         assert_untouched(model, before)
 
+
+def test_a_directory_is_not_reported_missing(base, tmp_path):
+    # Regression: a directory was reported as "does not exist".
+    with pytest.raises(IsADirectoryError, match="is a directory.*safetensors file"):
+        load_adapter(copy.deepcopy(base), tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_adapter(copy.deepcopy(base), tmp_path / "missing.safetensors")

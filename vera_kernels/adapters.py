@@ -96,6 +96,8 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     file for anything that is not a complete adapter file of this format and scheme."""
     safetensors = _import_safetensors()
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"adapter file {path!r} is a directory; expected a safetensors file written by save_adapter")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"adapter file {path!r} does not exist")
     try:
