@@ -270,3 +270,15 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for got, want in zip((p.grad for p in model.parameters() if p.requires_grad), eager_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_0d_input_is_refused_by_name():
+    # Regression: a 0-d input gave IndexError from inside the layer.
+    from vera_kernels import VeRAWrapper
+
+    for layer in (FusedVeRALinear(4, 3, rank=2), VeRAWrapper(nn.Linear(4, 3), rank=2)):
+        with pytest.raises(ValueError, match=r"input must be a tensor of shape \(\.\.\., 4\), got a 0-d tensor"):
+            layer(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="x: expected a tensor of shape"):
+        vera_kernels.vera_linear(torch.tensor(1.0), torch.zeros(3, 1), None, torch.zeros(2, 1), torch.zeros(3, 2),
+                                 torch.zeros(2), torch.zeros(3))

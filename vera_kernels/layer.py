@@ -186,6 +186,9 @@ class _VeRABase(nn.Module):
         return A[:, : self.in_features], B[: self.out_features]
 
     def _check_input(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            got = f"a 0-d tensor ({x.dtype})" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__}: input must be a tensor of shape (..., {self.in_features}), got {got}")
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__}: input's last dimension is {x.shape[-1]}, expected in_features={self.in_features} "
