@@ -160,3 +160,20 @@ def test_block_offsets_reach_the_scheme_limits():
     # The double product of two 24-bit significands is exact: rounding it once to fp32 is the IEEE multiply.
     expected = torch.tensor(odd * projection_bound(4) * 2**-24, dtype=torch.float32)
     assert torch.equal(last[0, 0], expected)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(seed=7.0), TypeError, "seed"), (dict(seed=True), TypeError, "seed"), (dict(seed=-1), ValueError, "seed"),
+    (dict(rank=8.0), TypeError, "rank"), (dict(max_in=True), TypeError, "max_in"),
+    (dict(dtype=torch.float64), TypeError, "dtype"), (dict(in_features=65), ValueError, "in_features"),
+])
+def test_get_projections_checks_every_call(kwargs, error, words):
+    # Regression: the seed was checked on a cache miss only, so 7.0 or True were accepted after 7 or 1 had
+    # been cached (they hash and compare equal).
+    vera_kernels.clear_projection_cache()
+    get_projections(7, 8, 64, 32)
+    get_projections(1, 8, 64, 32)
+    get_projections(7, 8, 64, 32, dtype=torch.float32)
+    args = dict(seed=7, rank=8, max_in=64, max_out=32) | kwargs
+    with pytest.raises(error, match=words):
+        get_projections(**args)

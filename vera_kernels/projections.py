@@ -260,11 +260,17 @@ def get_projections(
 
     The tensors are shared: treat them as read-only.
     """
+    # Checked on every call, not only when generating: a cache hit must not accept what a miss refuses.
+    check_seed(seed)
+    check_positive_int("rank", rank)
+    check_positive_int("max_in", max_in)
+    check_positive_int("max_out", max_out)
+    check_dtype(dtype)
     in_features = max_in if in_features is None else in_features
     out_features = max_out if out_features is None else out_features
     for name, value, limit in (("in_features", in_features, max_in), ("out_features", out_features, max_out)):
         check_positive_int(name, value)
-        if isinstance(limit, int) and value > limit:
+        if value > limit:
             bound = "max_in" if name == "in_features" else "max_out"
             raise ValueError(f"{name} must be <= {bound} = {limit} (a slice of the full pair), got {value}")
     device = torch.device(device)
@@ -274,10 +280,6 @@ def get_projections(
     with _cache_lock:
         pair = _cache.get(key)
         if pair is None:
-            check_seed(seed)
-            check_positive_int("rank", rank)
-            check_positive_int("max_in", max_in)
-            check_positive_int("max_out", max_out)
             common = dict(dtype=dtype, device=device)
             pair = (projection_block(seed, TAG_A, rank, in_features, max_in, **common),
                     projection_block(seed, TAG_B, out_features, rank, rank, **common))
