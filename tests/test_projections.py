@@ -177,3 +177,16 @@ def test_get_projections_checks_every_call(kwargs, error, words):
     args = dict(seed=7, rank=8, max_in=64, max_out=32) | kwargs
     with pytest.raises(error, match=words):
         get_projections(**args)
+
+
+def test_cache_is_bounded_and_keeps_the_recently_used():
+    # Regression: the cache kept every pair ever made (600 seeds: ~200 MB).
+    from vera_kernels import projections
+
+    vera_kernels.clear_projection_cache()
+    kept = get_projections(0, 8, 64, 32)
+    for seed in range(1, 600):
+        get_projections(seed, 8, 64, 32)
+        assert get_projections(0, 8, 64, 32) is kept  # used again: never the one evicted
+    assert len(projections._cache) <= projections.CACHE_ENTRIES
+    vera_kernels.clear_projection_cache()

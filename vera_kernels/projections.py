@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import struct
 import threading
+from collections import OrderedDict
 
 import torch
 
@@ -244,7 +245,11 @@ def generate_projections(
     return A, B
 
 
-_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# Least recently used first. Bounded: a process that cycles through seeds or sizes (a sweep, a server
+# loading many models) would otherwise keep every pair it ever made. Layers hold their own pair, so an
+# evicted pair stays alive as long as a layer uses it; eviction only ends the sharing with later callers.
+CACHE_ENTRIES = 16
+_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -284,6 +289,10 @@ def get_projections(
             pair = (projection_block(seed, TAG_A, rank, in_features, max_in, **common),
                     projection_block(seed, TAG_B, out_features, rank, rank, **common))
             _cache[key] = pair
+            while len(_cache) > CACHE_ENTRIES:
+                _cache.popitem(last=False)
+        else:
+            _cache.move_to_end(key)
     return pair
 
 
