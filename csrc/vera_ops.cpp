@@ -5,6 +5,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
@@ -397,6 +398,26 @@ void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::o
   at::mm_out(s, x, A.t());
   at::Tensor t = at::empty({m, r}, s.options());
   scale(t, s, lambda_d.contiguous(), /*per_row=*/false);
+  // b folded into B (one GEMM applies both) computes Σ_k t_k (b_j B_jk), which equals b_j Σ_k t_k B_jk only
+  // for a finite b_j: an infinite one times entries of both signs sums to inf - inf = NaN where the formula
+  // gives ±inf. A CPU tensor is checked for that (no device to wait for); then b scales u = t Bᵀ instead.
+  const bool fold_b = !lambda_b.is_cpu() || at::isfinite(lambda_b).all().item<bool>();
+  if (!fold_b) {
+    if (weight) {
+      if (bias) {
+        at::addmm_out(y, *bias, x, weight->t());
+      } else {
+        at::mm_out(y, x, weight->t());
+      }
+    } else {
+      y.copy_(*base_out);
+    }
+    // y += b ⊙ u in fp32, rounded once: the bank kernel with a one-adapter bank and every row on it.
+    const at::Tensor u = at::mm(t, B.t());
+    gather_scale(y, u, lambda_b.contiguous().view({1, out}), at::zeros({m}, x.options().dtype(at::kLong)),
+                 /*accumulate=*/true);
+    return;
+  }
   const at::Tensor bB = scaled_B(B, lambda_b);
   if (weight) {
     if (bias) {

@@ -345,3 +345,25 @@ def test_fp16_db_of_a_long_batch_is_finite():
     *_, dd_ref, db_ref = run_layer(exact, grad.double(), backend="torch")
     assert torch.isfinite(db).all() and torch.isfinite(dd).all()
     assert verify.relative_error(db, db_ref) < 1e-2 and verify.relative_error(dd, dd_ref) < 1e-2
+
+
+@pytest.mark.parametrize("form", ["linear", "delta"])
+def test_infinite_lambda_b_gives_the_formulas_infinities(form):
+    # y_j = ... + b_j Σ_k t_k B_jk: an infinite b_j gives ±inf (NaN only where the sum is 0). Regression: b
+    # folded into B summed ±inf terms of both signs into NaN.
+    p = problem(m=6, in_features=10, out_features=7, rank=3)
+    p["lambda_b"][2], p["lambda_b"][4] = float("inf"), -float("inf")
+    base = torch.randn(6, 7, device=DEVICE)
+    results = []
+    for inputs, backend in ((p, BACKEND), ({k: v.double() for k, v in p.items()}, "torch")):
+        if form == "linear":
+            y = vera_kernels.vera_linear(**inputs, backend=backend)
+        else:
+            y = vera_kernels.vera_delta(inputs["x"], inputs["A"], inputs["B"], inputs["lambda_d"],
+                                        inputs["lambda_b"], base.to(inputs["x"].dtype), backend=backend)
+        results.append(y.double().cpu())
+    y, ref = results
+    assert torch.isinf(ref[:, [2, 4]]).all() and not torch.isnan(ref).any()
+    assert torch.equal(y[:, [2, 4]], ref[:, [2, 4]])
+    finite = [0, 1, 3, 5, 6]
+    assert verify.relative_error(y[:, finite], ref[:, finite]) < 1e-5
