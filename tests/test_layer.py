@@ -190,10 +190,10 @@ def test_bad_arguments_give_clear_errors():
         layer(torch.randn(3, 15))
     with pytest.raises(ValueError, match="rank must be >= 1"):
         FusedVeRALinear(16, 8, rank=0)
-    with pytest.raises(TypeError, match="float64 can't run on backend 'auto'"):
-        FusedVeRALinear(16, 8, rank=4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64 can't run on backend 'cpu'"):  # "auto": the torch backend
+        FusedVeRALinear(16, 8, rank=4, dtype=torch.float64, backend="cpu")
     with pytest.raises(TypeError, match="can't run"):
-        FusedVeRALinear.from_linear(nn.Linear(4, 4).to(torch.float64), rank=2)
+        FusedVeRALinear.from_linear(nn.Linear(4, 4).to(torch.float64), rank=2, backend="cpu")
     with pytest.raises(ValueError, match="backend must be"):
         FusedVeRALinear(16, 8, rank=4, backend="fast")
     with pytest.raises(ValueError, match="dropout"):
@@ -282,3 +282,22 @@ def test_a_0d_input_is_refused_by_name():
     with pytest.raises(ValueError, match="x: expected a tensor of shape"):
         vera_kernels.vera_linear(torch.tensor(1.0), torch.zeros(3, 1), None, torch.zeros(2, 1), torch.zeros(3, 2),
                                  torch.zeros(2), torch.zeros(3))
+
+
+def test_double_after_adapting_runs_the_float64_oracle():
+    # Regression: model.double() (float64 is the oracle's dtype; PEFT runs it) broke the forward: "auto"
+    # picked the cpu backend, which has no float64. In float64 "auto" is the torch backend.
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(30, 20), nn.GELU(), nn.Linear(20, 20))
+    vera_kernels.apply_vera(model, ["0", "2"], rank=5, seed=9)
+    for _, layer in vera_kernels.vera_layers(model):
+        randomize_lambdas(layer)
+    model.double()
+    layer = model[0]
+    assert layer.weight.dtype == layer.lambda_d.dtype == torch.float64  # widening loses nothing
+    x = torch.randn(4, 30, dtype=torch.float64, requires_grad=True)
+    want = float64_vera(x, layer.weight, layer.bias, 9, 5, 30, 20, layer.lambda_d, layer.lambda_b)
+    assert relative_error(layer(x), want) < 1e-13
+    model(x).sum().backward()
+    assert x.grad.dtype == torch.float64 and layer.lambda_d.grad.dtype == torch.float64
+    assert FusedVeRALinear(8, 4, rank=2, dtype=torch.float64)(torch.randn(3, 8, dtype=torch.float64)).dtype == torch.float64

@@ -33,8 +33,14 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _backend_for(backend: str, dtype: torch.dtype) -> str:
+    """The backend a layer set to ``backend`` runs in ``dtype``: float64 (the oracle's dtype, e.g. after
+    ``model.double()``) exists on the torch backend only, so "auto" means that one there."""
+    return "torch" if backend == "auto" and dtype == torch.float64 else backend
+
+
 def _check_base_dtype(dtype: torch.dtype, backend: str) -> None:
-    allowed = ops.KERNEL_DTYPES + ((torch.float64,) if backend == "torch" else ())
+    allowed = ops.KERNEL_DTYPES + ((torch.float64,) if _backend_for(backend, torch.float64) == "torch" else ())
     if dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
         raise TypeError(f"base weight dtype {dtype} can't run on backend {backend!r}; expected one of {names}")
@@ -203,7 +209,7 @@ class _VeRABase(nn.Module):
             return
         self.projections.pair(device, dtype)
         try:
-            dispatch.lookup(op, self.backend, device)
+            dispatch.lookup(op, _backend_for(self.backend, dtype), device)
         except (RuntimeError, NotImplementedError):
             # A layer may be built where its backend can't run (on CPU, then moved to the GPU): the forward
             # raises the same error if it is still unavailable there.
@@ -424,7 +430,7 @@ class FusedVeRALinear(_VeRABase):
         # No dropout: the bank serves (the op refuses inputs that require grad).
         A, B = self._projection_slices(x.device, x.dtype)
         bank_d, bank_b = self._banks()
-        return ops.vera_linear_multi(x, weight, bias, A, B, bank_d, bank_b, row_ids, backend=self.backend)
+        return ops.vera_linear_multi(x, weight, bias, A, B, bank_d, bank_b, row_ids, backend=_backend_for(self.backend, x.dtype))
 
     def _adapted(self, x, weight, bias):
         A, B = self._projection_slices(x.device, x.dtype)
@@ -432,8 +438,8 @@ class FusedVeRALinear(_VeRABase):
             # The adapter sees dropout(x), the base sees x: two inputs, so the base GEMM runs on its own.
             base_out = F.linear(x, weight, bias)
             x_drop = F.dropout(x, self.dropout, training=True)
-            return ops.vera_delta(x_drop, A, B, self.lambda_d, self.lambda_b, base_out, backend=self.backend)
-        return ops.vera_linear(x, weight, bias, A, B, self.lambda_d, self.lambda_b, backend=self.backend)
+            return ops.vera_delta(x_drop, A, B, self.lambda_d, self.lambda_b, base_out, backend=_backend_for(self.backend, x.dtype))
+        return ops.vera_linear(x, weight, bias, A, B, self.lambda_d, self.lambda_b, backend=_backend_for(self.backend, x.dtype))
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -555,11 +561,11 @@ class VeRAWrapper(_VeRABase):
         if row_ids is not None:
             A, B = self._projection_slices(x.device, x.dtype)
             bank_d, bank_b = self._banks()
-            return ops.vera_delta_multi(x, A, B, bank_d, bank_b, row_ids, base_out, backend=self.backend)
+            return ops.vera_delta_multi(x, A, B, bank_d, bank_b, row_ids, base_out, backend=_backend_for(self.backend, x.dtype))
         A, B = self._projection_slices(x.device, x.dtype)
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
-        return ops.vera_delta(x, A, B, self.lambda_d, self.lambda_b, base_out, backend=self.backend)
+        return ops.vera_delta(x, A, B, self.lambda_d, self.lambda_b, base_out, backend=_backend_for(self.backend, x.dtype))
 
     def merge(self) -> None:
         raise NotImplementedError(
