@@ -301,3 +301,27 @@ def test_double_after_adapting_runs_the_float64_oracle():
     model(x).sum().backward()
     assert x.grad.dtype == torch.float64 and layer.lambda_d.grad.dtype == torch.float64
     assert FusedVeRALinear(8, 4, rank=2, dtype=torch.float64)(torch.randn(3, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "half"])
+def test_casting_the_model_keeps_the_lambdas_fp32(cast):
+    # Regression: model.to(torch.bfloat16) cast the lambdas too (the README says they stay fp32); then
+    # lambda_d = 0.1 does not move under AdamW at lr 1e-4 (0.1 + 1e-4 rounds back to 0.1 in bf16).
+    model = nn.Sequential(nn.Linear(16, 8))
+    vera_kernels.apply_vera(model, ["0"], rank=4)
+    layer = model[0]
+    layer.add_adapter("other", torch.full((4,), 0.3), torch.full((8,), 0.7))
+    d, b = layer.lambda_d, layer.lambda_b
+    model = model.to(torch.bfloat16) if cast == "to_bf16" else model.half()
+    dtype = torch.bfloat16 if cast == "to_bf16" else torch.float16
+    assert layer.weight.dtype == dtype
+    assert layer.lambda_d is d and layer.lambda_b is b  # the same Parameters an optimizer may hold
+    assert layer.lambda_d.dtype == layer.lambda_b.dtype == layer._bank_d.dtype == layer._bank_b.dtype == torch.float32
+    assert torch.equal(layer.lambda_d, torch.full((4,), 0.1)) and torch.equal(layer._bank_d[0], torch.full((4,), 0.3))
+    optimizer = torch.optim.AdamW([layer.lambda_d, layer.lambda_b], lr=1e-4)
+    model(torch.randn(5, 16, dtype=dtype)).float().pow(2).sum().backward()
+    assert layer.lambda_d.grad.dtype == torch.float32
+    optimizer.step()
+    assert not torch.equal(layer.lambda_d, torch.full((4,), 0.1))
+    model.double()  # widening follows the module
+    assert layer.lambda_d.dtype == torch.float64

@@ -215,8 +215,26 @@ class _VeRABase(nn.Module):
             # raises the same error if it is still unavailable there.
             pass
 
+    # Kept fp32 when the module is cast to a narrower float (.half(), .to(torch.bfloat16)): updates to these
+    # small vectors would vanish in bf16 (lambda_d = 0.1 does not move under AdamW at lr 1e-4). Widening
+    # (.double()) is exact and follows the module.
+    _FP32_TENSORS = ("lambda_d", "lambda_b", "_bank_d", "_bank_b")
+
     def _apply(self, fn, recurse=True):
+        before = {name: (getattr(self, name), getattr(self, name).detach()) for name in self._FP32_TENSORS}
+        grads = {name: t.grad for name, (t, _) in before.items() if isinstance(t, nn.Parameter)}
         module = super()._apply(fn, recurse)
+        for name, (_, old) in before.items():
+            now = getattr(self, name)
+            if old.dtype == torch.float32 and now.dtype in (torch.float16, torch.bfloat16):
+                with torch.no_grad():
+                    kept = old.to(device=now.device)
+                if isinstance(now, nn.Parameter):
+                    now.data = kept
+                    if grads[name] is not None:
+                        now.grad = grads[name].to(device=now.device)
+                else:
+                    self._buffers[name] = kept
         self._prepare_for_device()
         return module
 
