@@ -325,3 +325,25 @@ def test_casting_the_model_keeps_the_lambdas_fp32(cast):
     assert not torch.equal(layer.lambda_d, torch.full((4,), 0.1))
     model.double()  # widening follows the module
     assert layer.lambda_d.dtype == torch.float64
+
+
+@pytest.mark.parametrize("change", ["deepcopy", "double"])
+def test_torch_compile_fullgraph_right_after_deepcopy_or_double(change):
+    # Regression: a deep copy (or .double()) left the projections or the backend unresolved for the new
+    # copy/dtype, so a compiled forward hit Dynamo's "function marked as skipped" unless the model had been
+    # called eagerly first.
+    import copy
+
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8))
+    vera_kernels.apply_vera(model, ["0", "2"], rank=4, seed=2)
+    for _, layer in vera_kernels.vera_layers(model):
+        randomize_lambdas(layer)
+    model = copy.deepcopy(model) if change == "deepcopy" else model.double()
+    dtype = torch.float64 if change == "double" else torch.float32
+    x = torch.randn(3, 16, dtype=dtype)
+    compiled = torch.compile(model, fullgraph=True)  # no eager call before: any graph break raises
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, model(x))

@@ -83,10 +83,23 @@ class _ProjectionSource:
         raise NotImplementedError
 
     def __getstate__(self):
-        # Pickles and deep copies carry the definition, not the per-device copies.
+        # Pickles and deep copies carry the definition and which (device, dtype) pairs were in use, not the
+        # tensors themselves ...
         state = dict(self.__dict__)
         state["_pairs"] = {}
+        state["_in_use"] = list(self._pairs)
         return state
+
+    def __setstate__(self, state):
+        # ... which the copy materializes again now, eagerly (from the shared cache: no copy), so that a
+        # torch.compile'd forward of the copy finds them, as it does for the original.
+        in_use = state.pop("_in_use", [])
+        self.__dict__.update(state)
+        for device, dtype in in_use:
+            try:
+                self._materialize_now(device, dtype)
+            except (RuntimeError, AssertionError):
+                pass  # a device this process lacks: the forward on it will say so
 
 
 class SeededProjections(_ProjectionSource):
