@@ -13,6 +13,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import setuptools
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
@@ -150,15 +151,30 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+# What each feature imports beyond torch. The core (the ops, the layer, apply_vera, adapter files) needs
+# torch and safetensors; the rest is optional and imported only where used.
+EXTRAS = {
+    "triton": ["triton"],                              # the triton backend (GPU, or CPU under its interpreter)
+    "peft": ["peft", "transformers"],                  # from_peft / to_peft, GPT-2 Conv1D, the demo
+    "bench": ["pytest", "pytest-benchmark", "peft", "transformers", "matplotlib"],  # bench/, its plot
+    "test": ["pytest", "pytest-benchmark", "peft", "transformers", "accelerate"],   # tests/
+}
+EXTRAS["all"] = sorted({name for names in EXTRAS.values() for name in names})
+
 setup(
     name="vera_kernels",
     version="0.1.0",
     description="Fused VeRA (vector-based random matrix adaptation) kernels for PyTorch",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    # PEP 639's license_expression from setuptools 77 on; the older field before (requirements.txt: >= 64).
+    **({"license_expression": "Apache-2.0"} if int(setuptools.__version__.split(".")[0]) >= 77 else {"license": "Apache-2.0"}),
+    license_files=["LICENSE"],
     packages=find_packages(include=["vera_kernels", "vera_kernels.*"]),
     package_data={"vera_kernels": ["data/*.json"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton"]},
+    install_requires=["torch>=2.4", "safetensors"],
+    extras_require=EXTRAS,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,
