@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vera_kernels.measure import saved_activation_bytes  # noqa: F401  (bench/test_bench_cpu.py uses it from here)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PASSES = ("forward", "backward", "forward+backward")
 
@@ -339,20 +341,3 @@ def deadline_passed() -> bool:
 
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
-
-
-def saved_activation_bytes(module, x: torch.Tensor, excluded_storages: set[int]) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one forward of module(x), x and the
-    storages whose data pointers are in excluded_storages (the parameters) not counted."""
-    excluded = excluded_storages | {x.untyped_storage().data_ptr()}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return sum(storages.values())
