@@ -1,7 +1,7 @@
 """The layer benchmark's parts: what is compared, on which shapes, how it is timed and what is recorded.
 
 Implementations of one adapted linear layer (x: M x in, W0: out x in frozen, bias frozen):
-  base          nn.Linear alone: the floor's reference (DESIGN.md section 5)
+  base          nn.Linear alone: the floor's reference (docs/DESIGN.md section 5)
   merged        FusedVeRALinear after merge(): the base GEMM on W0 + ΔW (inference only)
   vera-<b>      FusedVeRALinear on each fused backend b that runs here (cpu; triton and cuda on a GPU; the
                 Triton interpreter's timings say nothing, so never on CPU)
@@ -277,7 +277,7 @@ class Runner:
 
 
 # --------------------------------------------------------------------------------------------------
-# FLOPs (DESIGN.md section 5).
+# FLOPs (docs/DESIGN.md section 5).
 
 
 def flops(impl: str, pass_: str, m: int, in_features: int, out_features: int, rank: int | None) -> int:

@@ -1,4 +1,4 @@
-"""The benchmark harness without timing anything: its FLOP counts (DESIGN.md section 5), its case list and
+"""The benchmark harness without timing anything: its FLOP counts (docs/DESIGN.md section 5), its case list and
 the saved-activation bytes it measures. (No timed assertions: timings belong to bench/.)"""
 
 import os
