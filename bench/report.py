@@ -153,7 +153,7 @@ def _bytes(n):
 
 def _iqr_percent(r) -> str:
     spread = _spread(r)
-    return "-" if spread is None else f"{spread:.0%}"
+    return "-" if spread is None or (r.get("rounds") or 0) < 2 else f"{spread:.0%}"
 
 
 def table(rows: list[dict], markdown: bool = False) -> str:
