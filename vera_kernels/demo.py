@@ -9,7 +9,7 @@ The default demo:
 2. Freeze it, apply_vera to its attention and MLP layers, and fine-tune only lambda_d and lambda_b on text
    in another style. The loss on that text falls.
 3. Save the adapter, compare its size with a LoRA of the same layers, reload it onto a fresh copy of the
-   base and merge it, and check both give the fine-tuned loss.
+   base and merge it (merge_and_unload: a plain GPT-2 again), and check both give the fine-tuned loss.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from . import apply_vera, load_adapter, save_adapter, vera_layers
+from . import apply_vera, load_adapter, merge_and_unload, save_adapter, vera_layers
 from .measure import saved_activation_bytes
 
 SUBJECTS = ["the fox", "a cat", "the old dog", "my sister", "the robot", "a small bird", "the teacher", "our neighbour"]
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
         return run_compare(args)
     args.width, args.steps, args.rank = args.width or 96, args.steps or 200, args.rank or 256
     try:
-        from transformers import GPT2Config, GPT2LMHeadModel
+        import transformers  # noqa: F401
     except ImportError:
         print("the demo builds a GPT-2 with transformers: pip install transformers")
         return 1
@@ -281,11 +281,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     start = time.perf_counter()
     length, batch = 64, 16
-    # Small and cheap (no dropout, plain GELU): the point is the adapter, not the model.
-    config = GPT2Config(vocab_size=256, n_positions=length, n_embd=args.width, n_inner=4 * args.width, n_layer=2,
-                        n_head=4, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=10, eos_token_id=10)
-    model = GPT2LMHeadModel(config)
+    model = _gpt2(args.width, 2, length)
     base_text, task_text = corpus(base_style, 4000, seed=1), corpus(target_style, 4000, seed=2)
     held_out = corpus(target_style, 500, seed=3)
 
@@ -315,13 +311,12 @@ def main(argv=None) -> int:
               f"in fp32 ({lora_params * 4 / vera_bytes:.1f}x larger)")
         reloaded = load_adapter(copy.deepcopy(base), path)
     print(f"   reloaded onto a fresh copy of the base: loss {eval_loss(reloaded, held_out, length):.3f}")
-    for _, layer in vera_layers(reloaded):
-        layer.merge()
-    reloaded.eval()
-    print(f"   merged into the base weights (no adapter at run time): loss {eval_loss(reloaded, held_out, length):.3f}")
+    merged = merge_and_unload(reloaded).eval()
+    print(f"   merged into the base weights, plain GPT-2 again (merge_and_unload): loss "
+          f"{eval_loss(merged, held_out, length):.3f}")
     prompt = torch.tensor([list(b"Q: who paints the moon? A:")])
     with torch.no_grad():
-        out = reloaded.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=10)
+        out = merged.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=10)
     print(f"   greedy sample: {bytes(out[0].tolist()).decode(errors='replace')!r}")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0
