@@ -16,7 +16,7 @@ from vera_kernels.dispatch import poisoned_outputs
 from conftest import DEVICE, backend_params
 
 BACKENDS = backend_params("torch", "triton", "cpu")
-# ‖out − ref‖ / ‖ref‖ against float64 (DESIGN.md section 7); measured: fp32 ~1e-7, bf16 ~3e-3, fp16 ~4e-4.
+# ‖out − ref‖ / ‖ref‖ against float64 (docs/DESIGN.md section 7); measured: fp32 ~1e-7, bf16 ~3e-3, fp16 ~4e-4.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 M, IN, OUT, RANK, N_ADAPTERS = 37, 50, 70, 17, 5
 

@@ -1,4 +1,4 @@
-"""The projection scheme (DESIGN.md section 3): known answers, bit-equality across backends, argument checks."""
+"""The projection scheme (docs/DESIGN.md section 3): known answers, bit-equality across backends, argument checks."""
 
 import pytest
 import torch

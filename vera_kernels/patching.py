@@ -354,3 +354,41 @@ def to_peft(model: nn.Module, adapter_name: str = "default"):
                 module.vera_lambda_d[adapter_name].copy_(lambda_d)
                 module.vera_lambda_b[adapter_name].copy_(lambda_b)
     return peft_model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain base modules back: returns ``model``, changed
+    in place, with an ``nn.Linear`` (or GPT-2 ``Conv1D``) wherever a FusedVeRALinear was, holding the merged
+    weight W0 + ΔW and the same bias Parameter. The result needs nothing from this package: it runs,
+    saves and loads as the original architecture.
+
+    Only each layer's own adapter (lambda_d, lambda_b) is merged; adapters added to a layer's bank for
+    batched serving are dropped. A layer already merged (``merge()``) keeps its weight as it is. The merge
+    is one rounding of W0 + ΔW to the weight's dtype: the outputs equal the unmerged layer's to fp32 rounding
+    in fp32, but in bf16/fp16 they differ by about one ulp of the weight (not bit-exact), as any merge does.
+    Models with a VeRAWrapper (a base that is not a dense linear layer) are refused before anything changes.
+    Parameters keep their requires_grad flags (the base weights stay frozen).
+    """
+    layers = vera_layers(model)
+    if not layers:
+        raise ValueError("merge_and_unload: the model has no VeRA layer (apply_vera first)")
+    wrapped = [name for name, module in layers if not isinstance(module, FusedVeRALinear)]
+    if wrapped:
+        raise TypeError(
+            f"merge_and_unload: {', '.join(wrapped)} wrap a module whose weight is not a dense matrix "
+            "(VeRAWrapper); ΔW cannot be folded into it"
+        )
+    for name, layer in layers:
+        if layer.merged:
+            # The weight already holds W0 + ΔW; to_base() refuses merged layers to protect W0, which is not
+            # wanted here, so it is asked for the unmerged view of the same Parameters.
+            layer.merged = False
+            try:
+                base = layer.to_base()
+            finally:
+                layer.merged = True
+        else:
+            base = layer.to_base()  # shares the weight Parameter: the merge below lands in it
+            layer.merge()
+        _replace(model, name, base)
+    return model

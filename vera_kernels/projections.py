@@ -1,6 +1,6 @@
 """The shared random projections A (r x max_in) and B (max_out x r), regenerated from a seed.
 
-Scheme ``vera-philox-v1`` (DESIGN.md section 3). Element (row, col) of A (tag 0) or B (tag 1):
+Scheme ``vera-philox-v1`` (docs/DESIGN.md section 3). Element (row, col) of A (tag 0) or B (tag 1):
 
     key     = (seed & 0xFFFFFFFF, seed >> 32)
     counter = (col >> 2, row, tag, 0)

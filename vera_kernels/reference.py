@@ -1,4 +1,4 @@
-"""Plain-PyTorch VeRA math: the forward and the analytic backward of DESIGN.md section 2.
+"""Plain-PyTorch VeRA math: the forward and the analytic backward of docs/DESIGN.md section 2.
 
 Runs in the dtype of its inputs: in float64 it is the oracle every kernel is checked against; in other
 dtypes it is the fallback. With s = x Aᵀ, t = d ⊙ s, u = t Bᵀ and g = dL/dy:
