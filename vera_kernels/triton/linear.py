@@ -1,4 +1,4 @@
-"""The fused VeRA kernels (DESIGN.md sections 2 and 4) and their host-side launchers.
+"""The fused VeRA kernels (docs/DESIGN.md sections 2 and 4) and their host-side launchers.
 
 Forward, two launches, no M x out intermediate:
   _shrink_kernel            s = x Aᵀ (M x r, x's dtype, saved for backward) and t = d ⊙ s
