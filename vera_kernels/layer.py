@@ -590,7 +590,8 @@ class FusedVeRALinear(_VeRABase):
             bias = params.get("bias")
             plan = self._plans.get(("linear", x.device, x.dtype))
             if (plan is not None and plan.checked[0] is weight and plan.checked[2] is d and plan.checked[3] is b
-                    and plan.checked[1] is bias and x.shape[-1] == self.in_features and not weight.requires_grad
+                    and plan.checked[1] is bias and x.dim() and x.shape[-1] == self.in_features
+                    and not weight.requires_grad
                     and not (self.dropout and self.training) and not torch.is_autocast_enabled(x.device.type)):
                 if self.fan_in_fan_out:
                     weight = weight.t()
@@ -598,7 +599,7 @@ class FusedVeRALinear(_VeRABase):
                     return plan.impl(x, weight, bias, plan.A, plan.B, d, b)
                 y = plan.impl(x.reshape(-1, self.in_features), weight, bias, plan.A, plan.B, d, b)
                 return y.reshape(*x.shape[:-1], self.out_features)
-        if x.shape[-1] != self.in_features:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             self._check_input(x)
         weight, bias = self._weight_out_in(), self.bias
         routed = adapter_ids is None
@@ -759,7 +760,7 @@ class VeRAWrapper(_VeRABase):
 
     def forward(self, x: torch.Tensor, *args, adapter_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """adapter_ids: as FusedVeRALinear.forward (per-row adapters of the bank, -1: the base alone)."""
-        if x.shape[-1] != self.in_features:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             self._check_input(x)
         routed = adapter_ids is None
         if routed:
