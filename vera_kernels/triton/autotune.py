@@ -194,6 +194,11 @@ def _tuner(kernel: str, fn, arch: int):
         return _tuners[(kernel, arch)]
 
 
+def capturing() -> bool:
+    """Whether launches are being recorded for the static check instead of run."""
+    return _capture is not None
+
+
 def _with_hook(kernel: str, config: Config) -> Config:
     if kernel != "gemm":
         return config

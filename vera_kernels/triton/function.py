@@ -37,13 +37,13 @@ def backward_op(
     grad: Tensor, s: Tensor, weight: Optional[Tensor], A: Optional[Tensor], B: Optional[Tensor],
     lambda_d: Tensor, lambda_b: Tensor, in_features: int, with_bias: bool, need_dx: bool, seed: int, max_in: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dd, db, dbias); dx and dbias are empty when not asked for (a custom op returns tensors)."""
+    """(dx, dd, db, dbias); dx and dbias are empty when not asked for (a custom op returns tensors). Each
+    empty stand-in is its own tensor: a custom op's outputs may not alias one another."""
     dx, dd, db, dbias = linear.backward(
         grad, s, weight, A, B, lambda_d, lambda_b, in_features=in_features, with_bias=with_bias,
         need_dx=need_dx, seed=seed, max_in=max_in,
     )
-    empty = grad.new_empty(0)
-    return (empty if dx is None else dx), dd, db, (empty if dbias is None else dbias)
+    return (grad.new_empty(0) if dx is None else dx), dd, db, (grad.new_empty(0) if dbias is None else dbias)
 
 
 @backward_op.register_fake
