@@ -173,6 +173,14 @@ def test_autotune_pruning(backend):
         assert wide and all(c.kwargs["BLOCK_M"] >= 64 for c in wide)
         assert generated and set(generated) < set(wide)
     assert autotune.m_bucket(1) == 16 and autotune.m_bucket(300) == 512 and autotune.m_bucket(10**6) == 8192
+    # The rank GEMMs: the host's tile decides the warps (128 x 128 spills with 4, 16 x 128 idles 8).
+    prune = autotune._pruner("rank")
+    for arch in (80, 90):
+        configs = autotune.configs("rank", arch)
+        wide = prune(configs, {}, M_BUCKET=8192, BLOCK_M=128, BLOCK_R=128)
+        decode = prune(configs, {}, M_BUCKET=16, BLOCK_M=16, BLOCK_R=128)
+        assert wide and all(c.num_warps == 8 for c in wide)
+        assert decode and all(c.num_warps == 4 for c in decode)
 
 
 def test_torch_compile_fullgraph(backend):
@@ -187,8 +195,9 @@ def test_torch_compile_fullgraph(backend):
 
 
 def test_static_sass(backend):
-    """Every kernel compiled for sm_90 and sm_80 with each autotune config: the GEMMs on tensor cores
-    (HGMMA with wgmma-sized tiles on sm_90, HMMA otherwise), and nothing in local memory."""
+    """Every kernel compiled for sm_90 and sm_80 with each autotune config that its launch keeps: the GEMMs
+    on tensor cores (HGMMA for tiles of >= 64 rows on sm_90, HMMA otherwise), TMA loads in the
+    descriptor variant, and nothing in local memory."""
     from vera_kernels.triton import autotune, static
 
     try:
@@ -197,22 +206,25 @@ def test_static_sass(backend):
         if "cuobjdump not found" in str(exc):
             pytest.skip(str(exc))
         raise
-    for kernel in ("shrink", "gemm", "backward", "sum"):
+    for kernel in autotune.KERNELS:
         for arch in (80, 90):
-            compiled = [r for r in rows if r["kernel"] == kernel and r["arch"] == arch and "materialized" in r["variant"]]
-            assert len(compiled) == len(autotune.configs(kernel, arch)) * (2 if kernel == "gemm" else 1)
-    assert {r["variant"] for r in rows if r["kernel"] == "gemm"} == {
-        "forward materialized", "dx materialized", "forward on-the-fly", "dx on-the-fly"}
+            assert [r for r in rows if r["kernel"] == kernel and r["arch"] == arch], (kernel, arch)
+    variants = {r["variant"] for r in rows if r["kernel"] == "gemm"}
+    assert {"forward", "dx", "forward tma", "dx tma", "forward b-in-loop decode", "forward b-in-loop on-the-fly",
+            "dx on-the-fly"} <= variants, variants
+    assert {r["variant"] for r in rows if r["kernel"] == "rank"} >= {"shrink", "dt", "G ones", "shrink decode"}
+    assert not [r for r in rows if "tma" in r["variant"] and r["arch"] != 90]
     for r in rows:
         where = f"{r['kernel']} {r['variant']} sm_{r['arch']} {r['config']}"
         assert r["stack"] == 0 and r["local"] == 0, f"{where} spills: {r}"
         assert not r["opcodes"].get("STL") and not r["opcodes"].get("LDL"), where
-        if r["kernel"] == "sum":
+        if "tma" in r["variant"]:
+            assert r["opcodes"].get("UTMALDG", 0) > 0, f"{where}: no TMA load"
+        if r["kernel"] in ("sum", "fold", "finish"):
             continue
         if r["arch"] == 80:
             assert r["opcodes"].get("HMMA", 0) > 0, f"{where}: no HMMA"
-        elif r["kernel"] == "backward" or int(r["config"].split("x")[0]) >= 64:
-            # wgmma takes 64-row warpgroup tiles: the backward pass runs 64 rows at this M.
+        elif int(r["config"].split("x")[0]) >= 64:
             assert r["opcodes"].get("HGMMA", 0) > 0, f"{where}: no HGMMA"
         else:
             assert r["opcodes"].get("HMMA", 0) > 0, f"{where}: no HMMA (decode tiles are below wgmma's 64 rows)"

@@ -60,10 +60,13 @@ _GEMM = {
         _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
         _c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
     ],
+    # sm_80: the one-loop pointer variant holds both sources' addresses: 128 x 256 tiles (8 warps) and
+    # 128 x 128 with 4 warps spill there, so the wide tiles are 128 x 128 with 8 warps (checked statically).
     80: [
-        _c(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8),
-        _c(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
         _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        _c(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
         _c(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1),
         _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
         _c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=1),
@@ -72,8 +75,8 @@ _GEMM = {
 # The rank GEMMs (s = x Aᵀ, dt = g Bb, G = gᵀ s): the host fixes BLOCK_M and BLOCK_R (they set the layout
 # of the partial sums, linear.rank_blocks), autotuning varies BLOCK_K, warps and stages.
 _RANK = {
-    90: [_c(8, 3, BLOCK_K=64), _c(4, 4, BLOCK_K=64), _c(4, 4, BLOCK_K=128), _c(4, 3, BLOCK_K=256)],
-    80: [_c(8, 3, BLOCK_K=32), _c(4, 4, BLOCK_K=32), _c(4, 4, BLOCK_K=64), _c(4, 3, BLOCK_K=128)],
+    90: [_c(8, 3, BLOCK_K=64), _c(8, 3, BLOCK_K=128), _c(4, 4, BLOCK_K=64), _c(4, 4, BLOCK_K=128), _c(4, 3, BLOCK_K=256)],
+    80: [_c(8, 3, BLOCK_K=32), _c(8, 3, BLOCK_K=64), _c(4, 4, BLOCK_K=32), _c(4, 4, BLOCK_K=64), _c(4, 3, BLOCK_K=128)],
 }
 # Memory-bound and tiny: one config each; the second stages' blocks fix the summation order, never tuned.
 _FINISH = {90: [_c(4, 1)], 80: [_c(4, 1)]}
@@ -128,11 +131,11 @@ def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathe
     configs and larger M the wide ones; generating projection tiles on the fly takes registers, so there
     the tiles keep to 2048 accumulator elements per warp, as with the many-adapter epilogue's gathered
     b[ids] tile (what compiles without spilling, checked statically). The rank GEMM (its BLOCK_M x BLOCK_R
-    ``tile`` chosen by the host): 4096 accumulator elements per warp at most, and 8 warps only for tiles
-    that need them."""
+    ``tile`` chosen by the host): 2048 accumulator elements per warp at most (128 x 128 with 4 warps spills
+    in the db epilogue), and 8 warps only for tiles that need them."""
     if kernel == "rank":
         per_warp = tile / config.num_warps
-        return per_warp <= 4096 and (config.num_warps == 4 or per_warp >= 1024)
+        return per_warp <= 2048 and (config.num_warps == 4 or per_warp >= 1024)
     if kernel != "gemm":
         return True
     if _small(config) != decode:

@@ -156,6 +156,7 @@ def _launch_sets():
     return [
         ("", (90, 80), representative_launches()),
         ("tma", (90,), [l for l in representative_launches(tma=True) if l[0] == "gemm"]),
+        ("128-row", (90, 80), [l for l in representative_launches(m=2048) if l[0] == "rank" and l[2]["MODE"] != 2]),
         ("decode", (90, 80), [l for l in representative_launches(m=1) if l[0] in ("rank", "finish", "gemm")]),
         ("on-the-fly", (90, 80), representative_launches(on_the_fly=True)),
     ]
