@@ -8,7 +8,7 @@ Kernels (names used by :func:`pin_config`):
   fold      b ⊙ B                                              BLOCK_N, BLOCK_R
   sum       the second stage of the reductions over M          BLOCK_P, BLOCK_N
 
-The autotune key is (M bucket, the problem's sizes, dtypes): M is bucketed to a power of two so that a
+The autotune key is (M bucket, sizes, kernel variant, dtypes): M is bucketed to a power of two so that a
 training run with varying sequence lengths tunes a handful of times, not once per length. The config
 lists depend on the GPU generation (sm_80: mma.sync with cp.async pipelines; sm_90: wgmma wants 64-row
 warpgroup tiles and deeper stages). A tuned choice is cached per key for the process, so repeated calls
@@ -85,9 +85,10 @@ _SUM = {90: [_c(4, 1, BLOCK_P=16, BLOCK_N=256)], 80: [_c(4, 1, BLOCK_P=16, BLOCK
 
 _TABLES = {"rank": _RANK, "finish": _FINISH, "gemm": _GEMM, "fold": _FOLD, "sum": _SUM}
 _KEYS = {
-    "rank": ["M_BUCKET", "R", "K", "MODE", "BLOCK_M", "BLOCK_R"],
+    # The variant flags too: the pruner keeps different configs for them (spills, decode tiles).
+    "rank": ["M_BUCKET", "R", "K", "MODE", "BLOCK_M", "BLOCK_R", "GENERATE_P", "HAS_BIAS", "HAS_IDS"],
     "finish": ["MODE"],
-    "gemm": ["M_BUCKET", "N", "K_ADAPTER", "K_BASE"],
+    "gemm": ["M_BUCKET", "N", "K_ADAPTER", "K_BASE", "USE_TMA", "SCALE_IN_LOOP", "ON_THE_FLY", "HAS_IDS", "P_IS_NK"],
     "fold": ["R"],
     "sum": ["P", "N"],
 }
@@ -132,10 +133,12 @@ def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathe
     the tiles keep to 2048 accumulator elements per warp, as with the many-adapter epilogue's gathered
     b[ids] tile (what compiles without spilling, checked statically). The rank GEMM (its BLOCK_M x BLOCK_R
     ``tile`` chosen by the host): 2048 accumulator elements per warp at most (128 x 128 with 4 warps spills
-    in the db epilogue), and 8 warps only for tiles that need them."""
+    in the db epilogue), and 8 warps only for tiles that need them; decode-sized M takes long K steps (few
+    programs each stream a long K range; 16 x 128 x 64 also keeps an 8-byte stack frame under Triton 3.6)."""
     if kernel == "rank":
         per_warp = tile / config.num_warps
-        return per_warp <= 2048 and (config.num_warps == 4 or per_warp >= 1024)
+        long_k = not decode or config.kwargs["BLOCK_K"] >= 128
+        return per_warp <= 2048 and (config.num_warps == 4 or per_warp >= 1024) and long_k
     if kernel != "gemm":
         return True
     if _small(config) != decode:

@@ -462,16 +462,17 @@ def num_sms(device: torch.device) -> int:
     return _sm_counts[index]
 
 
-# Workspaces (split-K partials, t, the folded b ⊙ B): allocated once per (purpose, dtype, device, stream)
-# and grown when a call needs more, so a decode step allocates nothing but its outputs. Kernels on one
-# stream run in order, so a buffer is never read by one call while the next writes it.
+# Workspaces (split-K partials, t, the folded b ⊙ B): allocated once per (purpose, dtype, device, stream,
+# thread) and grown when a call needs more, so a decode step allocates nothing but its outputs. Kernels on
+# one stream run in the order they were enqueued and one thread enqueues a call's kernels together, so a
+# buffer is never overwritten by another call before the kernels that read it have run.
 _workspaces: dict[tuple, torch.Tensor] = {}
 _workspace_lock = threading.Lock()
 
 
 def workspace(purpose: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (purpose, dtype, str(device), stream)
+    key = (purpose, dtype, str(device), stream, threading.get_ident())
     with _workspace_lock:
         buffer = _workspaces.get(key)
         if buffer is None or buffer.numel() < numel:
@@ -612,7 +613,8 @@ def _fused_gemm(out, t, proj, proj_strides, scale, x, w, w_strides, bias, base_o
     device = out.device
     on_the_fly = proj is None
     # Descriptors address the tensors as stored: W0 and B are N x K in the forward, W0 and A K x N in dx.
-    use_tma = (_tma_capable(device) and not on_the_fly and not scale_in_loop
+    # fp32 takes IEEE dots (CUDA cores), where TMA gains nothing: descriptors for 16-bit dtypes only.
+    use_tma = (_tma_capable(device) and out.dtype != torch.float32 and not on_the_fly and not scale_in_loop
                and tma_ok(t, proj, *((x, w) if x is not None else ())))
     args = dict(
         out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1),
