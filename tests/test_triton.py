@@ -310,7 +310,7 @@ def test_tma_and_pointer_variants_agree(backend, dtype, monkeypatch):
         assert verify.relative_error(got, want) < verify.OP_TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("m", [1, 16])
 def test_split_k_decode(backend, m):
     # Decode: few row blocks, so the shrink splits K over programs (fp32 partials, summed in a fixed
     # order by the second stage) and the GEMM scales B by b in its loop (no fold launch).
@@ -324,7 +324,7 @@ def test_split_k_decode(backend, m):
     splits, per_split = linear.split_k(1, 200, torch.device(DEVICE))
     assert splits > 1 and (splits - 1) * per_split < 200 <= splits * per_split
     seed = int(torch.randint(0, 2**31, ()))
-    for dtype in DTYPES:
+    for dtype in DTYPES if m == 1 else [torch.bfloat16]:
         passed, errors, baseline = verify.op_check(backend, DEVICE, dtype, (m, 200, 70, 17, None), seed)
         assert passed, f"seed {seed}: errors {errors}, PyTorch's own: {baseline}"
     inputs = _problem(m, 200, 70, 17, torch.bfloat16)
@@ -340,7 +340,7 @@ def test_persistent_grid_walks_every_tile(backend, pinned):
     programs = linear.num_sms(torch.device(DEVICE))
     assert triton_cdiv(150, 32) * triton_cdiv(130, 32) > programs or not linear.interpreted()
     seed = int(torch.randint(0, 2**31, ()))
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.bfloat16,):
         passed, errors, baseline = verify.op_check(backend, DEVICE, dtype, (150, 40, 130, 24, None), seed)
         assert passed, f"seed {seed}: errors {errors}, PyTorch's own: {baseline}"
 
