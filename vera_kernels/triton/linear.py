@@ -1,12 +1,15 @@
 """The fused VeRA kernels (DESIGN.md sections 2 and 4) and their host-side launchers.
 
-Forward (two launches when M > 16 uses the folded projection, plus a tiny fold):
+Forward: the shrink and the GEMM (plus the tiny fold when M > 16; plus the split's second stage when
+M is decode-sized), no M x out intermediate:
   _fold_kernel          Bb = b ⊙ B (out x r, x's dtype): the trained vector folded into the frozen projection,
                         so the GEMM's K loop needs no per-tile scaling.
   _rank_gemm_kernel     s = x Aᵀ (M x r, saved for backward) and t = d ⊙ s (MODE_SHRINK). Split over K for
                         decode-sized M (fp32 partials, then _rank_finish_kernel sums them in a fixed order).
   _fused_gemm_kernel    y = [x | t] · [W0ᵀ ; Bbᵀ] + bias: ONE K loop over in and then r into one fp32
-                        accumulator (pointer variant), or two pipelined TMA loops (tensor descriptors, sm_90);
+                        accumulator (pointer variant), or two pipelined TMA loops (tensor descriptors, sm_90,
+                        16-bit dtypes, 16-byte aligned rows; Triton does not pipeline descriptor loads under
+                        a branch, so one loop switching descriptors would run unpipelined);
                         persistent grouped grid (one program per SM walks the tiles); output written once.
                         Decode (M <= 16) and on-the-fly projections scale the B tile by b inside the r part
                         of the loop instead of folding (no fold launch, nothing allocated).
@@ -27,7 +30,8 @@ with ON_THE_FLY, each tile is generated from the seed by ``projection_tile`` and
 the materialized pair is, then scaled and rounded as the fold rounds: both modes give the same bits.
 
 Precision (reference.py's policy): GEMM operands in x's dtype, accumulation in fp32, one rounding when a
-result is stored. b ⊙ B is rounded to x's dtype once (as t = d ⊙ s is). fp32 inputs use IEEE fp32 dots.
+result is stored. b ⊙ B is rounded to x's dtype once (as t = d ⊙ s is; in fp16 it overflows only for
+|b| beyond ~4e5). db = Σ_j B d (gᵀ s) uses d ⊙ s unrounded, all in fp32. fp32 inputs use IEEE fp32 dots.
 
 Interpreter (TRITON_INTERPRET=1) work-arounds, selected by the constexpr INTERPRET so the GPU code is
 unchanged: bf16/fp16 dot operands are upcast to fp32 (exact), and fp32 -> bf16/fp16 roundings go through
