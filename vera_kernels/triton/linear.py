@@ -31,7 +31,8 @@ the materialized pair is, then scaled and rounded as the fold rounds: both modes
 
 Precision (reference.py's policy): GEMM operands in x's dtype, accumulation in fp32, one rounding when a
 result is stored. b ⊙ B is rounded to x's dtype once (as t = d ⊙ s is; in fp16 it overflows only for
-|b| beyond ~4e5). db = Σ_j B d (gᵀ s) uses d ⊙ s unrounded, all in fp32. fp32 inputs use IEEE fp32 dots.
+|b| > 65504 / max|B|, ~4e5 at r = 256). db = Σ_j B d (gᵀ s) takes d ⊙ s unrounded, in fp32. fp32 inputs
+use IEEE fp32 dots.
 
 Interpreter (TRITON_INTERPRET=1) work-arounds, selected by the constexpr INTERPRET so the GPU code is
 unchanged: bf16/fp16 dot operands are upcast to fp32 (exact), and fp32 -> bf16/fp16 roundings go through
