@@ -321,7 +321,7 @@ def test_split_k_decode(backend, m):
     assert kernels == ["rank", "finish", "gemm"], kernels
     rank_args = launches[0][1]
     assert rank_args["SPLIT"] and rank_args["K_SPLIT"] < 200
-    splits, per_split = linear.split_k(1, 200, torch.device(DEVICE))
+    splits, per_split = linear.split_k(1, 200, torch.device(DEVICE), 16)
     assert splits > 1 and (splits - 1) * per_split < 200 <= splits * per_split
     seed = int(torch.randint(0, 2**31, ()))
     for dtype in DTYPES if m == 1 else [torch.bfloat16]:

@@ -36,8 +36,10 @@ INTERPRETER_CONFIGS = {
     "fold": Config(dict(BLOCK_N=64, BLOCK_R=64)),
     "sum": Config(dict(BLOCK_P=16, BLOCK_N=64)),
 }
-# A split-K range starts on a multiple of this (the largest BLOCK_K of the rank GEMM's configs).
-MAX_BLOCK_K = 256
+# A split-K range of the rank GEMM starts on a multiple of the largest BLOCK_K autotuning may choose for
+# it: 128 for decode-sized M (usable keeps BLOCK_K 128 there), 256 otherwise.
+def split_granule(decode: bool) -> int:
+    return 128 if decode else 256
 
 
 def _c(num_warps, num_stages, **blocks):
@@ -133,11 +135,11 @@ def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathe
     the tiles keep to 2048 accumulator elements per warp, as with the many-adapter epilogue's gathered
     b[ids] tile (what compiles without spilling, checked statically). The rank GEMM (its BLOCK_M x BLOCK_R
     ``tile`` chosen by the host): 2048 accumulator elements per warp at most (128 x 128 with 4 warps spills
-    in the db epilogue), and 8 warps only for tiles that need them; decode-sized M takes long K steps (few
-    programs each stream a long K range; 16 x 128 x 64 also keeps an 8-byte stack frame under Triton 3.6)."""
+    in the db epilogue), and 8 warps only for tiles that need them; decode-sized M takes K steps of 128,
+    the split's granule (16 x 128 x 64 also keeps an 8-byte stack frame under Triton 3.6)."""
     if kernel == "rank":
         per_warp = tile / config.num_warps
-        long_k = not decode or config.kwargs["BLOCK_K"] >= 128
+        long_k = not decode or config.kwargs["BLOCK_K"] == split_granule(True)
         return per_warp <= 2048 and (config.num_warps == 4 or per_warp >= 1024) and long_k
     if kernel != "gemm":
         return True

@@ -544,17 +544,19 @@ def rank_blocks(mode: int, m: int, r: int, on_the_fly: bool) -> tuple[int, int]:
     fixed = autotune.fixed_config("rank", interpreted())
     if fixed is not None:
         return fixed.kwargs["BLOCK_M"], fixed.kwargs["BLOCK_R"]
-    block_r = min(64 if on_the_fly else 128, max(16, triton.next_power_of_2(r + (mode == MODE_G))))
+    # 64 ranks per block for decode-sized M too: twice the programs to split K over (reading A is the cost).
+    narrow = on_the_fly or (mode != MODE_G and m <= DECODE_M)
+    block_r = min(64 if narrow else 128, max(16, triton.next_power_of_2(r + (mode == MODE_G))))
     if mode == MODE_G:
         return 128 if not on_the_fly else 64, block_r
     return (16 if m <= 16 else 32 if m <= 32 else 64 if (m <= 1024 or on_the_fly) else 128), block_r
 
 
-def split_k(tiles: int, k: int, device: torch.device) -> tuple[int, int]:
+def split_k(tiles: int, k: int, device: torch.device, m_bucket: int) -> tuple[int, int]:
     """(splits, K per split) so that tiles x splits programs fill the device's SMs; K per split is a
     multiple of every BLOCK_K the kernel may use (its K ranges start on a block)."""
     fixed = autotune.fixed_config("rank", interpreted())
-    granule = fixed.kwargs["BLOCK_K"] if fixed is not None else autotune.MAX_BLOCK_K
+    granule = fixed.kwargs["BLOCK_K"] if fixed is not None else autotune.split_granule(m_bucket <= 32)
     sms = num_sms(device)
     if tiles * 2 > sms or k <= granule:
         return 1, max(k, 1)
@@ -569,7 +571,7 @@ def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, p
     """One rank GEMM (see _rank_gemm_kernel) with its second stage when it is split over K."""
     block_m, block_r = rank_blocks(mode, m, r, generate or on_the_fly_b)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(r + with_ones, block_r)
-    splits, k_split = split_k(tiles, k, device) if split else (1, max(k, 1))
+    splits, k_split = split_k(tiles, k, device, autotune.m_bucket(m)) if split else (1, max(k, 1))
     split_partials = splits > 1 and mode != MODE_G
     part = workspace("rank", splits * m * r, torch.float32, device) if split_partials else None
     epilogue = dict(
@@ -727,7 +729,7 @@ def backward(g, s, weight, A, B, lambda_d, lambda_b, *, in_features: int, with_b
     # G = gᵀ [s | 1] (out x r, K = M): db partials Σ_j B[n, j] d[j] G[n, j] (and dbias from the ones column).
     block_n, block_r = rank_blocks(MODE_G, n, r, on_the_fly)
     rank_blocks_g = triton.cdiv(r + with_bias, block_r)
-    splits, _ = split_k(triton.cdiv(n, block_n) * rank_blocks_g, m, device)
+    splits, _ = split_k(triton.cdiv(n, block_n) * rank_blocks_g, m, device, autotune.m_bucket(n))
     db_part = dispatch.new_output(splits * rank_blocks_g, n, dtype=torch.float32, device=device)
     dbias_part = dispatch.new_output(splits, n, dtype=torch.float32, device=device) if with_bias else None
     _rank_gemm(MODE_G, g, _strides(g, transpose=True), s, _strides(s), n, r, m, dtype=dtype, device=device,

@@ -163,9 +163,9 @@ def _launch_sets():
 
 
 def compile_all(archs=(90, 80), dtype=torch.bfloat16) -> list[dict]:
-    """One row per (kernel, variant, arch, config): every autotune config of every kernel with the
-    materialized pair (pointer and TMA variants); the first config autotuning would time for decode and
-    for each on-the-fly variant."""
+    """One row per (kernel, variant, arch, config): every config autotuning would time for each launch of
+    a forward and a backward with the materialized pair (pointer and TMA variants, decode and wide M);
+    the first of them for each on-the-fly variant."""
     import tempfile
 
     from . import autotune, projection
@@ -183,11 +183,10 @@ def compile_all(archs=(90, 80), dtype=torch.bfloat16) -> list[dict]:
                 seen.add((kernel, variant))
                 for arch in (a for a in archs if a in set_archs):
                     configs = autotune.configs(kernel, arch)
-                    if label in ("decode", "on-the-fly"):  # compile time: the first config autotuning would time
-                        prune = autotune._pruner(kernel) if kernel in autotune._TUNED else (lambda c, _, **kw: c)
-                        configs = prune(configs, {}, **args)[:1]
-                    elif kernel in autotune._TUNED:
+                    if kernel in autotune._TUNED:  # what autotuning would time for this launch
                         configs = autotune._pruner(kernel)(configs, {}, **args)
+                    if label == "on-the-fly":  # compile time: the first of them
+                        configs = configs[:1]
                     for config in configs:
                         compiled = compile_launch(fn, args, config, arch)
                         row = analyse(compiled.asm["cubin"], tmpdir)
