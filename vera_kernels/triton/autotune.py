@@ -2,7 +2,7 @@
 or a config pinned by the user.
 
 Kernels (names used by :func:`pin_config`):
-  rank      GEMMs with N = r: s = x Aᵀ, dt = g Bb, G = gᵀ s     BLOCK_M, BLOCK_R, BLOCK_K
+  rank      GEMMs with N = r: s = x Aᵀ, dt = (g ⊙ b) B, G = gᵀ s   BLOCK_M, BLOCK_R, BLOCK_K
   finish    second stage of a rank GEMM split over K            (none)
   gemm      the persistent fused GEMM (forward y, dx)          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
   fold      b ⊙ B                                              BLOCK_N, BLOCK_R
@@ -74,7 +74,7 @@ _GEMM = {
         _c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=1),
     ],
 }
-# The rank GEMMs (s = x Aᵀ, dt = g Bb, G = gᵀ s): the host fixes BLOCK_M and BLOCK_R (they set the layout
+# The rank GEMMs (s = x Aᵀ, dt = (g ⊙ b) B, G = gᵀ s): the host fixes BLOCK_M and BLOCK_R (they set the layout
 # of the partial sums, linear.rank_blocks), autotuning varies BLOCK_K, warps and stages.
 _RANK = {
     90: [_c(8, 3, BLOCK_K=64), _c(8, 3, BLOCK_K=128), _c(4, 4, BLOCK_K=64), _c(4, 4, BLOCK_K=128), _c(4, 3, BLOCK_K=256)],

@@ -16,9 +16,8 @@ M is decode-sized), no M x out intermediate:
                         Many adapters (HAS_IDS): b differs per row, so the r part runs first into the
                         accumulator, which is scaled by the gathered b[ids] before the in part continues.
 Backward (g = dL/dy), every product a GEMM tile, every reduction over M in a fixed order:
-  _fold_kernel          Bb = b ⊙ B again (not saved: only s is)
-  _rank_gemm_kernel     dt = g Bb (M x r, K = out; MODE_DT): ds = d ⊙ dt stored, dd partials Σ_m dt ⊙ s
-                        per row block in the epilogue
+  _rank_gemm_kernel     dt = (g ⊙ b) B (M x r, K = out; MODE_DT; g's tiles scaled in registers): ds = d ⊙ dt
+                        stored, dd partials Σ_m dt ⊙ s per row block in the epilogue
   _rank_gemm_kernel     G = gᵀ [s | 1] (out x r, K = M; MODE_G): db partials Σ_j B[n, j] d[j] G[n, j] in the
                         epilogue (db = Σ_m g ⊙ u with u = t Bᵀ, regrouped so u is never formed); the ones
                         column gives dbias = Σ_m g on the tensor cores. Split over M to fill the GPU.
@@ -114,9 +113,10 @@ def _k_loop(acc, a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pn, k_beg
             OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += a[m0:m0+BLOCK_M, k_begin:k_end] @ p[k_begin:k_end, n0:n0+BLOCK_N], a and p by strides, or p
-    generated from the seed (GENERATE_P; p_ptr None). SCALE_P: 0 none; 1 p's rows (k) scaled by
-    scale[k]; 2 p's columns (n) scaled by scale[n]; the scaled tile is rounded to the storage dtype, the
-    same bits as a folded copy (_fold_kernel)."""
+    generated from the seed (GENERATE_P; p_ptr None). SCALE_P: 0 none; 1 a's columns (k) scaled by
+    scale[k] (dt = (g ⊙ b) B: the g tile, which wgmma takes from registers); 2 p's columns (n) scaled by
+    scale[n] (the same bits as the folded copy of _fold_kernel). A scaled tile is rounded to the storage
+    dtype, as the reference rounds g ⊙ b."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -134,8 +134,8 @@ def _k_loop(acc, a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pn, k_beg
             p = tl.load(p_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
             p_ptrs += BLOCK_K * stride_pk
         if SCALE_P == 1:
-            row_scale = tl.load(scale_ptr + (k0 + offs_k) * stride_scale, mask=k_ok, other=0.0).to(tl.float32)
-            p = _round_to(p.to(tl.float32) * row_scale[:, None], OUT_KIND, INTERPRET)
+            k_scale = tl.load(scale_ptr + (k0 + offs_k) * stride_scale, mask=k_ok, other=0.0).to(tl.float32)
+            a = _round_to(a.to(tl.float32) * k_scale[None, :], OUT_KIND, INTERPRET)
         elif SCALE_P == 2:
             p = _round_to(p.to(tl.float32) * col_scale[None, :], OUT_KIND, INTERPRET)
         acc = _dot(a, p, acc, INTERPRET, IEEE)
@@ -345,7 +345,7 @@ def _rank_gemm_kernel(
     """acc[m, j] = Σ_k a[m, k] p[k, j] over this program's K range, then _rank_epilogue (or, SPLIT, the fp32
     partial into part[split, m, j] for _rank_finish_kernel). The GEMMs whose N is the rank r:
       MODE_SHRINK  a = x, p = Aᵀ (generated: ON_THE_FLY)             -> s, t
-      MODE_DT      a = g, p = Bb (or B scaled by b along k)           -> ds, dd partials
+      MODE_DT      a = g scaled by b along k, p = B (or generated)     -> ds, dd partials
       MODE_G       a = gᵀ, p = [s | 1] (the ones column with HAS_BIAS) -> db (and dbias) partials
     Program (i, j) of axis 0 owns rows block i and ranks block j (j fastest: the programs that read the
     same rows of a run together); axis 1 is the K split."""
@@ -716,14 +716,12 @@ def backward(g, s, weight, A, B, lambda_d, lambda_b, *, in_features: int, with_b
     ds = dispatch.new_output(m, _aligned_stride(r, dtype), dtype=dtype, device=device)[:, :r]
     dd_part = dispatch.new_output(triton.cdiv(m, rank_blocks(MODE_DT, m, r, on_the_fly)[0]), r,
                                   dtype=torch.float32, device=device)
-    if on_the_fly:  # B generated with its rows along k (= out) and scaled by b there
-        _rank_gemm(MODE_DT, g, _strides(g), None, (0, 0), m, r, n, dtype=dtype, device=device, d=lambda_d,
-                   pscale=lambda_b, s=s, t=ds, red=dd_part, generate=True, p_row_is_r=False, seed=seed, tag=TAG_B,
-                   proj_scale=b_scale)
-    else:
-        folded = _fold(B, lambda_b, dtype)
-        _rank_gemm(MODE_DT, g, _strides(g), folded, _strides(folded), m, r, n, dtype=dtype, device=device,
-                   d=lambda_d, s=s, t=ds, red=dd_part)
+    # g ⊙ b is formed tile by tile in registers and rounded (as the reference rounds it): dd is a sum
+    # that can cancel, and a different rounding order (g (b ⊙ B)) doubles its error in such cases.
+    # B generated on the fly has its rows along k (= out).
+    _rank_gemm(MODE_DT, g, _strides(g), B, _strides(B), m, r, n, dtype=dtype, device=device, d=lambda_d,
+               pscale=lambda_b, s=s, t=ds, red=dd_part, generate=on_the_fly, p_row_is_r=False, seed=seed, tag=TAG_B,
+               proj_scale=b_scale)
     dd = _sum_rows(dd_part, lambda_d.dtype)
 
     # G = gᵀ [s | 1] (out x r, K = M): db partials Σ_j B[n, j] d[j] G[n, j] (and dbias from the ones column).
