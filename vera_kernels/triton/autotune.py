@@ -88,7 +88,7 @@ _SUM = {90: [_c(4, 1, BLOCK_P=16, BLOCK_N=256)], 80: [_c(4, 1, BLOCK_P=16, BLOCK
 _TABLES = {"rank": _RANK, "finish": _FINISH, "gemm": _GEMM, "fold": _FOLD, "sum": _SUM}
 _KEYS = {
     # The variant flags too: the pruner keeps different configs for them (spills, decode tiles).
-    "rank": ["M_BUCKET", "R", "K", "MODE", "BLOCK_M", "BLOCK_R", "GENERATE_P", "HAS_BIAS", "HAS_IDS"],
+    "rank": ["M_BUCKET", "R", "K", "MODE", "BLOCK_M", "BLOCK_R", "GENERATE_P", "SCALE_P", "HAS_BIAS", "HAS_IDS"],
     "finish": ["MODE"],
     "gemm": ["M_BUCKET", "N", "K_ADAPTER", "K_BASE", "USE_TMA", "SCALE_IN_LOOP", "ON_THE_FLY", "HAS_IDS", "P_IS_NK"],
     "fold": ["R"],
@@ -129,18 +129,20 @@ def _small(config: Config) -> bool:
 
 
 def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathered: bool = False,
-           tile: int = 0) -> bool:
+           tile: int = 0, block_m: int = 0, scaled_a: bool = False) -> bool:
     """Whether autotuning should time ``config``. The fused GEMM: decode-sized M (<= 32) gets the narrow-M
     configs and larger M the wide ones; generating projection tiles on the fly takes registers, so there
     the tiles keep to 2048 accumulator elements per warp, as with the many-adapter epilogue's gathered
     b[ids] tile (what compiles without spilling, checked statically). The rank GEMM (its BLOCK_M x BLOCK_R
     ``tile`` chosen by the host): 2048 accumulator elements per warp at most (128 x 128 with 4 warps spills
     in the db epilogue), and 8 warps only for tiles that need them; decode-sized M takes K steps of 128,
-    the split's granule (16 x 128 x 64 also keeps an 8-byte stack frame under Triton 3.6)."""
+    the split's granule (16 x 128 x 64 also keeps an 8-byte stack frame under Triton 3.6); when the a tile
+    is scaled in registers (dt = (g ⊙ b) B), 1024 of its elements per warp at most (BLOCK_M ``block_m``)."""
     if kernel == "rank":
         per_warp = tile / config.num_warps
         long_k = not decode or config.kwargs["BLOCK_K"] == split_granule(True)
-        return per_warp <= 2048 and (config.num_warps == 4 or per_warp >= 1024) and long_k
+        a_fits = not scaled_a or block_m * config.kwargs["BLOCK_K"] <= 1024 * config.num_warps
+        return per_warp <= 2048 and (config.num_warps == 4 or per_warp >= 1024) and long_k and a_fits
     if kernel != "gemm":
         return True
     if _small(config) != decode:
@@ -160,7 +162,8 @@ def _pruner(kernel: str):
         gathered = bool(args.get("HAS_IDS", False))
         tile = args.get("BLOCK_M", 0) * args.get("BLOCK_R", 0)
         kept = [c for c in configs_ if usable(kernel, c, decode=decode, on_the_fly=on_the_fly, gathered=gathered,
-                                              tile=tile)]
+                                              tile=tile, block_m=args.get("BLOCK_M", 0),
+                                              scaled_a=args.get("SCALE_P", 0) == 1)]
         return kept or configs_
 
     return prune
