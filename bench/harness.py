@@ -306,6 +306,8 @@ def environment(device: str = DEVICE) -> dict:
     from vera_kernels.verify import environment as verify_environment
 
     env = verify_environment(device)
+    if device == "cuda":  # vera_kernels.auto_table keys its choices on the GPU's name and capability
+        env["capability"] = "{}.{}".format(*torch.cuda.get_device_capability())
     if device == "cpu":
         env["threads"] = torch.get_num_threads()
     return env

@@ -8,9 +8,15 @@ Records (time, FLOPs, saved-activation bytes, peak memory) go to harness.results
 torch and Triton versions, after every case. No timing is asserted.
 """
 
+import os
+import sys
+
 import pytest
 
 import harness
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
+from bench import plan  # noqa: E402
 
 pytest.importorskip("peft")
 SETTINGS = harness.settings()
@@ -23,6 +29,14 @@ def _session_records():
     if _records is None:
         _records = harness.Records()
     return _records
+
+
+def _estimate(case, dtype):
+    try:
+        return plan.estimate_seconds(case.impl, case.pass_, case.m, case.in_features, case.out_features, case.rank,
+                                     dtype)
+    except Exception as exc:  # an estimate must never cost a GPU session its measurements: record why not
+        return f"not estimated: {type(exc).__name__}: {exc}"
 
 
 @pytest.mark.parametrize("case", harness.cases(), ids=lambda c: c.id)
@@ -41,9 +55,13 @@ def test_layer(benchmark, case):
     else:
         seconds, timer = benchmark.stats.stats.median, "perf_counter, median"
     work = harness.flops(case.impl, case.pass_, case.m, case.in_features, case.out_features, case.rank)
+    row_dtype = str(SETTINGS["dtype"]).removeprefix("torch.")
     row = dict(impl=case.impl, pass_=case.pass_, m=case.m, in_features=case.in_features,
-               out_features=case.out_features, rank=case.rank, dtype=str(SETTINGS["dtype"]).removeprefix("torch."),
+               out_features=case.out_features, rank=case.rank, dtype=row_dtype,
                seconds=seconds, rounds=SETTINGS["rounds"], timer=timer, flops=work,
-               tflops=work / seconds / 1e12 if seconds else None, saved_activation_bytes=saved, peak_bytes=peak)
+               tflops=work / seconds / 1e12 if seconds else None, saved_activation_bytes=saved, peak_bytes=peak,
+               # bench/plan.py's roofline of this implementation's launches (traced from the code) on an
+               # H200: the measured time of each plan side by side with what its launches allow.
+               h200_estimate_seconds=_estimate(case, row_dtype))
     benchmark.extra_info.update(row)
     _session_records().add(row)

@@ -110,6 +110,11 @@ def lookup(op: str, backend: str, device: torch.device):
 
 def _resolve(op: str, backend: str, device: torch.device):
     if backend == "auto":
+        from .auto_table import measured_choice  # measured times, where the package has some for this GPU
+
+        chosen = measured_choice(op, device, lambda name: _available_implementation(name, op, device))
+        if chosen is not None:
+            return chosen
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             found = status(candidate)
             if found.available and device.type in found.devices and _implementation(candidate, op):
@@ -126,6 +131,11 @@ def _resolve(op: str, backend: str, device: torch.device):
     if fn is None:
         raise NotImplementedError(f"backend {backend!r} does not implement {op} yet")
     return fn
+
+
+def _available_implementation(backend: str, op: str, device: torch.device):
+    found = status(backend)
+    return _implementation(backend, op) if found.available and device.type in found.devices else None
 
 
 _poison_outputs = False
