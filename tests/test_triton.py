@@ -284,6 +284,7 @@ def test_tma_selection(backend):
     assert use_tma(_forward_launches(37, 40, 70, 17, torch.float32)) == [False]  # IEEE fp32 dots: no TMA
     wide = torch.randn(37, 41, device=DEVICE).to(torch.bfloat16)
     assert not linear.tma_ok(wide[:, 1:]) and linear.tma_ok(wide[:, :40].contiguous())
+    assert not linear.tma_ok(wide[:1, :40].expand(37, 40))  # stride 0: overlapping rows
     assert use_tma(_forward_launches(37, 40, 70, 17, torch.bfloat16, x=wide[:, 1:])) == [False]
     # Decode and generated projections scale B's tiles by b in the loop: pointers.
     assert use_tma(_forward_launches(3, 40, 70, 17, torch.bfloat16)) == [False]

@@ -494,12 +494,15 @@ def _aligned_stride(cols: int, dtype: torch.dtype) -> int:
 
 
 def tma_ok(*tensors) -> bool:
-    """Whether tensor descriptors can address these 2-D tensors: last stride 1, the other stride and the
-    base 16-byte aligned, on a GPU with TMA (sm_90+). The pointer variant serves every other case."""
+    """Whether tensor descriptors can address these 2-D tensors: last stride 1, rows that do not overlap
+    (an expanded tensor's stride 0 is refused), the row stride and the base 16-byte aligned. The pointer
+    variant serves every other case."""
     if TensorDescriptor is None:
         return False
     for t in tensors:
         if t is None or t.dim() != 2 or t.stride(1) != 1 or t.shape[0] == 0 or t.shape[1] == 0:
+            return False
+        if t.stride(0) < t.shape[1]:
             return False
         size = t.element_size()
         if t.data_ptr() % 16 or (t.stride(0) * size) % 16:
