@@ -32,7 +32,7 @@ Roofline per launch: max(FLOPs / peak, bytes / bandwidth), summed over the launc
 no overlap between launches): what a plan's launches allow with every kernel at the hardware's rate, not
 how close a kernel's own code comes to it (cuBLAS does; a Triton kernel may not). H200: 790 TFLOP/s for GEMMs on bf16/fp16 operands (cuBLAS's rate, measured
 on one), 67 TFLOP/s on fp32 operands (TF32 is off by default), 4.3 TB/s (a measured copy).
-The arithmetic floor (DESIGN.md section 5): forward 1 + r (in + out) / (in out) times the base forward,
+The arithmetic floor (docs/DESIGN.md section 5): forward 1 + r (in + out) / (in out) times the base forward,
 forward+backward (dx, dd, db) (2 in out + r (2 in + 3 out)) / (2 in out) times base forward + dx.
 """
 

@@ -8,7 +8,7 @@ trained lambda_d, lambda_b. extra_info holds the saved-activation bytes (tensors
 neither parameters nor x), the analytic FLOPs and their ratio to the base's, the time ratios to the base
 and PEFT runs of this session and, for ours, the ratios of a few rounds of the three run in turn.
 
-Ours does the floor of DESIGN.md section 5, 2 r (2 in + 3 out) M FLOPs over the base (~1.16x at
+Ours does the floor of docs/DESIGN.md section 5, 2 r (2 in + 3 out) M FLOPs over the base (~1.16x at
 in = out = 4096, r = 256): db and dd come from the out x r product gᵀ s (see python -m bench.plan). PEFT keeps u and does 4 r (in + out) M, but moves
 M x out tensors through memory (u, b ⊙ u, the sum, g ⊙ u, g ⊙ b).
 """

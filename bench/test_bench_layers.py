@@ -46,20 +46,17 @@ def test_layer(benchmark, case):
     runner = harness.Runner(case, SETTINGS["dtype"])
     runner.warm_up(SETTINGS["warmup"])  # autotuning, compilation, first-call allocations
     saved, peak = runner.saved_activation_bytes(), runner.peak_bytes()
+    load = harness.LoadProbe()
     benchmark.pedantic(runner.target, setup=runner.setup, rounds=SETTINGS["rounds"], iterations=1)
 
-    if benchmark.stats is None:  # --benchmark-disable: the op ran once, untimed
-        seconds, timer = None, None
-    elif runner.event_times:
-        seconds, timer = harness.median(runner.event_times), "CUDA events, L2 flushed, median"
-    else:
-        seconds, timer = benchmark.stats.stats.median, "perf_counter, median"
+    timing = harness.timing(benchmark, runner)  # seconds (the median), min, quartiles, IQR, rounds, timer
+    seconds = timing["seconds"]
     work = harness.flops(case.impl, case.pass_, case.m, case.in_features, case.out_features, case.rank)
     row_dtype = str(SETTINGS["dtype"]).removeprefix("torch.")
     row = dict(impl=case.impl, pass_=case.pass_, m=case.m, in_features=case.in_features,
                out_features=case.out_features, rank=case.rank, dtype=row_dtype,
-               seconds=seconds, rounds=SETTINGS["rounds"], timer=timer, flops=work,
-               tflops=work / seconds / 1e12 if seconds else None, saved_activation_bytes=saved, peak_bytes=peak,
+               **timing, flops=work, tflops=work / seconds / 1e12 if seconds else None,
+               saved_activation_bytes=saved, peak_bytes=peak, **load.result(),
                # bench/plan.py's roofline of this implementation's launches (traced from the code) on an
                # H200: the measured time of each plan side by side with what its launches allow.
                h200_estimate_seconds=_estimate(case, row_dtype))

@@ -49,7 +49,7 @@ void vera_forward_multi_(at::Tensor y, const at::Tensor& x, const std::optional<
                          const at::Tensor& lambda_d_bank, const at::Tensor& lambda_b_bank,
                          const at::Tensor& adapter_ids, const std::optional<at::Tensor>& base_out);
 
-// The hand-written backward (DESIGN.md section 2) from grad_out = dL/dy (M, out, contiguous) and the saved
+// The hand-written backward (docs/DESIGN.md section 2) from grad_out = dL/dy (M, out, contiguous) and the saved
 // s (M, r, contiguous), written into the outputs given (a missing one is not computed):
 //   dx (M, in)   = g W0 + (d ⊙ dt) A      (weight missing: (d ⊙ dt) A, vera_delta's)   dt = g (b ⊙ B)
 //   dd (r)       = Σ_m dt ⊙ s             as Σ_j b_j B_jk G_jk, G = gᵀ s (out x r); in lambda_d's dtype

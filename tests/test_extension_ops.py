@@ -330,3 +330,40 @@ def test_backward_rejects_outputs_sharing_memory():
                        "db must not share memory with dbias")
     _outputs_untouched(C.vera_backward_, {**args, "dd": args["s"][0]}, ("dx", "db", "dbias"),
                        "dd must not share memory with s")
+
+
+def test_fp16_db_of_a_long_batch_is_finite():
+    # db_j = Σ_k B_jk (gᵀ t)_jk: the out x r product gᵀ t sums over M rows and overflows fp16 (max 65504) at
+    # M = 8192 with x = 8 and g = 1, although db itself is an fp32 value. Regression: it was formed in fp16
+    # (64 of 64 elements NaN); it must be accumulated in fp32 as the other backends do.
+    m, in_features, out_features, rank = 8192, 64, 64, 16
+    p = problem(m, in_features, out_features, rank, dtype=torch.float16)
+    p["x"] = torch.full_like(p["x"], 8.0)
+    grad = torch.ones(m, out_features, dtype=torch.float16, device=DEVICE)
+    *_, dd, db = run_layer(p, grad)
+    exact = {k: v.double() for k, v in p.items()}
+    *_, dd_ref, db_ref = run_layer(exact, grad.double(), backend="torch")
+    assert torch.isfinite(db).all() and torch.isfinite(dd).all()
+    assert verify.relative_error(db, db_ref) < 1e-2 and verify.relative_error(dd, dd_ref) < 1e-2
+
+
+@pytest.mark.parametrize("form", ["linear", "delta"])
+def test_infinite_lambda_b_gives_the_formulas_infinities(form):
+    # y_j = ... + b_j Σ_k t_k B_jk: an infinite b_j gives ±inf (NaN only where the sum is 0). Regression: b
+    # folded into B summed ±inf terms of both signs into NaN.
+    p = problem(m=6, in_features=10, out_features=7, rank=3)
+    p["lambda_b"][2], p["lambda_b"][4] = float("inf"), -float("inf")
+    base = torch.randn(6, 7, device=DEVICE)
+    results = []
+    for inputs, backend in ((p, BACKEND), ({k: v.double() for k, v in p.items()}, "torch")):
+        if form == "linear":
+            y = vera_kernels.vera_linear(**inputs, backend=backend)
+        else:
+            y = vera_kernels.vera_delta(inputs["x"], inputs["A"], inputs["B"], inputs["lambda_d"],
+                                        inputs["lambda_b"], base.to(inputs["x"].dtype), backend=backend)
+        results.append(y.double().cpu())
+    y, ref = results
+    assert torch.isinf(ref[:, [2, 4]]).all() and not torch.isnan(ref).any()
+    assert torch.equal(y[:, [2, 4]], ref[:, [2, 4]])
+    finite = [0, 1, 3, 5, 6]
+    assert verify.relative_error(y[:, finite], ref[:, finite]) < 1e-5

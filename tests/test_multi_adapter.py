@@ -16,7 +16,7 @@ from vera_kernels.dispatch import poisoned_outputs
 from conftest import DEVICE, backend_params
 
 BACKENDS = backend_params("torch", "triton", "cpu")
-# ‖out − ref‖ / ‖ref‖ against float64 (DESIGN.md section 7); measured: fp32 ~1e-7, bf16 ~3e-3, fp16 ~4e-4.
+# ‖out − ref‖ / ‖ref‖ against float64 (docs/DESIGN.md section 7); measured: fp32 ~1e-7, bf16 ~3e-3, fp16 ~4e-4.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 M, IN, OUT, RANK, N_ADAPTERS = 37, 50, 70, 17, 5
 
@@ -288,3 +288,21 @@ def test_adapter_with_trained_biases_cannot_be_banked(tmp_path):
     with pytest.raises(ValueError, match="trains biases"):
         load_adapter(server, path, name="biased")
     assert vera_kernels.vera_layers(server)[0][1].adapters == {}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_bank_serves_the_base(backend):
+    # Regression: the torch backend gathered row 0 of an empty bank (IndexError) when every id is -1.
+    p, _ = _problem(3)
+    x, weight, bias, A, B = (p[k].to(DEVICE) for k in ("x", "weight", "bias", "A", "B"))
+    ids = torch.full((x.shape[0],), -1, dtype=torch.int64, device=DEVICE)
+    bank_d, bank_b = torch.zeros(0, A.shape[0], device=DEVICE), torch.zeros(0, B.shape[0], device=DEVICE)
+    base = F.linear(x, weight, bias)
+    with torch.no_grad(), poisoned_outputs():
+        y = ops.vera_linear_multi(x, weight, bias, A, B, bank_d, bank_b, ids, backend=backend)
+        delta = ops.vera_delta_multi(x, A, B, bank_d, bank_b, ids, base, backend=backend)
+    assert torch.equal(delta, base)
+    if backend == "triton":  # its own base GEMM: within fp32 tolerance of F.linear (see above)
+        assert _relative_error(y, base) < 1e-5
+    else:
+        assert torch.equal(y, base)

@@ -393,3 +393,25 @@ def test_every_requires_grad_combination(backend, which):
                 assert verify.relative_error(p[k].grad, exact[k].grad) < verify.OP_TOLERANCE[dtype], (k, dtype)
             else:
                 assert p[k].grad is None, k
+
+
+@pytest.mark.parametrize("form", ["linear", "delta"])
+def test_backward_with_frozen_input(backend, form):
+    # The first adapted layer of a model: x without grad (and a frozen bias), so the backward computes
+    # neither dx nor dbias. Regression: one empty tensor returned for both made the custom op refuse its
+    # own outputs ("custom operator output may not alias").
+    p = _problem(17, 40, 30, 8, torch.float32)
+    for k in ("lambda_d", "lambda_b"):
+        p[k].requires_grad_(True)
+    base = torch.randn(17, 30, device=DEVICE)
+    ref = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in p.items()}
+    for inputs, use in ((p, backend), (ref, "torch")):
+        if form == "linear":
+            y = vera_linear(**inputs, backend=use)
+        else:
+            y = vera_delta(inputs["x"], inputs["A"], inputs["B"], inputs["lambda_d"], inputs["lambda_b"],
+                           base.to(inputs["x"].dtype), backend=use)
+        y.backward(torch.ones_like(y))
+    for k in ("lambda_d", "lambda_b"):
+        assert verify.relative_error(p[k].grad, ref[k].grad) < 1e-5, k
+    assert p["x"].grad is None and p["bias"].grad is None

@@ -33,8 +33,14 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _backend_for(backend: str, dtype: torch.dtype) -> str:
+    """The backend a layer set to ``backend`` runs in ``dtype``: float64 (the oracle's dtype, e.g. after
+    ``model.double()``) exists on the torch backend only, so "auto" means that one there."""
+    return "torch" if backend == "auto" and dtype == torch.float64 else backend
+
+
 def _check_base_dtype(dtype: torch.dtype, backend: str) -> None:
-    allowed = ops.KERNEL_DTYPES + ((torch.float64,) if backend == "torch" else ())
+    allowed = ops.KERNEL_DTYPES + ((torch.float64,) if _backend_for(backend, torch.float64) == "torch" else ())
     if dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
         raise TypeError(f"base weight dtype {dtype} can't run on backend {backend!r}; expected one of {names}")
@@ -53,6 +59,8 @@ class _ProjectionSource:
         self.rank = check_positive_int("rank", rank)
         self.max_in = check_positive_int("max_in", max_in)
         self.max_out = check_positive_int("max_out", max_out)
+        # The widest slices A_max[:, :in_features], B_max[:out_features] a layer may use: what pair() holds.
+        self.in_features, self.out_features = self.max_in, self.max_out
         self._pairs: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def pair(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,26 +83,50 @@ class _ProjectionSource:
         raise NotImplementedError
 
     def __getstate__(self):
-        # Pickles and deep copies carry the definition, not the per-device copies.
+        # Pickles and deep copies carry the definition and which (device, dtype) pairs were in use, not the
+        # tensors themselves ...
         state = dict(self.__dict__)
         state["_pairs"] = {}
+        state["_in_use"] = list(self._pairs)
         return state
+
+    def __setstate__(self, state):
+        # ... which the copy materializes again now, eagerly (from the shared cache: no copy), so that a
+        # torch.compile'd forward of the copy finds them, as it does for the original.
+        in_use = state.pop("_in_use", [])
+        self.__dict__.update(state)
+        for device, dtype in in_use:
+            try:
+                self._materialize_now(device, dtype)
+            except (RuntimeError, AssertionError):
+                pass  # a device this process lacks: the forward on it will say so
 
 
 class SeededProjections(_ProjectionSource):
     """The pair regenerated from ``seed`` with the package's scheme (``vera_kernels.SCHEME``): bit-identical
     on every device, backend and process, so a file needs only the seed and the sizes."""
 
-    def __init__(self, seed: int, rank: int, max_in: int, max_out: int):
+    def __init__(self, seed: int, rank: int, max_in: int, max_out: int, *, in_features: int | None = None,
+                 out_features: int | None = None):
+        """``in_features``/``out_features`` (default max_in/max_out): the widest layer that will use the pair;
+        only those slices are generated (the scale still follows max_in), so a large max_in costs no memory."""
         super().__init__(rank, max_in, max_out)
         self.seed = check_seed(seed)
+        for name, value, limit in (("in_features", in_features, self.max_in), ("out_features", out_features, self.max_out)):
+            if value is not None:
+                check_positive_int(name, value)
+                if value > limit:
+                    raise ValueError(f"{name} must be <= {limit} (max_in, max_out), got {value}")
+                setattr(self, name, value)
 
     def _make(self, device, dtype):
+        widths = dict(in_features=self.in_features, out_features=self.out_features)
         if dtype == torch.float64:
             # The scheme's values are fp32 numbers; float64 (the torch backend's oracle) holds them exactly.
-            A, B = get_projections(self.seed, self.rank, self.max_in, self.max_out, dtype=torch.float32, device=device)
+            A, B = get_projections(self.seed, self.rank, self.max_in, self.max_out, dtype=torch.float32,
+                                   device=device, **widths)
             return A.double(), B.double()
-        return get_projections(self.seed, self.rank, self.max_in, self.max_out, dtype=dtype, device=device)
+        return get_projections(self.seed, self.rank, self.max_in, self.max_out, dtype=dtype, device=device, **widths)
 
     def key(self) -> tuple:
         return ("seeded", self.seed, self.rank, self.max_in, self.max_out)
@@ -137,15 +169,20 @@ class _VeRABase(nn.Module):
         if backend != "auto" and backend not in dispatch.NAMES:
             raise ValueError(f"backend must be 'auto' or one of {', '.join(dispatch.NAMES)}; got {backend!r}")
         if projections is None:
-            projections = SeededProjections(seed, rank, max_in or in_features, max_out or out_features)
+            max_in = in_features if max_in is None else check_positive_int("max_in", max_in)
+            max_out = out_features if max_out is None else check_positive_int("max_out", max_out)
+            # Generated up to this layer's sizes (the check below names a max_in or max_out that is too small).
+            projections = SeededProjections(seed, rank, max_in, max_out, in_features=min(in_features, max_in),
+                                            out_features=min(out_features, max_out))
         elif max_in is not None or max_out is not None:
             raise ValueError("max_in/max_out come from the given projections; pass one or the other")
         if projections.rank != rank:
             raise ValueError(f"rank {rank} differs from the projections' rank {projections.rank}")
-        if projections.max_in < in_features or projections.max_out < out_features:
+        if projections.in_features < in_features or projections.out_features < out_features:
             raise ValueError(
-                f"projections of max_in={projections.max_in}, max_out={projections.max_out} are too small for "
-                f"a layer of in_features={in_features}, out_features={out_features}"
+                f"projections of max_in={projections.max_in}, max_out={projections.max_out} (generated for layers "
+                f"up to {projections.in_features} -> {projections.out_features}) are too small for a layer of "
+                f"in_features={in_features}, out_features={out_features}"
             )
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.projections = projections
@@ -168,6 +205,9 @@ class _VeRABase(nn.Module):
         return A[:, : self.in_features], B[: self.out_features]
 
     def _check_input(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            got = f"a 0-d tensor ({x.dtype})" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__}: input must be a tensor of shape (..., {self.in_features}), got {got}")
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__}: input's last dimension is {x.shape[-1]}, expected in_features={self.in_features} "
@@ -182,14 +222,32 @@ class _VeRABase(nn.Module):
             return
         self.projections.pair(device, dtype)
         try:
-            dispatch.lookup(op, self.backend, device)
+            dispatch.lookup(op, _backend_for(self.backend, dtype), device)
         except (RuntimeError, NotImplementedError):
             # A layer may be built where its backend can't run (on CPU, then moved to the GPU): the forward
             # raises the same error if it is still unavailable there.
             pass
 
+    # Kept fp32 when the module is cast to a narrower float (.half(), .to(torch.bfloat16)): updates to these
+    # small vectors would vanish in bf16 (lambda_d = 0.1 does not move under AdamW at lr 1e-4). Widening
+    # (.double()) is exact and follows the module.
+    _FP32_TENSORS = ("lambda_d", "lambda_b", "_bank_d", "_bank_b")
+
     def _apply(self, fn, recurse=True):
+        before = {name: (getattr(self, name), getattr(self, name).detach()) for name in self._FP32_TENSORS}
+        grads = {name: t.grad for name, (t, _) in before.items() if isinstance(t, nn.Parameter)}
         module = super()._apply(fn, recurse)
+        for name, (_, old) in before.items():
+            now = getattr(self, name)
+            if old.dtype == torch.float32 and now.dtype in (torch.float16, torch.bfloat16):
+                with torch.no_grad():
+                    kept = old.to(device=now.device)
+                if isinstance(now, nn.Parameter):
+                    now.data = kept
+                    if grads[name] is not None:
+                        now.grad = grads[name].to(device=now.device)
+                else:
+                    self._buffers[name] = kept
         self._prepare_for_device()
         return module
 
@@ -403,7 +461,7 @@ class FusedVeRALinear(_VeRABase):
         # No dropout: the bank serves (the op refuses inputs that require grad).
         A, B = self._projection_slices(x.device, x.dtype)
         bank_d, bank_b = self._banks()
-        return ops.vera_linear_multi(x, weight, bias, A, B, bank_d, bank_b, row_ids, backend=self.backend)
+        return ops.vera_linear_multi(x, weight, bias, A, B, bank_d, bank_b, row_ids, backend=_backend_for(self.backend, x.dtype))
 
     def _adapted(self, x, weight, bias):
         A, B = self._projection_slices(x.device, x.dtype)
@@ -411,8 +469,8 @@ class FusedVeRALinear(_VeRABase):
             # The adapter sees dropout(x), the base sees x: two inputs, so the base GEMM runs on its own.
             base_out = F.linear(x, weight, bias)
             x_drop = F.dropout(x, self.dropout, training=True)
-            return ops.vera_delta(x_drop, A, B, self.lambda_d, self.lambda_b, base_out, backend=self.backend)
-        return ops.vera_linear(x, weight, bias, A, B, self.lambda_d, self.lambda_b, backend=self.backend)
+            return ops.vera_delta(x_drop, A, B, self.lambda_d, self.lambda_b, base_out, backend=_backend_for(self.backend, x.dtype))
+        return ops.vera_linear(x, weight, bias, A, B, self.lambda_d, self.lambda_b, backend=_backend_for(self.backend, x.dtype))
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -439,6 +497,10 @@ class FusedVeRALinear(_VeRABase):
         weight = self._weight_out_in()
         weight.copy_((weight.to(_accumulation_dtype(weight.dtype)) - self.delta_weight()).to(weight.dtype))
         self.merged = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        refuse_loads_into_merged_layers(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def to_base(self) -> nn.Module:
         """An nn.Linear (or Conv1D) holding this layer's weight and bias Parameters, without the adapter."""
@@ -530,11 +592,11 @@ class VeRAWrapper(_VeRABase):
         if row_ids is not None:
             A, B = self._projection_slices(x.device, x.dtype)
             bank_d, bank_b = self._banks()
-            return ops.vera_delta_multi(x, A, B, bank_d, bank_b, row_ids, base_out, backend=self.backend)
+            return ops.vera_delta_multi(x, A, B, bank_d, bank_b, row_ids, base_out, backend=_backend_for(self.backend, x.dtype))
         A, B = self._projection_slices(x.device, x.dtype)
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
-        return ops.vera_delta(x, A, B, self.lambda_d, self.lambda_b, base_out, backend=self.backend)
+        return ops.vera_delta(x, A, B, self.lambda_d, self.lambda_b, base_out, backend=_backend_for(self.backend, x.dtype))
 
     def merge(self) -> None:
         raise NotImplementedError(
@@ -549,3 +611,20 @@ class VeRAWrapper(_VeRABase):
 
 
 VERA_LAYERS = (FusedVeRALinear, VeRAWrapper)
+
+
+def refuse_loads_into_merged_layers(module, state_dict, prefix, *_):
+    """A load_state_dict pre-hook (apply_vera puts it on the model; FusedVeRALinear runs it itself): refuse,
+    before anything is copied, a state_dict that would set the weight or the lambdas of a merged layer. Its
+    weight holds W0 + ΔW(lambdas): new lambdas under it would leave the old ΔW in the forward, and unmerge()
+    would then subtract the new ΔW from W0."""
+    for name, layer in module.named_modules(prefix=prefix.rstrip(".")):
+        if not getattr(layer, "merged", False):
+            continue
+        keys = [f"{name}.{key}" if name else key for key in ("weight", "lambda_d", "lambda_b")]
+        loading = [key for key in keys if key in state_dict]
+        if loading:
+            raise RuntimeError(
+                f"load_state_dict: layer {name!r} is merged (ΔW is folded into its weight), so {loading} can't be "
+                "loaded into it; call unmerge() on the merged layers first"
+            )

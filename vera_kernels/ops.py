@@ -48,8 +48,8 @@ def check_vera_args(x, weight, bias, A, B, lambda_d, lambda_b, base_out=None, *,
     rank = A.shape[0] if A.dim() == 2 else -1
     if A.dim() != 2 or A.shape[1] != in_features or rank < 1:
         _fail("A", f"shape (rank, {in_features}) (x's last dimension)", _describe(A))
-    if B.dim() != 2 or B.shape[1] != rank:
-        _fail("B", f"shape (out_features, {rank}) (A's rank)", _describe(B))
+    if B.dim() != 2 or B.shape[1] != rank or B.shape[0] < 1:
+        _fail("B", f"shape (out_features, {rank}) (A's rank) with out_features >= 1", _describe(B))
     out_features = B.shape[0]
     if weight is not None and tuple(weight.shape) != (out_features, in_features):
         _fail("weight", f"shape ({out_features}, {in_features}) (B's rows, x's last dimension)", _describe(weight))

@@ -1,4 +1,4 @@
-"""The fused VeRA kernels (DESIGN.md sections 2 and 4) and their host-side launchers.
+"""The fused VeRA kernels (docs/DESIGN.md sections 2 and 4) and their host-side launchers.
 
 Forward: the shrink and the GEMM (plus the tiny fold when M > 16; plus the split's second stage when
 M is decode-sized), no M x out intermediate:
