@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -139,6 +140,7 @@ def trace(fn):
 class TritonLaunch:
     name: str
     tensors: list  # (shape, dtype, written) of each tensor argument
+    sizes: dict  # the kernel's integer and constexpr arguments by name (M, N, K, HAS_BIAS, ...)
 
 
 def trace_triton(fn) -> list[TritonLaunch]:
@@ -158,8 +160,11 @@ def trace_triton(fn) -> list[TritonLaunch]:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         before = [t.clone() for t in tensors]
         result = original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        names = inspect.signature(self.fn).parameters
+        bound = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}}
         launches.append(TritonLaunch(self.fn.__name__, [
-            (tuple(t.shape), t.dtype, not torch.equal(_bits(t), _bits(b))) for t, b in zip(tensors, before)]))
+            (tuple(t.shape), t.dtype, not torch.equal(_bits(t), _bits(b))) for t, b in zip(tensors, before)],
+            {k: v for k, v in bound.items() if isinstance(v, (bool, int))}))
         return result
 
     InterpretedFunction.run = run
@@ -250,12 +255,25 @@ def describe(events, symbols: Symbols, target_size: int, traced_in_fp32: bool) -
     return launches
 
 
+def triton_flops(launch: TritonLaunch, symbols: Symbols) -> int:
+    """The multiply-adds a launch does, from the sizes it was given (mapped back to symbols, so they
+    rescale): the fused GEMM does M x N x (K_BASE + K_ADAPTER), a rank GEMM M x R x K (R + 1 with the
+    ones column of dbias); the other kernels are element-wise or reductions, counted by their bytes."""
+    def size(name):
+        value = launch.sizes[name]
+        return symbols.numel((symbols.names.get(value, str(value)),))
+
+    a = launch.sizes
+    if launch.name == "_fused_gemm_kernel":
+        return 2 * size("M") * size("N") * (size("K_BASE") * bool(a["HAS_BASE_GEMM"]) + size("K_ADAPTER"))
+    if launch.name == "_rank_gemm_kernel":
+        return 2 * size("M") * (size("R") + int(a["HAS_BIAS"])) * size("K")
+    return 0
+
+
 def describe_triton(launches: list[TritonLaunch], symbols: Symbols) -> list[Launch]:
     """Bytes from the tensor arguments (each read or written once; the ones a kernel changed are counted
-    as written). FLOPs inferred from the operand shapes: a matrix (a, b) the kernel writes, or reads with
-    the token dimension M and could rebuild from two others it reads (the backward recomputes u = t Bᵀ for
-    g ⊙ u), is a product of every pair of read matrices (a, k) and (b, k), k another dimension: 2 a b k
-    each, each product counted once. Element-wise work is not counted. Scratch buffers with a
+    as written), FLOPs from the GEMM sizes each launch was given (triton_flops). Scratch buffers with a
     program-count dimension keep their traced size (they are not rescaled)."""
     out = []
     for launch in launches:
@@ -263,20 +281,8 @@ def describe_triton(launches: list[TritonLaunch], symbols: Symbols) -> list[Laun
                    for shape, dt, written in launch.tensors]
         read = sum(symbols.numel(sym) * size for sym, size, written in tensors if not written)
         write = sum(symbols.numel(sym) * size for sym, size, written in tensors if written)
-        reads = [sym for sym, _, written in tensors if not written and len(sym) == 2]
-        products = set()  # (a, b, k): one matrix product, however many outputs share its shape
-        # A written matrix (a, b) and a read one that the kernel can rebuild from two others it reads (the
-        # backward's g ⊙ u, u = t Bᵀ) are both products of the read (a, k) and (b, k).
-        targets = [sym for sym, _, written in tensors if written and len(sym) == 2] + [p for p in reads if "M" in p]
-        for y in targets:
-            a, b = y
-            for p in reads:
-                for q in reads:
-                    k = (set(p) - {a}) & (set(q) - {b}) - {a, b}
-                    if p is not y and q is not y and p is not q and a in p and b in q and len(k) == 1:
-                        products.add((a, b, *k))
-        flops = sum(2 * symbols.numel(product) for product in products)
-        out.append(Launch("triton::" + launch.name, [sym for sym, _, _ in tensors], flops, read, write))
+        out.append(Launch("triton::" + launch.name, [sym for sym, _, _ in tensors], triton_flops(launch, symbols),
+                          read, write))
     return out
 
 

@@ -63,12 +63,18 @@ def test_triton_plan_is_traced_from_its_kernels():
     if not plan.triton_on_cpu():
         pytest.skip("the Triton interpreter is off")
     shape = dict(plan.TARGET)
-    triton = next(p for p in plan.build_plans(shape) if p.name == "triton")
+    plans = plan.build_plans(shape)
+    triton = next(p for p in plans if p.name == "triton")
     m, i, o, r = (shape[k] for k in ("m", "in_features", "out_features", "rank"))
     assert all(launch.name.startswith("triton::") for pass_ in triton.passes.values() for launch in pass_)
-    # Whatever its kernels, the plan does at least the operation's FLOPs (inferred from their operands).
-    assert sum(launch.flops for launch in triton.passes["forward"]) >= 2 * m * i * o + 2 * m * r * (i + o)
-    assert sum(launch.flops for launch in triton.passes["backward"]) >= 2 * m * i * o + 2 * m * r * (i + 2 * o)
+    # Its GEMMs do exactly the floor's FLOPs (counted from the sizes each launch was given), and its
+    # roofline estimate is within 5% of the floor, as the C++ plan's.
+    assert sum(launch.flops for launch in triton.passes["forward"]) == 2 * m * i * o + 2 * m * r * (i + o)
+    assert sum(launch.flops for launch in triton.passes["backward"]) == 2 * m * i * o + 2 * m * r * (i + 2 * o)
+    floor = plan.floors(shape)
+    ratios = plan.ratios(plans)["triton"]
+    for pass_ in ("forward", "forward+backward"):
+        assert floor[pass_] <= ratios[pass_] <= 1.05 * floor[pass_], (pass_, ratios[pass_], floor[pass_])
 
 
 class _Allocations(TorchDispatchMode):

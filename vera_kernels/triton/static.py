@@ -35,6 +35,8 @@ def _specialize(value):
     """(signature type, divisible by 16) of a launch argument, as Triton's launcher decides it."""
     if value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
         return "constexpr", False
+    if _is_descriptor(value):  # a host-side TMA descriptor, its tile shape set from the config
+        return f"tensordesc<{_TYPE_NAMES[value.base.dtype]}[{','.join(map(str, value.block_shape))}]>", False
     if isinstance(value, torch.Tensor):
         return "*" + _TYPE_NAMES[value.dtype], value.data_ptr() % 16 == 0
     if isinstance(value, bool):
@@ -44,6 +46,12 @@ def _specialize(value):
     if isinstance(value, float):
         return "fp32", False
     raise TypeError(f"cannot specialize {type(value).__name__}")
+
+
+def _is_descriptor(value) -> bool:
+    from .linear import TensorDescriptor
+
+    return TensorDescriptor is not None and isinstance(value, TensorDescriptor)
 
 
 @contextlib.contextmanager
@@ -57,12 +65,13 @@ def _captured():
         autotune._capture = None
 
 
-def representative_launches(dtype=torch.bfloat16, on_the_fly=False) -> list[tuple[str, object, dict]]:
-    """(kernel name, jit function, arguments) of every launch of one forward and one backward."""
+def representative_launches(dtype=torch.bfloat16, on_the_fly=False, tma=False, m=None) -> list[tuple[str, object, dict]]:
+    """(kernel name, jit function, arguments) of every launch of one forward and one backward; ``tma``: the
+    fused GEMM with tensor descriptors (sm_90), else with pointers; ``m``: the row count (decode: 1)."""
     from ..projections import generate_projections
     from . import linear
 
-    p = PROBLEM
+    p = dict(PROBLEM, m=m or PROBLEM["m"])
     x = torch.randn(p["m"], p["in_features"]).to(dtype)
     weight = torch.randn(p["out_features"], p["in_features"]).to(dtype)
     bias = torch.randn(p["out_features"]).to(dtype)
@@ -71,11 +80,22 @@ def representative_launches(dtype=torch.bfloat16, on_the_fly=False) -> list[tupl
         A = B = None
     d, b = torch.randn(p["rank"]), torch.randn(p["out_features"])
     s = torch.randn(p["m"], p["rank"]).to(dtype)
-    with _captured() as launches:
+    with _captured() as launches, _forced_tma(tma):
         linear.forward(x, weight, bias, A, B, d, b, None, 2**40 + 5, p["in_features"])
         linear.backward(x.new_empty(p["m"], p["out_features"]), s, weight, A, B, d, b, in_features=p["in_features"],
                         with_bias=True, need_dx=True, seed=2**40 + 5, max_in=p["in_features"])
     return list(launches)
+
+
+@contextlib.contextmanager
+def _forced_tma(tma: bool):
+    from . import linear
+
+    previous, linear.FORCE_TMA = linear.FORCE_TMA, tma
+    try:
+        yield
+    finally:
+        linear.FORCE_TMA = previous
 
 
 def compile_launch(fn, args: dict, config, arch: int):
@@ -84,7 +104,11 @@ def compile_launch(fn, args: dict, config, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from . import autotune
+
     values = {**args, **config.kwargs}
+    if "x_desc" in values:
+        autotune.set_block_shapes(values)
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
         value = values[param.name]
@@ -126,9 +150,22 @@ def analyse(cubin: bytes, tmpdir: str) -> dict:
                 opcodes=dict(opcodes))
 
 
+def _launch_sets():
+    """(label, arch filter, launches): pointer variants for sm_90 and sm_80, the TMA variant for sm_90, the
+    decode (M = 1) launches (split-K shrink, b scaled in the GEMM's loop), and generated projections."""
+    return [
+        ("", (90, 80), representative_launches()),
+        ("tma", (90,), [l for l in representative_launches(tma=True) if l[0] == "gemm"]),
+        ("128-row", (90, 80), [l for l in representative_launches(m=2048) if l[0] == "rank" and l[2]["MODE"] != 2]),
+        ("decode", (90, 80), [l for l in representative_launches(m=1) if l[0] in ("rank", "finish", "gemm")]),
+        ("on-the-fly", (90, 80), representative_launches(on_the_fly=True)),
+    ]
+
+
 def compile_all(archs=(90, 80), dtype=torch.bfloat16) -> list[dict]:
-    """One row per (kernel, projection mode, arch, config): every autotune config of every kernel in the
-    materialized mode; the first wide-M config of each on-the-fly variant."""
+    """One row per (kernel, variant, arch, config): every config autotuning would time for each launch of
+    a forward and a backward with the materialized pair (pointer and TMA variants, decode and wide M);
+    the first of them for each on-the-fly variant."""
     import tempfile
 
     from . import autotune, projection
@@ -137,35 +174,40 @@ def compile_all(archs=(90, 80), dtype=torch.bfloat16) -> list[dict]:
         raise RuntimeError("the static check compiles real kernels: run it without TRITON_INTERPRET")
     rows = []
     with tempfile.TemporaryDirectory() as tmpdir:
-        for on_the_fly in (False, True):
-            seen = set()  # the three second-stage sums differ only in their output dtype
-            for kernel, fn, args in representative_launches(dtype, on_the_fly):
-                variant = _variant(kernel, args)
-                if (kernel, variant) in seen or (on_the_fly and kernel == "sum"):
+        for label, set_archs, launches in _launch_sets():
+            seen = set()  # e.g. the three second-stage sums differ only in their output dtype
+            for kernel, fn, args in launches:
+                variant = " ".join(filter(None, (_variant(kernel, args), label)))
+                if (kernel, variant) in seen or (label == "on-the-fly" and kernel in ("sum", "fold", "finish")):
                     continue
                 seen.add((kernel, variant))
-                for arch in archs:
+                for arch in (a for a in archs if a in set_archs):
                     configs = autotune.configs(kernel, arch)
-                    if on_the_fly:  # compile time: the first config that autotuning would time
-                        configs = [c for c in configs if autotune.usable(kernel, c, decode=False, on_the_fly=True)][:1]
+                    if kernel in autotune._TUNED:  # what autotuning would time for this launch
+                        configs = autotune._pruner(kernel)(configs, {}, **args)
+                    if label == "on-the-fly":  # compile time: the first of them
+                        configs = configs[:1]
                     for config in configs:
                         compiled = compile_launch(fn, args, config, arch)
                         row = analyse(compiled.asm["cubin"], tmpdir)
-                        row.update(kernel=kernel, variant=variant, arch=arch, config=_describe(config),
+                        row.update(kernel=kernel, variant=variant, arch=arch, config=_describe(config, args),
                                    shared=compiled.metadata.shared)
                         rows.append(row)
     return rows
 
 
 def _variant(kernel: str, args: dict) -> str:
-    mode = "on-the-fly" if args.get("ON_THE_FLY") else "materialized"
     if kernel == "gemm":
-        return ("forward" if args["HAS_SCALE"] else "dx") + " " + mode
-    return mode
+        name = "forward" if args["P_IS_NK"] else "dx"
+        return name + (" b-in-loop" if args["SCALE_IN_LOOP"] else "")
+    if kernel in ("rank", "finish"):
+        return ("shrink", "dt", "G")[args["MODE"]] + (" ones" if args.get("HAS_BIAS") else "")
+    return ""
 
 
-def _describe(config) -> str:
-    blocks = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK"))
+def _describe(config, args) -> str:
+    blocks = {**{k: v for k, v in args.items() if k.startswith("BLOCK")}, **config.kwargs}
+    blocks = "x".join(str(v) for k, v in blocks.items() if k.startswith("BLOCK"))
     return f"{blocks} w{config.num_warps} s{config.num_stages}"
 
 
