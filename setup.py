@@ -10,8 +10,10 @@ Environment switches, read at build time only:
 
 import os
 import sys
+import sysconfig
 from pathlib import Path
 
+import setuptools
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
@@ -71,6 +73,32 @@ def _want_cuda(torch, cuda_home):
     return False
 
 
+def _ninja_on_path():
+    """Put this Python's scripts directory first on PATH: a virtual environment's ``ninja`` (from
+    requirements.txt) is there, and torch looks for ninja on PATH. Without ninja torch compiles every source
+    again on every build."""
+    scripts = sysconfig.get_path("scripts")
+    if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+
+
+def _persistent_build_ext(build_extension):
+    """torch's BuildExtension compiling into build/temp.<platform>-<python>/ in the repository.
+
+    ``pip install -e .`` (PEP 660) hands build_ext a fresh temporary directory every time, so every
+    source would be compiled again. Here the objects and ninja's build file and log survive between
+    builds, and ninja recompiles only a source that is newer than its object, or one of whose headers is
+    (it reads the compiler's dependency files), or whose command line changed: a second install with
+    nothing changed compiles nothing and only links."""
+
+    class PersistentBuildExtension(build_extension):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = str(ROOT / "build" / f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
+    return PersistentBuildExtension
+
+
 def _extensions():
     """The extension list and the build_ext command class, or nothing for a pure-Python install."""
     if _env_flag("VERA_KERNELS_BUILD_EXT", ("0", "1"), "1") == "0":
@@ -84,6 +112,7 @@ def _extensions():
             "Install torch first and build with `pip install --no-build-isolation .` (an isolated build "
             "has no torch), or set VERA_KERNELS_BUILD_EXT=0 for a pure-Python install."
         )
+    _ninja_on_path()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
@@ -117,20 +146,35 @@ def _extensions():
         )
     else:
         ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)
-    return [ext], {"build_ext": BuildExtension}
+    return [ext], {"build_ext": _persistent_build_ext(BuildExtension)}
 
 
 ext_modules, cmdclass = _extensions()
+
+# What each feature imports beyond torch. The core (the ops, the layer, apply_vera, adapter files) needs
+# torch and safetensors; the rest is optional and imported only where used.
+EXTRAS = {
+    "triton": ["triton"],                              # the triton backend (GPU, or CPU under its interpreter)
+    "peft": ["peft", "transformers"],                  # from_peft / to_peft, GPT-2 Conv1D, the demo
+    "bench": ["pytest", "pytest-benchmark", "peft", "transformers", "matplotlib"],  # bench/, its plot
+    "test": ["pytest", "pytest-benchmark", "peft", "transformers", "accelerate"],   # tests/
+}
+EXTRAS["all"] = sorted({name for names in EXTRAS.values() for name in names})
 
 setup(
     name="vera_kernels",
     version="0.1.0",
     description="Fused VeRA (vector-based random matrix adaptation) kernels for PyTorch",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    # PEP 639's license_expression from setuptools 77 on; the older field before (requirements.txt: >= 64).
+    **({"license_expression": "Apache-2.0"} if int(setuptools.__version__.split(".")[0]) >= 77 else {"license": "Apache-2.0"}),
+    license_files=["LICENSE"],
     packages=find_packages(include=["vera_kernels", "vera_kernels.*"]),
     package_data={"vera_kernels": ["data/*.json"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton"]},
+    install_requires=["torch>=2.4", "safetensors"],
+    extras_require=EXTRAS,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -1,7 +1,7 @@
 """The layer benchmark's parts: what is compared, on which shapes, how it is timed and what is recorded.
 
 Implementations of one adapted linear layer (x: M x in, W0: out x in frozen, bias frozen):
-  base          nn.Linear alone: the floor's reference (DESIGN.md section 5)
+  base          nn.Linear alone: the floor's reference (docs/DESIGN.md section 5)
   merged        FusedVeRALinear after merge(): the base GEMM on W0 + ΔW (inference only)
   vera-<b>      FusedVeRALinear on each fused backend b that runs here (cpu; triton and cuda on a GPU; the
                 Triton interpreter's timings say nothing, so never on CPU)
@@ -35,10 +35,13 @@ import functools
 import json
 import os
 import statistics
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from vera_kernels.measure import saved_activation_bytes  # noqa: F401  (bench/test_bench_cpu.py uses it from here)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PASSES = ("forward", "backward", "forward+backward")
@@ -283,7 +286,7 @@ class Runner:
 
 
 # --------------------------------------------------------------------------------------------------
-# FLOPs (DESIGN.md section 5).
+# FLOPs (docs/DESIGN.md section 5).
 
 
 def flops(impl: str, pass_: str, m: int, in_features: int, out_features: int, rank: int | None) -> int:
@@ -314,6 +317,8 @@ def environment(device: str = DEVICE) -> dict:
     from vera_kernels.verify import environment as verify_environment
 
     env = verify_environment(device)
+    if device == "cuda":  # vera_kernels.auto_table keys its choices on the GPU's name and capability
+        env["capability"] = "{}.{}".format(*torch.cuda.get_device_capability())
     if device == "cpu":
         env["threads"] = torch.get_num_threads()
     return env
@@ -344,18 +349,61 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def saved_activation_bytes(module, x: torch.Tensor, excluded_storages: set[int]) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one forward of module(x), x and the
-    storages whose data pointers are in excluded_storages (the parameters) not counted."""
-    excluded = excluded_storages | {x.untyped_storage().data_ptr()}
-    storages = {}
+# --------------------------------------------------------------------------------------------------
+# Dispersion and machine load: what tells a reader whether a row's figures can be compared at all.
 
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return sum(storages.values())
+def dispersion(times: list[float]) -> dict:
+    """min, median, first and third quartiles and IQR of one case's round times (seconds). With fewer
+    than 4 rounds the quartiles are the extremes (a range, not an IQR: the report flags the row)."""
+    if not times:
+        return dict(min=None, median=None, q1=None, q3=None, iqr=None)
+    ordered = sorted(times)
+    if len(ordered) >= 4:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1, q3 = ordered[0], ordered[-1]
+    return dict(min=ordered[0], median=statistics.median(ordered), q1=q1, q3=q3, iqr=q3 - q1)
+
+
+def timing(benchmark, runner: "Runner") -> dict:
+    """One case's timing record: ``seconds`` (the median), its dispersion, the rounds and the timer. GPU:
+    the CUDA-event times; CPU: pytest-benchmark's perf_counter rounds. All None under --benchmark-disable."""
+    if benchmark.stats is None:  # --benchmark-disable: the op ran once, untimed
+        times, timer = [], None
+    elif runner.event_times:
+        times, timer = runner.event_times, "CUDA events, L2 flushed"
+    else:
+        times, timer = list(benchmark.stats.stats.data), "perf_counter"
+    stats = dispersion(times)
+    return dict(seconds=stats.pop("median"), **{f"{k}_seconds": v for k, v in stats.items()}, rounds=len(times),
+                timer=timer)
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds every process of the machine has spent since boot (Linux /proc/stat), None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class LoadProbe:
+    """The machine's load around one case: the 1-minute load average at its end and the share of all CPUs
+    that other processes kept busy while it ran (this process's own CPU time subtracted)."""
+
+    def __init__(self):
+        self.wall, self.busy, self.own = time.perf_counter(), _busy_cpu_seconds(), time.process_time()
+
+    def result(self) -> dict:
+        wall = time.perf_counter() - self.wall
+        busy, own = _busy_cpu_seconds(), time.process_time() - self.own
+        cpus = os.cpu_count() or 1
+        others = None
+        if busy is not None and self.busy is not None and wall > 0:
+            others = min(1.0, max(0.0, (busy - self.busy - own) / (wall * cpus)))
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        return dict(load_avg_1min=load, cpus=cpus, others_busy=others)

@@ -8,8 +8,8 @@ trained lambda_d, lambda_b. extra_info holds the saved-activation bytes (tensors
 neither parameters nor x), the analytic FLOPs and their ratio to the base's, the time ratios to the base
 and PEFT runs of this session and, for ours, the ratios of a few rounds of the three run in turn.
 
-Ours does the floor of DESIGN.md section 5, 2 r (2 in + 3 out) M FLOPs over the base (~1.16x at
-in = out = 4096, r = 256): u = t Bᵀ is recomputed for db. PEFT keeps u and does 4 r (in + out) M, but moves
+Ours does the floor of docs/DESIGN.md section 5, 2 r (2 in + 3 out) M FLOPs over the base (~1.16x at
+in = out = 4096, r = 256): db and dd come from the out x r product gᵀ s (see python -m bench.plan). PEFT keeps u and does 4 r (in + out) M, but moves
 M x out tensors through memory (u, b ⊙ u, the sum, g ⊙ u, g ⊙ b).
 """
 
@@ -108,7 +108,7 @@ def flops(variant, m, in_features, out_features):
         return base
     if variant == "peft":  # x Aᵀ, t Bᵀ; (g ⊙ b) B, (d ⊙ dt) A
         return base + 4 * RANK * (in_features + out_features) * m
-    # x Aᵀ, t (b ⊙ B)ᵀ; g (b ⊙ B), gᵀ t (for db), (d ⊙ dt) A
+    # x Aᵀ, s Bdbᵀ (Bdb = b ⊙ B ⊙ d); gᵀ s (for db and dd), g Bdb = d ⊙ dt, (d ⊙ dt) A
     return base + 2 * RANK * (2 * in_features + 3 * out_features) * m
 
 

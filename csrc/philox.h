@@ -1,4 +1,4 @@
-// The shared random projections (DESIGN.md section 3), element by element.
+// The shared random projections (docs/DESIGN.md section 3), element by element.
 //
 // Header-only and free of torch and CUDA headers so that the CPU kernels, the CUDA kernels and the C++
 // unit test compile the very same code. Only integer operations, one exact int->float conversion and

@@ -20,22 +20,62 @@ constexpr int64_t kDotLanes = 8;
 
 int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, cols)); }
 
-template <typename E, typename V>
-void scale_rows(const Scale& p, int64_t begin, int64_t end) {
+template <typename E, typename D, typename B>
+void fold_rows(const FoldProjection& p, int64_t begin, int64_t end) {
   using T = typename E::type;
-  const T* const in = static_cast<const T*>(p.in);
-  T* const out = static_cast<T*>(p.out);
-  const typename V::type* const v = static_cast<const typename V::type*>(p.v);
+  const typename D::type* const d = static_cast<const typename D::type*>(p.d);
+  const typename B::type* const b = static_cast<const typename B::type*>(p.b);
   for (int64_t i = begin; i < end; ++i) {
-    const T* const src = in + i * p.cols;
-    T* const dst = out + i * p.cols;
-    if (p.per_row) {
-      const float vi = V::load(v[i]);
-      for (int64_t j = 0; j < p.cols; ++j) dst[j] = E::store(E::load(src[j]) * vi);
-    } else {
-      for (int64_t j = 0; j < p.cols; ++j) dst[j] = E::store(product<E, V>(src[j], v[j]));
-    }
+    const T* const src = static_cast<const T*>(p.B) + i * p.cols;
+    T* const dst = static_cast<T*>(p.out) + i * p.cols;
+    const float bi = B::load(b[i]);
+    for (int64_t j = 0; j < p.cols; ++j) dst[j] = E::store(bi * E::load(src[j]) * D::load(d[j]));
   }
+}
+
+// db[j] = Σ_k B[j, k] d[k] G[j, k] for the rows [begin, end), in kDotLanes interleaved fp32 partial sums
+// (so that the fixed-order sum still vectorizes).
+template <typename E, typename D, typename B>
+void db_rows(const LambdaGrads& p, int64_t begin, int64_t end) {
+  using T = typename E::type;
+  const typename D::type* const d = static_cast<const typename D::type*>(p.d);
+  for (int64_t i = begin; i < end; ++i) {
+    const T* const Bi = static_cast<const T*>(p.B) + i * p.cols;
+    const float* const Gi = p.G + i * p.cols;
+    float lanes[kDotLanes] = {};
+    int64_t j = 0;
+    for (; j + kDotLanes <= p.cols; j += kDotLanes) {
+      for (int64_t l = 0; l < kDotLanes; ++l) lanes[l] += E::load(Bi[j + l]) * D::load(d[j + l]) * Gi[j + l];
+    }
+    for (int64_t l = 0; j + l < p.cols; ++l) lanes[l] += E::load(Bi[j + l]) * D::load(d[j + l]) * Gi[j + l];
+    float sum = 0.0f;
+    for (int64_t l = 0; l < kDotLanes; ++l) sum += lanes[l];
+    static_cast<typename B::type*>(p.db)[i] = B::store(sum);
+  }
+}
+
+// dd[k] = Σ_j b[j] B[j, k] G[j, k] for the columns [col_begin, col_begin + kSumColBlock), over chunks of
+// kSumRowChunk rows added in row order (the order of the CUDA kernels' two stages).
+template <typename E, typename D, typename B>
+void dd_block(const LambdaGrads& p, int64_t col_begin) {
+  using T = typename E::type;
+  const typename B::type* const b = static_cast<const typename B::type*>(p.b);
+  const int64_t width = std::min(kSumColBlock, p.cols - col_begin);
+  float total[kSumColBlock] = {};
+  float chunk[kSumColBlock];
+  for (int64_t row_begin = 0; row_begin < p.rows; row_begin += kSumRowChunk) {
+    const int64_t row_end = std::min(row_begin + kSumRowChunk, p.rows);
+    std::fill(chunk, chunk + width, 0.0f);
+    for (int64_t i = row_begin; i < row_end; ++i) {
+      const float bi = B::load(b[i]);
+      const T* const Bi = static_cast<const T*>(p.B) + i * p.cols + col_begin;
+      const float* const Gi = p.G + i * p.cols + col_begin;
+      for (int64_t j = 0; j < width; ++j) chunk[j] += bi * E::load(Bi[j]) * Gi[j];
+    }
+    for (int64_t j = 0; j < width; ++j) total[j] += chunk[j];
+  }
+  typename D::type* const dd = static_cast<typename D::type*>(p.dd) + col_begin;
+  for (int64_t j = 0; j < width; ++j) dd[j] = D::store(total[j]);
 }
 
 // kAccumulate a template parameter and the two cases in separate loops, so that each inner loop is a plain
@@ -60,11 +100,10 @@ void gather_scale_rows(const GatherScale& p, int64_t begin, int64_t end) {
   }
 }
 
-template <typename E, typename O, bool kProduct>
+template <typename E, typename O>
 void column_sums_block(const ColumnSums& p, int64_t col_begin) {
   using T = typename E::type;
   const T* const a = static_cast<const T*>(p.a);
-  const T* const b = static_cast<const T*>(p.b);
   const int64_t width = std::min(kSumColBlock, p.cols - col_begin);
   float total[kSumColBlock] = {};
   float chunk[kSumColBlock];
@@ -73,12 +112,7 @@ void column_sums_block(const ColumnSums& p, int64_t col_begin) {
     std::fill(chunk, chunk + width, 0.0f);
     for (int64_t i = row_begin; i < row_end; ++i) {
       const T* const a_row = a + i * p.cols + col_begin;
-      if (kProduct) {
-        const T* const b_row = b + i * p.cols + col_begin;
-        for (int64_t j = 0; j < width; ++j) chunk[j] += product<E, E>(a_row[j], b_row[j]);
-      } else {
-        for (int64_t j = 0; j < width; ++j) chunk[j] += E::load(a_row[j]);
-      }
+      for (int64_t j = 0; j < width; ++j) chunk[j] += E::load(a_row[j]);
     }
     for (int64_t j = 0; j < width; ++j) total[j] += chunk[j];
   }
@@ -86,31 +120,38 @@ void column_sums_block(const ColumnSums& p, int64_t col_begin) {
   for (int64_t j = 0; j < width; ++j) out[j] = O::store(total[j]);
 }
 
-template <typename E, typename O>
-void row_dots_rows(const RowDots& p, int64_t begin, int64_t end) {
-  using T = typename E::type;
-  for (int64_t i = begin; i < end; ++i) {
-    const T* const a = static_cast<const T*>(p.a) + i * p.cols;
-    const T* const b = static_cast<const T*>(p.b) + i * p.cols;
-    float lanes[kDotLanes] = {};
-    int64_t j = 0;
-    for (; j + kDotLanes <= p.cols; j += kDotLanes) {
-      for (int64_t l = 0; l < kDotLanes; ++l) lanes[l] += product<E, E>(a[j + l], b[j + l]);
-    }
-    for (int64_t l = 0; j + l < p.cols; ++l) lanes[l] += product<E, E>(a[j + l], b[j + l]);
-    float sum = 0.0f;
-    for (int64_t l = 0; l < kDotLanes; ++l) sum += lanes[l];
-    static_cast<typename O::type*>(p.out)[i] = O::store(sum);
-  }
-}
-
 }  // namespace
 
-void scale_cpu(const Scale& p) {
+void fold_projection_cpu(const FoldProjection& p) {
   dispatch_dtype(p.dtype, [&](auto e) {
-    dispatch_dtype(p.v_dtype, [&](auto v) {
-      at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t begin, int64_t end) {
-        scale_rows<decltype(e), decltype(v)>(p, begin, end);
+    dispatch_dtype(p.d_dtype, [&](auto d) {
+      dispatch_dtype(p.b_dtype, [&](auto b) {
+        at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t begin, int64_t end) {
+          fold_rows<decltype(e), decltype(d), decltype(b)>(p, begin, end);
+        });
+      });
+    });
+  });
+}
+
+void lambda_grads_cpu(const LambdaGrads& p) {
+  dispatch_dtype(p.dtype, [&](auto e) {
+    dispatch_dtype(p.d_dtype, [&](auto d) {
+      dispatch_dtype(p.b_dtype, [&](auto b) {
+        using E = decltype(e);
+        using D = decltype(d);
+        using B = decltype(b);
+        if (p.db != nullptr) {
+          at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t begin, int64_t end) {
+            db_rows<E, D, B>(p, begin, end);
+          });
+        }
+        if (p.dd != nullptr) {
+          const int64_t blocks = (p.cols + kSumColBlock - 1) / kSumColBlock;
+          at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t block = begin; block < end; ++block) dd_block<E, D, B>(p, block * kSumColBlock);
+          });
+        }
       });
     });
   });
@@ -137,22 +178,8 @@ void column_sums_cpu(const ColumnSums& p) {
     dispatch_dtype(p.out_dtype, [&](auto o) {
       at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
         for (int64_t block = begin; block < end; ++block) {
-          if (p.b != nullptr) {
-            column_sums_block<decltype(e), decltype(o), true>(p, block * kSumColBlock);
-          } else {
-            column_sums_block<decltype(e), decltype(o), false>(p, block * kSumColBlock);
-          }
+          column_sums_block<decltype(e), decltype(o)>(p, block * kSumColBlock);
         }
-      });
-    });
-  });
-}
-
-void row_dots_cpu(const RowDots& p) {
-  dispatch_dtype(p.dtype, [&](auto e) {
-    dispatch_dtype(p.out_dtype, [&](auto o) {
-      at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t begin, int64_t end) {
-        row_dots_rows<decltype(e), decltype(o)>(p, begin, end);
       });
     });
   });

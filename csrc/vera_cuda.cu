@@ -26,18 +26,20 @@ unsigned blocks_x(int64_t n, int64_t per_block) { return unsigned(std::min(ceil_
 
 unsigned blocks_y(int64_t n, int64_t per_block) { return unsigned(std::min(ceil_div(n, per_block), kMaxBlocksY)); }
 
-template <typename E, typename V>
-__global__ void scale_kernel(Scale p) {
+template <typename E, typename D, typename B>
+__global__ void fold_projection_kernel(FoldProjection p) {
   using T = typename E::type;
-  const T* const in = static_cast<const T*>(p.in);
+  const T* const in = static_cast<const T*>(p.B);
   T* const out = static_cast<T*>(p.out);
-  const typename V::type* const v = static_cast<const typename V::type*>(p.v);
+  const typename D::type* const d = static_cast<const typename D::type*>(p.d);
+  const typename B::type* const b = static_cast<const typename B::type*>(p.b);
   for (int64_t i = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; i < p.rows;
        i += int64_t(gridDim.y) * blockDim.y) {
+    const float bi = B::load(b[i]);
     for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < p.cols;
          j += int64_t(gridDim.x) * blockDim.x) {
       const int64_t k = i * p.cols + j;
-      out[k] = E::store(product<E, V>(in[k], v[p.per_row ? i : j]));
+      out[k] = E::store(bi * E::load(in[k]) * D::load(d[j]));
     }
   }
 }
@@ -62,11 +64,10 @@ __global__ void gather_scale_kernel(GatherScale p) {
 
 // Stage 1: scratch[c, j] = the fp32 sum of column j over the rows of chunk c. Consecutive threads read
 // consecutive columns of a row: coalesced.
-template <typename E, bool kProduct>
+template <typename E>
 __global__ void column_chunk_sums_kernel(ColumnSums p, float* scratch, int64_t chunks) {
   using T = typename E::type;
   const T* const a = static_cast<const T*>(p.a);
-  const T* const b = static_cast<const T*>(p.b);
   for (int64_t c = blockIdx.y; c < chunks; c += gridDim.y) {
     const int64_t row_begin = c * kSumRowChunk;
     const int64_t row_end = row_begin + kSumRowChunk < p.rows ? row_begin + kSumRowChunk : p.rows;
@@ -74,8 +75,7 @@ __global__ void column_chunk_sums_kernel(ColumnSums p, float* scratch, int64_t c
          j += int64_t(gridDim.x) * blockDim.x) {
       float sum = 0.0f;
       for (int64_t i = row_begin; i < row_end; ++i) {
-        const int64_t k = i * p.cols + j;
-        sum += kProduct ? product<E, E>(a[k], b[k]) : E::load(a[k]);
+        sum += E::load(a[i * p.cols + j]);
       }
       scratch[c * p.cols + j] = sum;
     }
@@ -84,29 +84,151 @@ __global__ void column_chunk_sums_kernel(ColumnSums p, float* scratch, int64_t c
 
 // Stage 2: out[j] = the chunk sums of column j added in row order.
 template <typename O>
-__global__ void column_total_kernel(ColumnSums p, const float* scratch, int64_t chunks) {
-  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < p.cols;
-       j += int64_t(gridDim.x) * blockDim.x) {
+__global__ void column_total_kernel(void* out, const float* scratch, int64_t chunks, int64_t cols) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < cols; j += int64_t(gridDim.x) * blockDim.x) {
     float total = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) total += scratch[c * p.cols + j];
-    static_cast<typename O::type*>(p.out)[j] = O::store(total);
+    for (int64_t c = 0; c < chunks; ++c) total += scratch[c * cols + j];
+    static_cast<typename O::type*>(out)[j] = O::store(total);
   }
 }
 
-// One warp per row: lane l sums columns l, l + 32, ...; then a butterfly over the lanes, the same order
-// in every run.
-template <typename E, typename O>
-__global__ void row_dots_kernel(RowDots p) {
+// db: one warp per row j, lane l sums columns l, l + 32, ... of B[j, k] d[k] G[j, k]; then a butterfly over
+// the lanes, the same order in every run.
+template <typename E, typename D, typename B>
+__global__ void db_rows_kernel(LambdaGrads p) {
   using T = typename E::type;
+  const typename D::type* const d = static_cast<const typename D::type*>(p.d);
   const int lane = threadIdx.x % kWarp;
   for (int64_t i = blockIdx.x * int64_t(kDotWarps) + threadIdx.x / kWarp; i < p.rows;
        i += int64_t(gridDim.x) * kDotWarps) {
-    const T* const a = static_cast<const T*>(p.a) + i * p.cols;
-    const T* const b = static_cast<const T*>(p.b) + i * p.cols;
+    const T* const Bi = static_cast<const T*>(p.B) + i * p.cols;
+    const float* const Gi = p.G + i * p.cols;
     float sum = 0.0f;
-    for (int64_t j = lane; j < p.cols; j += kWarp) sum += product<E, E>(a[j], b[j]);
+    for (int64_t j = lane; j < p.cols; j += kWarp) sum += E::load(Bi[j]) * D::load(d[j]) * Gi[j];
     for (int offset = kWarp / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
-    if (lane == 0) static_cast<typename O::type*>(p.out)[i] = O::store(sum);
+    if (lane == 0) static_cast<typename B::type*>(p.db)[i] = B::store(sum);
+  }
+}
+
+// dd, stage 1: scratch[c, k] = Σ_{j in chunk c} b[j] B[j, k] G[j, k] (stage 2: column_total_kernel).
+template <typename E, typename B>
+__global__ void dd_chunk_sums_kernel(LambdaGrads p, float* scratch, int64_t chunks) {
+  using T = typename E::type;
+  const typename B::type* const b = static_cast<const typename B::type*>(p.b);
+  for (int64_t c = blockIdx.y; c < chunks; c += gridDim.y) {
+    const int64_t row_begin = c * kSumRowChunk;
+    const int64_t row_end = row_begin + kSumRowChunk < p.rows ? row_begin + kSumRowChunk : p.rows;
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < p.cols;
+         k += int64_t(gridDim.x) * blockDim.x) {
+      float sum = 0.0f;
+      for (int64_t j = row_begin; j < row_end; ++j) {
+        sum += B::load(b[j]) * E::load(static_cast<const T*>(p.B)[j * p.cols + k]) * p.G[j * p.cols + k];
+      }
+      scratch[c * p.cols + k] = sum;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Decode (DecodeAdapter in vera_math.h).
+
+constexpr int kDecodeWarps = 8;           // warps per block of the decode kernels
+constexpr int64_t kDecodeMinSplit = 256;  // columns of x at least per split of the shrink
+
+// The adapter of row m: ids[m], or 0 for one adapter.
+__device__ int64_t adapter_of(const DecodeAdapter& p, int64_t m) { return p.ids == nullptr ? 0 : p.ids[m]; }
+
+// Stage 1: one warp per rank row k, over the columns of split c (blockIdx.y); the lanes stride the columns,
+// then a butterfly per row m.
+template <typename E>
+__global__ void decode_shrink_kernel(DecodeAdapter p, int64_t split_len) {
+  using T = typename E::type;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t k = blockIdx.x * int64_t(kDecodeWarps) + threadIdx.x / kWarp;
+  if (k >= p.r) return;
+  const int64_t c = blockIdx.y;
+  const int64_t begin = c * split_len;
+  const int64_t end = begin + split_len < p.in ? begin + split_len : p.in;
+  const T* const x = static_cast<const T*>(p.x);
+  const T* const a_row = static_cast<const T*>(p.A) + k * p.A_stride;
+  float acc[kDecodeMaxRows];
+#pragma unroll
+  for (int m = 0; m < kDecodeMaxRows; ++m) acc[m] = 0.0f;
+  for (int64_t i = begin + lane; i < end; i += kWarp) {
+    const float a = E::load(a_row[i]);
+#pragma unroll
+    for (int m = 0; m < kDecodeMaxRows; ++m) {
+      if (m < p.rows) acc[m] += E::load(x[m * p.x_stride + i]) * a;
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kDecodeMaxRows; ++m) {
+    if (m >= p.rows) break;
+    float v = acc[m];
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+    if (lane == 0) p.scratch[(c * p.rows + m) * p.r + k] = v;
+  }
+}
+
+// Stage 2: one thread per (m, k): the split sums in split order; s, and t = d[a_m] ⊙ σ after the partials.
+template <typename E, typename V>
+__global__ void decode_shrink_total_kernel(DecodeAdapter p) {
+  const int64_t n = p.rows * p.r;
+  float* const t = p.scratch + p.splits * n;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = idx / p.r, k = idx % p.r;
+    float sigma = 0.0f;
+    for (int64_t c = 0; c < p.splits; ++c) sigma += p.scratch[c * n + idx];
+    if (p.s != nullptr) static_cast<typename E::type*>(p.s)[idx] = E::store(sigma);
+    const int64_t a = adapter_of(p, m);
+    t[idx] = a < 0 ? 0.0f : V::load(static_cast<const typename V::type*>(p.d_bank)[a * p.r + k]) * sigma;
+  }
+}
+
+// Stage 3: one warp per output column j (grid-stride); lane m < rows writes y[m, j].
+template <typename E, typename V>
+__global__ void decode_expand_kernel(DecodeAdapter p) {
+  using T = typename E::type;
+  const int lane = threadIdx.x % kWarp;
+  const float* const t = p.scratch + p.splits * p.rows * p.r;
+  for (int64_t j = blockIdx.x * int64_t(kDecodeWarps) + threadIdx.x / kWarp; j < p.out;
+       j += int64_t(gridDim.x) * kDecodeWarps) {
+    const T* const b_row = static_cast<const T*>(p.B) + j * p.B_stride;
+    float acc[kDecodeMaxRows];
+#pragma unroll
+    for (int m = 0; m < kDecodeMaxRows; ++m) acc[m] = 0.0f;
+    for (int64_t k = lane; k < p.r; k += kWarp) {
+      const float bjk = E::load(b_row[k]);
+#pragma unroll
+      for (int m = 0; m < kDecodeMaxRows; ++m) {
+        if (m < p.rows) acc[m] += t[m * p.r + k] * bjk;
+      }
+    }
+    float mine = 0.0f;  // lane m keeps the sum of row m
+#pragma unroll
+    for (int m = 0; m < kDecodeMaxRows; ++m) {
+      if (m >= p.rows) break;
+      float v = acc[m];
+      for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+      if (lane == m) mine = v;
+    }
+    if (lane >= p.rows) continue;
+    const int64_t m = lane;
+    const int64_t a = adapter_of(p, m);
+    T* const y = static_cast<T*>(p.y) + m * p.out + j;
+    const float term = a < 0 ? 0.0f : V::load(static_cast<const typename V::type*>(p.b_bank)[a * p.out + j]) * mine;
+    switch (p.base_kind) {
+      case DecodeBase::kBias:
+        *y = E::store((p.base == nullptr ? 0.0f : E::load(static_cast<const T*>(p.base)[j])) + term);
+        break;
+      case DecodeBase::kRows:
+        *y = a < 0 ? static_cast<const T*>(p.base)[m * p.out + j]
+                   : E::store(E::load(static_cast<const T*>(p.base)[m * p.out + j]) + term);
+        break;
+      case DecodeBase::kAccumulate:
+        if (a >= 0) *y = E::store(E::load(*y) + term);
+        break;
+    }
   }
 }
 
@@ -117,13 +239,42 @@ const char* last_launch_error() {
 
 }  // namespace
 
-const char* scale_cuda(const Scale& p, void* stream) {
+const char* fold_projection_cuda(const FoldProjection& p, void* stream) {
   if (p.rows == 0 || p.cols == 0) return nullptr;  // a zero-sized grid is a launch error
   const dim3 block(kScaleThreadsX, kScaleThreadsY);
   const dim3 grid(blocks_x(p.cols, kScaleThreadsX), blocks_y(p.rows, kScaleThreadsY));
   dispatch_dtype(p.dtype, [&](auto e) {
-    dispatch_dtype(p.v_dtype, [&](auto v) {
-      scale_kernel<decltype(e), decltype(v)><<<grid, block, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    dispatch_dtype(p.d_dtype, [&](auto d) {
+      dispatch_dtype(p.b_dtype, [&](auto b) {
+        fold_projection_kernel<decltype(e), decltype(d), decltype(b)>
+            <<<grid, block, 0, static_cast<cudaStream_t>(stream)>>>(p);
+      });
+    });
+  });
+  return last_launch_error();
+}
+
+const char* lambda_grads_cuda(const LambdaGrads& p, float* scratch, void* stream) {
+  if (p.cols == 0) return nullptr;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int64_t chunks = sum_chunks(p.rows);
+  dispatch_dtype(p.dtype, [&](auto e) {
+    dispatch_dtype(p.d_dtype, [&](auto d) {
+      dispatch_dtype(p.b_dtype, [&](auto b) {
+        using E = decltype(e);
+        using D = decltype(d);
+        using B = decltype(b);
+        if (p.db != nullptr && p.rows > 0) {
+          db_rows_kernel<E, D, B><<<blocks_x(p.rows, kDotWarps), kDotWarps * kWarp, 0, s>>>(p);
+        }
+        if (p.dd != nullptr) {
+          if (chunks > 0) {
+            const dim3 grid(blocks_x(p.cols, kSumThreads), blocks_y(chunks, 1));
+            dd_chunk_sums_kernel<E, B><<<grid, kSumThreads, 0, s>>>(p, scratch, chunks);
+          }
+          column_total_kernel<D><<<blocks_x(p.cols, kSumThreads), kSumThreads, 0, s>>>(p.dd, scratch, chunks, p.cols);
+        }
+      });
     });
   });
   return last_launch_error();
@@ -148,27 +299,46 @@ const char* column_sums_cuda(const ColumnSums& p, float* scratch, void* stream) 
   dispatch_dtype(p.dtype, [&](auto e) {
     if (chunks == 0) return;
     const dim3 grid(blocks_x(p.cols, kSumThreads), blocks_y(chunks, 1));
-    if (p.b != nullptr) {
-      column_chunk_sums_kernel<decltype(e), true><<<grid, kSumThreads, 0, s>>>(p, scratch, chunks);
-    } else {
-      column_chunk_sums_kernel<decltype(e), false><<<grid, kSumThreads, 0, s>>>(p, scratch, chunks);
-    }
+    column_chunk_sums_kernel<decltype(e)><<<grid, kSumThreads, 0, s>>>(p, scratch, chunks);
   });
   dispatch_dtype(p.out_dtype, [&](auto o) {
-    column_total_kernel<decltype(o)><<<blocks_x(p.cols, kSumThreads), kSumThreads, 0, s>>>(p, scratch, chunks);
+    column_total_kernel<decltype(o)><<<blocks_x(p.cols, kSumThreads), kSumThreads, 0, s>>>(p.out, scratch, chunks, p.cols);
   });
   return last_launch_error();
 }
 
-const char* row_dots_cuda(const RowDots& p, void* stream) {
-  if (p.rows == 0) return nullptr;
+int64_t decode_splits_cuda(int64_t in, int64_t r, int device) {
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 132;
+  const int64_t row_blocks = ceil_div(r, kDecodeWarps);
+  const int64_t wanted = ceil_div(2 * int64_t(sms), row_blocks);
+  const int64_t most = std::max<int64_t>(1, in / kDecodeMinSplit);
+  return std::max<int64_t>(1, std::min(wanted, most));
+}
+
+const char* decode_adapter_cuda(const DecodeAdapter& p, void* stream) {
+  if (p.rows == 0 || p.out == 0) return nullptr;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  // Each split a multiple of the warp width, so that the lanes' loads of a row stay aligned.
+  const int64_t split_len = ceil_div(ceil_div(p.in, p.splits), kWarp) * kWarp;
   dispatch_dtype(p.dtype, [&](auto e) {
-    dispatch_dtype(p.out_dtype, [&](auto o) {
-      row_dots_kernel<decltype(e), decltype(o)>
-          <<<blocks_x(p.rows, kDotWarps), kDotWarps * kWarp, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    dispatch_dtype(p.v_dtype, [&](auto v) {
+      using E = decltype(e);
+      using V = decltype(v);
+      const dim3 shrink_grid(unsigned(ceil_div(p.r, kDecodeWarps)), unsigned(p.splits));
+      decode_shrink_kernel<E><<<shrink_grid, kDecodeWarps * kWarp, 0, s>>>(p, split_len);
+      decode_shrink_total_kernel<E, V><<<blocks_x(p.rows * p.r, kSumThreads), kSumThreads, 0, s>>>(p);
+      decode_expand_kernel<E, V><<<blocks_x(p.out, kDecodeWarps), kDecodeWarps * kWarp, 0, s>>>(p);
     });
   });
   return last_launch_error();
+}
+
+bool stream_is_capturing(void* stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  // An error here (no capture support) means no capture is going on.
+  return cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status) == cudaSuccess &&
+         status != cudaStreamCaptureStatusNone;
 }
 
 }  // namespace vera

@@ -96,25 +96,43 @@ VERA_HD typename E::type gather_scale_element(typename E::type out_v, typename E
 // The kernels read and write contiguous tensors only: the large ones (s, dt, g) are contiguous by
 // construction, the glue makes contiguous copies of the small ones (B, the lambdas) when they are not.
 
-// out[i, j] = in[i, j] * v[j] (per_row false: d ⊙ s, d ⊙ dt) or in[i, j] * v[i] (per_row true: b ⊙ B),
-// in fp32, rounded once to `dtype`. `in` and `out` (rows x cols) hold `dtype`, v holds `v_dtype`.
-struct Scale {
+// The frozen projection with both vectors folded in, out[j, k] = b[j] * B[j, k] * d[k] (out x r): one
+// GEMM with it applies d and b, so that the forward's adapter term is s Bdbᵀ and the backward's
+// d ⊙ dt is g Bdb, with no pass over an M-sized tensor. Products in fp32, rounded once to `dtype`.
+// B and out (rows x cols) hold `dtype`; d (cols) holds `d_dtype`, b (rows) `b_dtype`.
+struct FoldProjection {
   void* out;
-  const void* in;
-  const void* v;
-  Dtype dtype, v_dtype;
+  const void* B;
+  const void* d;
+  const void* b;
+  Dtype dtype, d_dtype, b_dtype;
   int64_t rows, cols;
-  bool per_row;
 };
 
-// out[j] = Σ_i a[i, j] (· b[i, j] when b is not null): dd = Σ_m dt ⊙ s and dbias = Σ_m g. a and b
-// (rows x cols) hold `dtype`, out holds `out_dtype` and is written once per column. Each
-// column is summed in fp32 over chunks of kSumRowChunk rows, and the chunk sums are added in row order:
-// the bits depend on the shape alone, not on the thread count or the launch configuration.
+// The two vector gradients from G = gᵀ s (out x r, fp32, contiguous), both from one read of B and G:
+//   db[j] = Σ_k B[j, k] d[k] G[j, k]    = Σ_m g ⊙ (t Bᵀ), t = d ⊙ s     (a null db: not computed)
+//   dd[k] = Σ_j b[j] B[j, k] G[j, k]    = Σ_m dt ⊙ s, dt = g (b ⊙ B)    (a null dd: not computed)
+// All in fp32 (G's sums over M can exceed fp16's range; the gradients are then rounded once to the
+// vectors' dtypes, d_dtype and b_dtype). db sums a row in a fixed lane order; dd sums each column over
+// chunks of kSumRowChunk rows, then the chunk sums in row order: the bits depend on the shape alone.
+struct LambdaGrads {
+  void* db;
+  void* dd;
+  const void* B;
+  const float* G;
+  const void* d;
+  const void* b;
+  Dtype dtype, d_dtype, b_dtype;
+  int64_t rows, cols;
+};
+
+// out[j] = Σ_i a[i, j]: dbias = Σ_m g. a (rows x cols) holds `dtype`, out holds `out_dtype` and is written
+// once per column. Each column is summed in fp32 over chunks of kSumRowChunk rows, and the chunk sums are
+// added in row order: the bits depend on the shape alone, not on the thread count or the launch
+// configuration.
 struct ColumnSums {
   void* out;
   const void* a;
-  const void* b;
   Dtype dtype, out_dtype;
   int64_t rows, cols;
 };
@@ -123,17 +141,7 @@ constexpr int64_t kSumRowChunk = 64;
 
 VERA_HD int64_t sum_chunks(int64_t rows) { return (rows + kSumRowChunk - 1) / kSumRowChunk; }
 
-// out[i] = Σ_j a[i, j] b[i, j], in fp32 in a fixed order: db_j = Σ_k B_jk (gᵀ t)_jk. a and b (rows x
-// cols) hold `dtype`, out holds `out_dtype`.
-struct RowDots {
-  void* out;
-  const void* a;
-  const void* b;
-  Dtype dtype, out_dtype;
-  int64_t rows, cols;
-};
-
-// The gather variant of Scale, for many adapters in one batch: row i is scaled by row ids[i] of the bank
+// Scaling by a gathered vector, for many adapters in one batch: row i is scaled by row ids[i] of the bank
 // v (N x cols, contiguous, `v_dtype`), in fp32, rounded once to `dtype`:
 //   accumulate false:  out[i, j] = in[i, j] * v[ids[i], j]             t = d[ids] ⊙ s;   ids[i] = -1: 0
 //   accumulate true:   out[i, j] = out[i, j] + in[i, j] * v[ids[i], j]  y += b[ids] ⊙ u;  -1: out untouched
@@ -149,16 +157,59 @@ struct GatherScale {
   bool accumulate;
 };
 
-void scale_cpu(const Scale& p);
+// Decode on CUDA (M <= kDecodeMaxRows rows): the adapter term in three launches that spread over every SM,
+// without a GEMM library call, without folding B and without an M x out temporary:
+//   1. shrink, split over K: partial[c, m, k] = Σ_{i in split c} x[m, i] A[k, i]   (fp32; enough splits
+//      that the grid has about two blocks per SM)
+//   2. shrink, second stage: σ = Σ_c partial[c, m, k] in split order (a fixed order: the same bits in every
+//      run); s[m, k] = σ rounded to `dtype` (s null: not stored); t[m, k] = d[a_m, k] σ (fp32 scratch)
+//   3. expand, one warp per output column j: y[m, j] = base + b[a_m, j] Σ_k t[m, k] B[j, k]
+// with a_m = ids[m] for many adapters in one batch (-1: no adapter, t = 0 and y = base bit for bit) and
+// a_m = 0 for one adapter (ids null, banks of one row). The base: kBias writes y = bias (null: 0) plus the
+// term, kRows y = base_rows + the term (base_out), kAccumulate adds the term to y as it is (-1: untouched).
+// x (rows x in), A (r x in), B (out x r) have unit column strides and the given row strides; the banks
+// (N x r, N x out, `v_dtype`), base_rows, y (rows x out) and s (rows x r) are contiguous.
+constexpr int64_t kDecodeMaxRows = 16;
+
+enum class DecodeBase { kBias, kRows, kAccumulate };
+
+struct DecodeAdapter {
+  const void* x;
+  const void* A;
+  const void* B;
+  int64_t x_stride, A_stride, B_stride;
+  const void* d_bank;
+  const void* b_bank;
+  const int64_t* ids;
+  DecodeBase base_kind;
+  const void* base;  // bias (out) for kBias, or null; base_out (rows x out) for kRows; unused for kAccumulate
+  void* y;
+  void* s;
+  Dtype dtype, v_dtype;
+  int64_t rows, in, r, out;
+  int64_t splits;  // decode_splits(...)
+  float* scratch;  // decode_scratch_floats(rows, r, splits) floats
+};
+
+VERA_HD int64_t decode_scratch_floats(int64_t rows, int64_t r, int64_t splits) { return (splits + 1) * rows * r; }
+
+void fold_projection_cpu(const FoldProjection& p);
+void lambda_grads_cpu(const LambdaGrads& p);
 void gather_scale_cpu(const GatherScale& p);
 void column_sums_cpu(const ColumnSums& p);
-void row_dots_cpu(const RowDots& p);
 
 // CUDA launchers on `stream` (a cudaStream_t); nullptr on success, else the CUDA error string. Defined only
-// in builds with VERA_WITH_CUDA. column_sums_cuda needs sum_chunks(p.rows) * p.cols floats of scratch.
-const char* scale_cuda(const Scale& p, void* stream);
+// in builds with VERA_WITH_CUDA. column_sums_cuda and lambda_grads_cuda need sum_chunks(p.rows) * p.cols
+// floats of scratch.
+const char* fold_projection_cuda(const FoldProjection& p, void* stream);
+const char* lambda_grads_cuda(const LambdaGrads& p, float* scratch, void* stream);
 const char* gather_scale_cuda(const GatherScale& p, void* stream);
 const char* column_sums_cuda(const ColumnSums& p, float* scratch, void* stream);
-const char* row_dots_cuda(const RowDots& p, void* stream);
+// K splits of the decode shrink for this shape on `device`: about two blocks per SM, at least 256 columns
+// of x per split.
+int64_t decode_splits_cuda(int64_t in, int64_t r, int device);
+const char* decode_adapter_cuda(const DecodeAdapter& p, void* stream);
+// Whether `stream` is being captured into a CUDA graph (work issued now runs again at every replay).
+bool stream_is_capturing(void* stream);
 
 }  // namespace vera

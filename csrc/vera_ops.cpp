@@ -3,15 +3,25 @@
 #include "vera_ops.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/logical_and.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/record_function.h>
+#include <torch/version.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <initializer_list>
+#include <iterator>
+#include <map>
+#include <mutex>
 #include <tuple>
+#include <vector>
 
 #include "projection.h"
 #include "vera_math.h"
@@ -163,34 +173,32 @@ void check_no_shared_memory(const char* op, std::initializer_list<Named> outputs
 
 const at::Tensor* get(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
+// The kernels index the banks with the ids: out of range would read outside them. Checked without reading a
+// device back (no host sync: a decode step stays capturable in a CUDA graph): on CPU the ids are host
+// memory, read in place; on CUDA a device-side assert fails the launch instead.
+void check_adapter_ids(const char* op, const at::Tensor& ids, int64_t n) {
+  if (ids.numel() == 0) return;
+  if (ids.is_cpu()) {
+    const at::Tensor c = ids.contiguous();
+    const int64_t* v = c.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      TORCH_CHECK(v[i] >= -1 && v[i] < n, op, ": adapter_ids must be in [-1, ", n,
+                  ") (-1: the base alone), got ", v[i], " at row ", i);
+    }
+    return;
+  }
+  at::_assert_async(at::logical_and(ids.ge(-1), ids.lt(n)).all(), "adapter_ids must be in [-1, number of adapters)");
+}
+
 // ---------------------------------------------------------------------------------------------------
 // The kernels of vera_math.h on the tensors' device. Every tensor given is contiguous and checked.
 
-void scale(const at::Tensor& out, const at::Tensor& in, const at::Tensor& v, bool per_row) {
-  Scale p;
-  p.out = out.data_ptr();
-  p.in = in.const_data_ptr();
-  p.v = v.const_data_ptr();
-  p.dtype = kernel_dtype(in.scalar_type());
-  p.v_dtype = kernel_dtype(v.scalar_type());
-  p.rows = in.size(0);
-  p.cols = in.size(1);
-  p.per_row = per_row;
-#ifdef VERA_WITH_CUDA
-  if (out.is_cuda()) {
-    check_cuda("vera scale", scale_cuda(p, current_stream(out)));
-    return;
-  }
-#endif
-  scale_cpu(p);
-}
-
-// out = Σ_i a[i, :] (⊙ b[i, :] when b is defined).
-void column_sums(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+// out = Σ_i a[i, :].
+void column_sums(const at::Tensor& out, const at::Tensor& a) {
+  RECORD_FUNCTION("vera::column_sums", std::vector<c10::IValue>({a}));
   ColumnSums p;
   p.out = out.data_ptr();
   p.a = a.const_data_ptr();
-  p.b = b.defined() ? b.const_data_ptr() : nullptr;
   p.dtype = kernel_dtype(a.scalar_type());
   p.out_dtype = kernel_dtype(out.scalar_type());
   p.rows = a.size(0);
@@ -205,27 +213,36 @@ void column_sums(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
   column_sums_cpu(p);
 }
 
-void row_dots(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  RowDots p;
-  p.out = out.data_ptr();
-  p.a = a.const_data_ptr();
+// db and dd from G = gᵀ s (out x r, fp32); see LambdaGrads. An undefined db or dd is not computed.
+void lambda_grads(const at::Tensor& db, const at::Tensor& dd, const at::Tensor& B, const at::Tensor& G,
+                  const at::Tensor& d, const at::Tensor& b) {
+  RECORD_FUNCTION("vera::lambda_grads", std::vector<c10::IValue>({B, G, d, b}));
+  LambdaGrads p;
+  p.db = db.defined() ? db.data_ptr() : nullptr;
+  p.dd = dd.defined() ? dd.data_ptr() : nullptr;
+  p.B = B.const_data_ptr();
+  p.G = G.const_data_ptr<float>();
+  p.d = d.const_data_ptr();
   p.b = b.const_data_ptr();
-  p.dtype = kernel_dtype(a.scalar_type());
-  p.out_dtype = kernel_dtype(out.scalar_type());
-  p.rows = a.size(0);
-  p.cols = a.size(1);
+  p.dtype = kernel_dtype(B.scalar_type());
+  p.d_dtype = kernel_dtype(d.scalar_type());
+  p.b_dtype = kernel_dtype(b.scalar_type());
+  p.rows = B.size(0);
+  p.cols = B.size(1);
 #ifdef VERA_WITH_CUDA
-  if (out.is_cuda()) {
-    check_cuda("vera row dots", row_dots_cuda(p, current_stream(out)));
+  if (B.is_cuda()) {
+    const at::Tensor scratch = at::empty({sum_chunks(p.rows), p.cols}, G.options());
+    check_cuda("vera lambda grads", lambda_grads_cuda(p, scratch.mutable_data_ptr<float>(), current_stream(B)));
     return;
   }
 #endif
-  row_dots_cpu(p);
+  lambda_grads_cpu(p);
 }
 
 // out (rows x cols) = in scaled by row ids[i] of the bank (accumulate: out += ...); see GatherScale.
 void gather_scale(const at::Tensor& out, const at::Tensor& in, const at::Tensor& bank, const at::Tensor& ids,
                   bool accumulate) {
+  RECORD_FUNCTION("vera::gather_scale", std::vector<c10::IValue>({in, bank, ids}));
   GatherScale p;
   p.out = out.data_ptr();
   p.in = in.const_data_ptr();
@@ -245,16 +262,210 @@ void gather_scale(const at::Tensor& out, const at::Tensor& in, const at::Tensor&
   gather_scale_cpu(p);
 }
 
-// Elements of the row-blocked u = t Bᵀ temporary of vera_forward_multi_ (512 KB in fp32): small enough
-// that y += b[ids] ⊙ u reads u back from the CPU's L2, large enough (32 rows at out = 4096) for the GEMM.
+// Elements of the row-blocked u = t Bᵀ temporary of vera_forward_multi_. CPU: 512 KB in fp32, small enough
+// that y += b[ids] ⊙ u reads u back from the L2, large enough (32 rows at out = 4096) for the GEMM. CUDA: a
+// cache size means nothing there and each block costs two launches, so blocks are as large as a bounded
+// temporary allows (2^24 elements, 32 MB in bf16: 4096 rows at out = 4096, two blocks at M = 8192).
 constexpr int64_t kMultiBlockElements = int64_t(1) << 17;
+constexpr int64_t kMultiBlockElementsCuda = int64_t(1) << 24;
 
-// b ⊙ B (out x r, x's dtype): B's rows scaled by lambda_b, so that one GEMM with it applies both.
-at::Tensor scaled_B(const at::Tensor& B, const at::Tensor& lambda_b) {
-  const at::Tensor B_c = B.contiguous();
-  at::Tensor out = at::empty(B_c.sizes(), B_c.options());
-  scale(out, B_c, lambda_b.contiguous(), /*per_row=*/true);
-  return out;
+// ---------------------------------------------------------------------------------------------------
+// The folded projection Bdb = b[:, None] * B * d[None, :] (out x r, x's dtype) and its cache.
+//
+// One GEMM with Bdb applies both vectors: the forward's adapter term is s Bdbᵀ and the backward's d ⊙ dt is
+// g Bdb, so no pass over an M-sized tensor scales anything. Inference calls a layer again and again with
+// the same B and vectors, so the fold is kept and reused while B, lambda_d and lambda_b are the same tensors
+// with the same contents. "The same" is checked without reading them: each is watched through a weak
+// reference to its storage (the address of a storage cannot be reused while the reference lives), its data
+// pointer, sizes, strides, dtype and its version counter, which every in-place op increments (optimizer
+// steps under no_grad, load_state_dict's copy_, the init functions).
+// Two kinds of writes escape the version counter: writes through `.data` or another detached alias (it
+// has a counter of its own), and torch's fused optimizers (torch._fused_adam_ does not bump it, torch
+// 2.13). The second is covered by forgetting the entry in every backward that computes dd or db: an
+// optimizer changes only vectors that received gradients, so the forward after a training step folds
+// anew. Never cached: inference tensors (no version counter) and calls under CUDA graph capture (a replay
+// must rerun the fold, which then sees the vectors of that moment). The fold is written on the stream of
+// the call that made it; calls on other streams follow the usual rule for tensors shared across streams.
+
+// Writes Bdb into out; returns whether b is finite (see Folded).
+bool fold_projection(const at::Tensor& out, const at::Tensor& B, const at::Tensor& d, const at::Tensor& b) {
+  RECORD_FUNCTION("vera::fold_projection", std::vector<c10::IValue>({B, d, b}));
+  FoldProjection p;
+  p.out = out.data_ptr();
+  p.B = B.const_data_ptr();
+  p.d = d.const_data_ptr();
+  p.b = b.const_data_ptr();
+  p.dtype = kernel_dtype(B.scalar_type());
+  p.d_dtype = kernel_dtype(d.scalar_type());
+  p.b_dtype = kernel_dtype(b.scalar_type());
+  p.rows = B.size(0);
+  p.cols = B.size(1);
+#ifdef VERA_WITH_CUDA
+  if (out.is_cuda()) {
+    check_cuda("vera fold projection", fold_projection_cuda(p, current_stream(out)));
+    return true;
+  }
+#endif
+  fold_projection_cpu(p);
+  return at::isfinite(b).all().item<bool>();
+}
+
+// What identifies a tensor's contents without reading them (see above).
+struct Watched {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* data = nullptr;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype = at::kFloat;
+  int64_t version = 0;
+
+  explicit Watched(const at::Tensor& t)
+      : storage(t.storage().getWeakStorageImpl()),
+        data(t.const_data_ptr()),
+        sizes(t.sizes().vec()),
+        strides(t.strides().vec()),
+        dtype(t.scalar_type()),
+        version(t._version()) {}
+
+  bool matches(const at::Tensor& t) const {
+    // The weak reference keeps the StorageImpl's address reserved: equal addresses are the same storage.
+    return !storage.expired() && storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() &&
+           data == t.const_data_ptr() && t.sizes() == at::IntArrayRef(sizes) &&
+           t.strides() == at::IntArrayRef(strides) && dtype == t.scalar_type() && version == t._version();
+  }
+};
+
+// Bdb, and whether folding b keeps the formula: Σ_k s_k (b_j B_jk d_k) equals b_j Σ_k t_k B_jk only for a
+// finite b_j (an infinite one times entries of both signs sums to inf - inf = NaN where the formula gives
+// ±inf). Checked on CPU tensors, where no device has to be waited for; assumed on CUDA.
+struct Folded {
+  at::Tensor Bdb;
+  bool b_finite = true;
+};
+
+struct FoldedEntry {
+  Watched B, d, b;
+  Folded folded;
+};
+
+// Keyed by the three data pointers and the dtype of the fold; the entry's Watched fields decide.
+using FoldKey = std::tuple<const void*, const void*, const void*, at::ScalarType>;
+
+std::mutex fold_cache_mutex;
+std::map<FoldKey, FoldedEntry>& fold_cache() {
+  static auto* cache = new std::map<FoldKey, FoldedEntry>();  // never destroyed: no order problem at exit
+  return *cache;
+}
+
+FoldKey fold_key(const at::Tensor& B, const at::Tensor& d, const at::Tensor& b, at::ScalarType dtype) {
+  return {B.const_data_ptr(), d.const_data_ptr(), b.const_data_ptr(), dtype};
+}
+
+bool cacheable(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    if (t->is_inference() || !t->has_storage()) return false;
+  }
+#ifdef VERA_WITH_CUDA
+  if (tensors.begin()[0]->is_cuda() && stream_is_capturing(current_stream(*tensors.begin()[0]))) return false;
+#endif
+  return true;
+}
+
+// Bdb for these B, lambda_d, lambda_b in B's dtype, contiguous: the cached one, or folded now.
+Folded folded_projection(const at::Tensor& B, const at::Tensor& lambda_d, const at::Tensor& lambda_b) {
+  const bool use_cache = cacheable({&B, &lambda_d, &lambda_b});
+  const FoldKey key = fold_key(B, lambda_d, lambda_b, B.scalar_type());
+  if (use_cache) {
+    const std::lock_guard<std::mutex> lock(fold_cache_mutex);
+    const auto found = fold_cache().find(key);
+    if (found != fold_cache().end()) {
+      const FoldedEntry& e = found->second;
+      if (e.B.matches(B) && e.d.matches(lambda_d) && e.b.matches(lambda_b)) return e.folded;
+    }
+  }
+  Folded folded;
+  folded.Bdb = at::empty({B.size(0), B.size(1)}, B.options().memory_format(at::MemoryFormat::Contiguous));
+  folded.b_finite = fold_projection(folded.Bdb, B.contiguous(), lambda_d.contiguous(), lambda_b.contiguous());
+  if (use_cache) {
+    const std::lock_guard<std::mutex> lock(fold_cache_mutex);
+    auto& cache = fold_cache();
+    // Entries of tensors that no longer exist go first: the cache holds one fold per live layer and dtype.
+    for (auto it = cache.begin(); it != cache.end();) {
+      const FoldedEntry& e = it->second;
+      it = e.B.storage.expired() || e.d.storage.expired() || e.b.storage.expired() ? cache.erase(it) : std::next(it);
+    }
+    cache.insert_or_assign(key, FoldedEntry{Watched(B), Watched(lambda_d), Watched(lambda_b), folded});
+  }
+  return folded;
+}
+
+// Drops the fold of these tensors: their gradients were just computed, an optimizer step may follow.
+void forget_folded_projection(const at::Tensor& B, const at::Tensor& lambda_d, const at::Tensor& lambda_b) {
+  const std::lock_guard<std::mutex> lock(fold_cache_mutex);
+  fold_cache().erase(fold_key(B, lambda_d, lambda_b, B.scalar_type()));
+}
+
+// Rows of g widened to fp32 at a time by grad_outer on CPU (a temporary of kWidenRows x out floats).
+constexpr int64_t kWidenRows = 256;
+
+// G = gᵀ s (out x r) in fp32. Its sums over M exceed fp16's range long before the gradients built from it
+// do (M = 8192 rows of g = 1 and s ~ 11 make 9e4), so the GEMM accumulates and writes in fp32.
+at::Tensor grad_outer(const at::Tensor& g, const at::Tensor& s) {
+  if (g.scalar_type() == at::kFloat) return at::mm(g.t(), s);
+#if defined(VERA_WITH_CUDA) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8))
+  // cuBLAS: 16-bit operands, fp32 accumulator and output (aten::mm.dtype, torch >= 2.8); older torch widens
+  // blocks of rows as the CPU does.
+  if (g.is_cuda()) return at::mm(g.t(), s, at::kFloat);
+#endif
+  // ATen's CPU GEMMs round their output to the operands' dtype: widen blocks of rows to fp32.
+  at::Tensor G = at::zeros({g.size(1), s.size(1)}, s.options().dtype(at::kFloat));
+  for (int64_t row = 0; row < g.size(0); row += kWidenRows) {
+    const int64_t rows = std::min(kWidenRows, g.size(0) - row);
+    G.addmm_(g.narrow(0, row, rows).to(at::kFloat).t(), s.narrow(0, row, rows).to(at::kFloat));
+  }
+  return G;
+}
+
+#ifdef VERA_WITH_CUDA
+// t with a unit column stride, as the decode kernels read it (a copy only for exotic layouts).
+at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+// The decode kernels (DecodeAdapter in vera_math.h): banks of one row for one adapter (ids undefined).
+// Scratch: (splits + 1) M r floats from the caching allocator, no device allocation after the first call.
+void decode_adapter(const at::Tensor& y, const at::Tensor& s, const at::Tensor& x, const at::Tensor& A,
+                    const at::Tensor& B, const at::Tensor& d_bank, const at::Tensor& b_bank, const at::Tensor& ids,
+                    DecodeBase base_kind, const at::Tensor& base) {
+  RECORD_FUNCTION("vera::decode_adapter", std::vector<c10::IValue>({x, A, B, d_bank, b_bank}));
+  const at::Tensor x_u = unit_column_stride(x), A_u = unit_column_stride(A), B_u = unit_column_stride(B);
+  DecodeAdapter p;
+  p.x = x_u.const_data_ptr();
+  p.A = A_u.const_data_ptr();
+  p.B = B_u.const_data_ptr();
+  p.x_stride = x_u.stride(0);
+  p.A_stride = A_u.stride(0);
+  p.B_stride = B_u.stride(0);
+  p.d_bank = d_bank.const_data_ptr();
+  p.b_bank = b_bank.const_data_ptr();
+  p.ids = ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr;
+  p.base_kind = base_kind;
+  p.base = base.defined() ? base.const_data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  p.s = s.defined() ? s.data_ptr() : nullptr;
+  p.dtype = kernel_dtype(x.scalar_type());
+  p.v_dtype = kernel_dtype(d_bank.scalar_type());
+  p.rows = x.size(0);
+  p.in = x.size(1);
+  p.r = A.size(0);
+  p.out = B.size(0);
+  p.splits = decode_splits_cuda(p.in, p.r, x.device().index());
+  const at::Tensor scratch = at::empty({decode_scratch_floats(p.rows, p.r, p.splits)}, x.options().dtype(at::kFloat));
+  p.scratch = scratch.mutable_data_ptr<float>();
+  check_cuda("vera decode", decode_adapter_cuda(p, current_stream(x)));
+}
+#endif
+
+// Rows per block of the adapter term of vera_forward_multi_ (see there).
+int64_t multi_block_rows(const at::Tensor& y, int64_t out) {
+  return std::max<int64_t>(1, (y.is_cuda() ? kMultiBlockElementsCuda : kMultiBlockElements) / std::max<int64_t>(1, out));
 }
 
 }  // namespace
@@ -372,19 +583,48 @@ void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::o
                           {"lambda_d", &lambda_d}, {"lambda_b", &lambda_b}, {"base_out", get(base_out)}});
 
   const c10::DeviceGuard guard(x.device());
+#ifdef VERA_WITH_CUDA
+  if (x.is_cuda() && m > 0 && m <= kDecodeMaxRows) {
+    // Decode: the adapter term by the split-K kernels (B is read once, unfolded; no GEMM call), then the
+    // base GEMM accumulates into y.
+    const at::Tensor d = lambda_d.contiguous().view({1, r}), b = lambda_b.contiguous().view({1, out});
+    if (weight) {
+      decode_adapter(y, s, x, A, B, d, b, at::Tensor(), DecodeBase::kBias, bias ? bias->contiguous() : at::Tensor());
+      y.addmm_(x, weight->t());
+    } else {
+      decode_adapter(y, s, x, A, B, d, b, at::Tensor(), DecodeBase::kRows, base_out->contiguous());
+    }
+    return;
+  }
+#endif
+  // y is written once by the small product (with the bias or base_out), then the base GEMM accumulates
+  // into it (beta = 1: in a compute-bound main loop the read of y costs nothing).
+  const Folded folded = folded_projection(B, lambda_d, lambda_b);
+  const at::Tensor& Bdb = folded.Bdb;
   at::mm_out(s, x, A.t());
-  at::Tensor t = at::empty({m, r}, s.options());
-  scale(t, s, lambda_d.contiguous(), /*per_row=*/false);
-  const at::Tensor bB = scaled_B(B, lambda_b);
+  if (!folded.b_finite) {
+    // An infinite b_j (see Folded): y = base, then y += b ⊙ (t Bᵀ) in fp32, rounded once, through the bank
+    // kernel with a one-adapter bank and every row on it (an M x out temporary, for this case only).
+    if (weight) {
+      bias ? at::addmm_out(y, *bias, x, weight->t()) : at::mm_out(y, x, weight->t());
+    } else {
+      y.copy_(*base_out);
+    }
+    const at::Tensor on_it = at::zeros({m}, x.options().dtype(at::kLong));
+    at::Tensor t = at::empty({m, r}, s.options());
+    gather_scale(t, s, lambda_d.contiguous().view({1, r}), on_it, /*accumulate=*/false);
+    gather_scale(y, at::mm(t, B.t()), lambda_b.contiguous().view({1, out}), on_it, /*accumulate=*/true);
+    return;
+  }
   if (weight) {
     if (bias) {
-      at::addmm_out(y, *bias, x, weight->t());
+      at::addmm_out(y, *bias, s, Bdb.t());
     } else {
-      at::mm_out(y, x, weight->t());
+      at::mm_out(y, s, Bdb.t());
     }
-    y.addmm_(t, bB.t());  // beta = 1: the adapter term accumulates into y
+    y.addmm_(x, weight->t());
   } else {
-    at::addmm_out(y, *base_out, t, bB.t());
+    at::addmm_out(y, *base_out, s, Bdb.t());
   }
 }
 
@@ -421,31 +661,36 @@ void vera_forward_multi_(at::Tensor y, const at::Tensor& x, const std::optional<
                          {{"x", &x}, {"weight", get(weight)}, {"bias", get(bias)}, {"A", &A}, {"B", &B},
                           {"lambda_d_bank", &lambda_d_bank}, {"lambda_b_bank", &lambda_b_bank},
                           {"adapter_ids", &adapter_ids}, {"base_out", get(base_out)}});
-  if (m > 0) {
-    // The kernels index the banks with these values: out of range would read outside them.
-    const int64_t low = adapter_ids.min().item<int64_t>(), high = adapter_ids.max().item<int64_t>();
-    TORCH_CHECK(low >= -1 && high < n, op, ": adapter_ids must be in [-1, ", n, ") (-1: the base alone), got min ",
-                low, ", max ", high);
-  }
+  check_adapter_ids(op, adapter_ids, n);
 
   const c10::DeviceGuard guard(x.device());
   const at::Tensor ids = adapter_ids.contiguous();
   const at::Tensor bank_d = lambda_d_bank.contiguous(), bank_b = lambda_b_bank.contiguous();
-  // t = d[ids] ⊙ (x Aᵀ), in place over s (nothing is saved: no backward).
-  at::Tensor t = at::mm(x, A.t());
-  gather_scale(t, t, bank_d, ids, /*accumulate=*/false);
   if (weight) {
     if (bias) {
       at::addmm_out(y, *bias, x, weight->t());  // F.linear's own call: -1 rows equal it bit for bit
     } else {
       at::mm_out(y, x, weight->t());
     }
-  } else {
-    y.copy_(*base_out);
   }
+#ifdef VERA_WITH_CUDA
+  if (x.is_cuda() && m > 0 && m <= kDecodeMaxRows) {
+    // Decode: the split-K kernels gather each row's vectors in the shrink's second stage and the expand.
+    if (weight) {
+      decode_adapter(y, at::Tensor(), x, A, B, bank_d, bank_b, ids, DecodeBase::kAccumulate, at::Tensor());
+    } else {
+      decode_adapter(y, at::Tensor(), x, A, B, bank_d, bank_b, ids, DecodeBase::kRows, base_out->contiguous());
+    }
+    return;
+  }
+#endif
+  if (!weight) y.copy_(*base_out);
+  // t = d[ids] ⊙ (x Aᵀ), in place over s (nothing is saved: no backward).
+  at::Tensor t = at::mm(x, A.t());
+  gather_scale(t, t, bank_d, ids, /*accumulate=*/false);
   // b[ids] cannot be folded into B as in vera_forward_ (one b per row, not per launch): per block of rows,
   // u = t Bᵀ into a bounded temporary, then y += b[ids] ⊙ u.
-  const int64_t block = std::max<int64_t>(1, kMultiBlockElements / std::max<int64_t>(1, out));
+  const int64_t block = multi_block_rows(y, out);
   at::Tensor u = at::empty({std::min(block, m), out}, y.options());
   const at::Tensor Bt = B.t();
   for (int64_t row = 0; row < m; row += block) {
@@ -509,31 +754,20 @@ void vera_backward_(const std::optional<at::Tensor>& dx, const std::optional<at:
                           {"lambda_d", &lambda_d}, {"lambda_b", &lambda_b}});
 
   const c10::DeviceGuard guard(grad_out.device());
-  const at::Tensor d = lambda_d.contiguous();
-  // dt = (g ⊙ b) B = g (b ⊙ B): M x r from an out x r operand, no M x out temporary.
-  at::Tensor dt;
-  if (dx || dd) dt = at::mm(grad_out, scaled_B(B, lambda_b));
-  if (dd) column_sums(*dd, dt, s);
-  // M x r scratch: t = d ⊙ s for db, then d ⊙ dt for dx.
-  at::Tensor scratch;
-  if (db || dx) scratch = at::empty({m, r}, s.options());
-  if (db) {
-    // db_j = Σ_m g_mj (t Bᵀ)_mj = Σ_k B_jk (gᵀ t)_jk: one out x r GEMM instead of recomputing u (M x out),
-    // the same FLOPs, then a row-wise dot with B.
-    scale(scratch, s, d, /*per_row=*/false);
-    row_dots(*db, B.contiguous(), at::mm(grad_out.t(), scratch));
+  if (dd || db) {
+    // G = gᵀ s (out x r, fp32) holds every sum over M the vector gradients need:
+    //   db_j = Σ_m g_mj (t Bᵀ)_mj = Σ_k B_jk d_k G_jk,   dd_k = Σ_m dt_mk s_mk = Σ_j b_j B_jk G_jk.
+    const at::Tensor d = lambda_d.contiguous(), b = lambda_b.contiguous();
+    lambda_grads(db ? *db : at::Tensor(), dd ? *dd : at::Tensor(), B.contiguous(), grad_outer(grad_out, s), d, b);
   }
-  if (dbias) column_sums(*dbias, grad_out, at::Tensor());
+  if (dbias) column_sums(*dbias, grad_out);
   if (dx) {
+    // d ⊙ dt = g Bdb (M x r), then dx is written once by (d ⊙ dt) A and the base GEMM accumulates into it.
     at::Tensor dx_out = *dx;
-    scale(scratch, dt, d, /*per_row=*/false);
-    if (weight) {
-      at::mm_out(dx_out, grad_out, *weight);
-      dx_out.addmm_(scratch, A);  // beta = 1: dx = g W0 + (d ⊙ dt) A
-    } else {
-      at::mm_out(dx_out, scratch, A);
-    }
+    at::mm_out(dx_out, at::mm(grad_out, folded_projection(B, lambda_d, lambda_b).Bdb), A);
+    if (weight) dx_out.addmm_(grad_out, *weight);
   }
+  if (dd || db) forget_folded_projection(B, lambda_d, lambda_b);
 }
 
 bool built_with_cuda() {

@@ -24,7 +24,11 @@ at::Tensor philox4x32_10(const at::Tensor& counters, const at::Tensor& keys);
 // with s = x Aᵀ, the only activation the backward needs. x (M, in), weight (out, in), bias (out), A (r, in),
 // B (out, r), base_out (M, out): one dtype (float32, bfloat16 or float16), any strides; lambda_d (r) and
 // lambda_b (out): float32 or x's dtype. y (M, out) and s (M, r): x's dtype, contiguous, sharing no memory
-// with the inputs. No M x out temporary: y is written by GEMMs that accumulate into it.
+// with the inputs. No M x out temporary: y is written once by the adapter term s Bdbᵀ (Bdb = b ⊙ B ⊙ d, out
+// x r, folded once and cached while B and the vectors are unchanged; see vera_ops.cpp) with the bias or
+// base_out, then the base GEMM accumulates into it (beta = 1). On CUDA at M <= 16 (decode) the adapter
+// term comes from split-K kernels instead (vera_math.h, DecodeAdapter), which read B and the vectors as
+// they are.
 void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
                    const at::Tensor& lambda_d, const at::Tensor& lambda_b,
@@ -35,22 +39,26 @@ void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::o
 //   weight given:   y_m = x_m W0ᵀ + bias + b[a] ⊙ ((d[a] ⊙ (x_m Aᵀ)) Bᵀ)
 //   base_out given: y_m = base_out_m + b[a] ⊙ ((d[a] ⊙ (x_m Aᵀ)) Bᵀ)
 // a = -1: y_m is the base output alone, bit for bit (x W0ᵀ + bias as at::addmm computes it, or base_out).
-// adapter_ids: int64 (M,), values in [-1, N) (checked here; on CUDA that reads two numbers back). The
-// adapter term is added over blocks of rows: u = t Bᵀ for a block (a temporary of at most ~2^20
-// elements), then y += b[ids] ⊙ u; no M x out temporary. Other arguments as vera_forward_.
+// adapter_ids: int64 (M,), values in [-1, N) (checked here without a host sync: on CUDA by a device-side
+// assert). The adapter term is added over blocks of rows: u = t Bᵀ for a block, then y += b[ids] ⊙ u; the
+// block is a CPU cache size on CPU (2^17 elements), a bounded temporary on CUDA (2^24 elements: a few blocks
+// at most). On CUDA at M <= 16 the decode kernels gather each row's vectors instead (no temporary). Other
+// arguments as vera_forward_.
 void vera_forward_multi_(at::Tensor y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                          const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
                          const at::Tensor& lambda_d_bank, const at::Tensor& lambda_b_bank,
                          const at::Tensor& adapter_ids, const std::optional<at::Tensor>& base_out);
 
-// The hand-written backward (DESIGN.md section 2) from grad_out = dL/dy (M, out, contiguous) and the saved
+// The hand-written backward (docs/DESIGN.md section 2) from grad_out = dL/dy (M, out, contiguous) and the saved
 // s (M, r, contiguous), written into the outputs given (a missing one is not computed):
 //   dx (M, in)   = g W0 + (d ⊙ dt) A      (weight missing: (d ⊙ dt) A, vera_delta's)   dt = g (b ⊙ B)
-//   dd (r)       = Σ_m dt ⊙ s             in lambda_d's dtype
-//   db (out)     = Σ_m g ⊙ (t Bᵀ)         as Σ_k B_jk (gᵀ t)_jk, t = d ⊙ s; in lambda_b's dtype
+//   dd (r)       = Σ_m dt ⊙ s             as Σ_j b_j B_jk G_jk, G = gᵀ s (out x r); in lambda_d's dtype
+//   db (out)     = Σ_m g ⊙ (t Bᵀ)         as Σ_k B_jk d_k G_jk, t = d ⊙ s; in lambda_b's dtype
 //   dbias (out)  = Σ_m g                  in grad_out's dtype
-// Reductions in fp32 in a fixed order; no M x out temporary. Outputs are contiguous and share no memory
-// with the inputs or each other.
+// G accumulates and is stored in fp32 (its sums over M overflow fp16); d ⊙ dt = g Bdb, then dx is written
+// once by (d ⊙ dt) A and g W0 accumulates into it. Reductions in fp32 in a fixed order; no M x out
+// temporary. Outputs are contiguous and share no memory with the inputs or each other. Computing dd or db
+// drops the cached fold of these vectors (an optimizer step may follow).
 void vera_backward_(const std::optional<at::Tensor>& dx, const std::optional<at::Tensor>& dd,
                     const std::optional<at::Tensor>& db, const std::optional<at::Tensor>& dbias,
                     const at::Tensor& grad_out, const at::Tensor& s, const std::optional<at::Tensor>& weight,

@@ -190,3 +190,96 @@ def test_save_needs_an_adapter_and_seeded_projections(base, tmp_path):
         save_adapter(model, tmp_path / "a.safetensors")
     with pytest.raises(FileNotFoundError):
         load_adapter(base, tmp_path / "missing.safetensors")
+
+
+def test_loading_into_a_merged_model_is_refused_and_changes_nothing(base, saved):
+    # Regression: the load was accepted, the forward kept the old ΔW and unmerge() then subtracted the new
+    # one from W0. A merged layer's weight holds W0 + ΔW(lambdas): its lambdas can't change under it.
+    trained_model, path = saved
+    target = trained(copy.deepcopy(base), seed=1)
+    for _, layer in vera_kernels.vera_layers(target):
+        layer.merge()
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="merged.*unmerge"):
+        load_adapter(target, path)
+    assert_untouched(target, before)
+    with pytest.raises(RuntimeError, match="merged.*unmerge"):
+        target.load_state_dict(trained_model.state_dict())
+    assert_untouched(target, before)
+    layer = target.mlp[2]
+    with pytest.raises(RuntimeError, match="merged.*unmerge"):
+        layer.load_state_dict(trained_model.mlp[2].state_dict())
+    assert_untouched(target, before)
+    # Unmerged, the same loads work and the weights are W0 again.
+    for _, layer in vera_kernels.vera_layers(target):
+        layer.unmerge()
+    load_adapter(target, path)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(target(x), trained_model(x))
+    target.load_state_dict(trained_model.state_dict())
+
+
+def test_a_huge_max_in_costs_no_memory(base, saved, tmp_path):
+    # Regression: a 400-byte file with max_in = 2**28 made load_adapter generate the full rank x max_in A
+    # (8 GB at rank 8). Only the slices the layers use are generated; max_in sets their scale.
+    _, path = saved
+    from vera_kernels.projections import TAG_A, TAG_B, projection_block
+
+    for max_in, max_out in ((2**20, 24), (2**28, 2**31), (2**34, 2**32)):
+        big = rewrite(path, tmp_path, max_in=str(max_in), max_out=str(max_out))
+        model = load_adapter(copy.deepcopy(base), big)
+        layer = model.mlp[0]
+        A, B = layer.projections.pair(torch.device("cpu"), torch.float32)
+        assert tuple(A.shape) == (8, 24) and tuple(B.shape) == (24, 8)  # the widest layer: 24 -> 24
+        assert torch.equal(A, projection_block(5, TAG_A, 8, 24, max_in))
+        assert torch.equal(B, projection_block(5, TAG_B, 24, 8, 8))
+        x = torch.randn(3, 16)
+        model(x)  # runs on those slices
+        assert (layer.projections.max_in, layer.projections.max_out) == (max_in, max_out)
+        out = tmp_path / "resaved.safetensors"
+        save_adapter(model, out)  # and saves the file's sizes again
+        assert vera_kernels.read_adapter(out)[0]["max_in"] == max_in
+
+
+def test_a_load_that_fails_building_the_layers_changes_nothing(base, saved, monkeypatch):
+    # Regression: when generating the projections failed (out of memory, say), the first target's weight
+    # was already frozen, and the error named neither the file nor its metadata.
+    _, path = saved
+    import vera_kernels.layer
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(vera_kernels.layer, "get_projections", out_of_memory)
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=f"adapter file '{path}'.*max_in=24.*not enough memory"):
+        load_adapter(model, path)
+    assert_untouched(model, before)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("field, text", [
+    ("seed", " 5 "), ("seed", "1_000"), ("seed", "+5"), ("seed", "-1"), ("seed", "0x5"), ("seed", str(2**63)),
+    ("rank", "8.0"), ("rank", "0"), ("max_in", str(2**34 + 1)), ("max_out", str(2**32 + 1)),
+    ("d_initial", "nan"), ("d_initial", "inf"), ("d_initial", "1e999"), ("d_initial", " 0.05"),
+    ("dropout", "1.0"), ("dropout", "-0.1"), ("dropout", "NaN"),
+])
+def test_metadata_is_parsed_strictly_and_errors_name_file_and_field(base, saved, tmp_path, field, text):
+    # Regression: int() and float() accepted ' 7 ', '1_000' and NaN; out-of-range values failed later, in
+    # the middle of building the layers.
+    _, path = saved
+    bad = rewrite(path, tmp_path, **{field: text})
+    for model in (copy.deepcopy(base), apply_vera(copy.deepcopy(base), TARGETS, rank=8, seed=5)):
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=f"adapter file '{bad}': metadata '{field}'"):
+            load_adapter(model, bad)
+        assert_untouched(model, before)
+
+
+def test_a_directory_is_not_reported_missing(base, tmp_path):
+    # Regression: a directory was reported as "does not exist".
+    with pytest.raises(IsADirectoryError, match="is a directory.*safetensors file"):
+        load_adapter(copy.deepcopy(base), tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_adapter(copy.deepcopy(base), tmp_path / "missing.safetensors")

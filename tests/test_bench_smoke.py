@@ -1,4 +1,4 @@
-"""The benchmark harness without timing anything: its FLOP counts (DESIGN.md section 5), its case list and
+"""The benchmark harness without timing anything: its FLOP counts (docs/DESIGN.md section 5), its case list and
 the saved-activation bytes it measures. (No timed assertions: timings belong to bench/.)"""
 
 import os
@@ -62,3 +62,47 @@ def test_report_ratios_and_table():
     base, vera = report.with_ratios(rows)
     assert vera["x_base"] == 1.5 and vera["x_floor"] == pytest.approx(1.2)
     assert "vera-cpu" in report.table([base, vera]) and report.table([vera], markdown=True).startswith("| pass")
+
+
+def _row(impl, seconds, spread=0.02, pass_="forward", m=16, rank=None, rounds=9, **extra):
+    half = seconds * spread / 2
+    return dict(impl=impl, pass_=pass_, m=m, in_features=64, out_features=64, rank=rank, seconds=seconds,
+                flops=100 if impl == "base" else 125, tflops=None, saved_activation_bytes=None, peak_bytes=None,
+                min_seconds=seconds - 2 * half, q1_seconds=seconds - half, q3_seconds=seconds + half,
+                iqr_seconds=2 * half, rounds=rounds, **extra)
+
+
+def test_dispersion_of_round_times():
+    stats = harness.dispersion([5.0, 1.0, 2.0, 4.0, 3.0])
+    assert stats == dict(min=1.0, median=3.0, q1=2.0, q3=4.0, iqr=2.0)
+    assert harness.dispersion([2.0, 1.0]) == dict(min=1.0, median=1.5, q1=1.0, q3=2.0, iqr=1.0)  # a range
+    assert harness.dispersion([])["median"] is None
+
+
+def test_report_flags_rows_whose_spread_or_order_makes_ratios_meaningless():
+    rows = report.with_ratios([
+        _row("base", 1.0), _row("vera-cpu", 1.5, rank=8),                      # clean: a real 1.5x
+        _row("peft", 1.02, spread=0.3, rank=8),                                 # noisy and ~1x the base
+        _row("base", 1.0, m=128), _row("vera-cpu", 2.0, m=128, rank=8, rounds=1),
+        _row("base", 0.5, m=512),                                               # M=128 slower than M=512
+        _row("base", 0.9, m=512, pass_="forward+backward"),                     # slower than its forward: fine
+    ])
+    flags = {(r["impl"], r["pass_"], r["m"]): r["flags"] for r in rows}
+    assert flags[("vera-cpu", "forward", 16)] == []
+    assert {"noisy", "~base"} <= set(flags[("peft", "forward", 16)])
+    assert "few-rounds" in flags[("vera-cpu", "forward", 128)]
+    assert "M-order" in flags[("base", "forward", 128)] and "M-order" in flags[("base", "forward", 16)]
+    assert "fb<fwd" not in flags[("base", "forward+backward", 512)]  # 0.9 s against a 0.5 s forward: plausible
+    rows = report.with_ratios([_row("base", 1.0, m=512), _row("base", 0.6, m=512, pass_="forward+backward")])
+    assert "fb<fwd" in rows[1]["flags"]
+    table = report.table(rows)
+    assert "fb<fwd" in table and "IQR" in table.splitlines()[0]
+    assert "fb<fwd" in report.flag_summary(rows) and report.flag_summary(report.with_ratios([_row("base", 1.0)])).startswith("flags: none")
+
+
+def test_load_note():
+    quiet = [dict(load_avg_1min=0.3, cpus=2, others_busy=0.05)]
+    busy = [dict(load_avg_1min=6.5, cpus=2, others_busy=0.7)]
+    assert "quiet enough" in report.load_note(quiet)
+    assert "BUSY" in report.load_note(busy) and "70%" in report.load_note(busy)
+    assert "not recorded" in report.load_note([{}])

@@ -190,10 +190,10 @@ def test_bad_arguments_give_clear_errors():
         layer(torch.randn(3, 15))
     with pytest.raises(ValueError, match="rank must be >= 1"):
         FusedVeRALinear(16, 8, rank=0)
-    with pytest.raises(TypeError, match="float64 can't run on backend 'auto'"):
-        FusedVeRALinear(16, 8, rank=4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64 can't run on backend 'cpu'"):  # "auto": the torch backend
+        FusedVeRALinear(16, 8, rank=4, dtype=torch.float64, backend="cpu")
     with pytest.raises(TypeError, match="can't run"):
-        FusedVeRALinear.from_linear(nn.Linear(4, 4).to(torch.float64), rank=2)
+        FusedVeRALinear.from_linear(nn.Linear(4, 4).to(torch.float64), rank=2, backend="cpu")
     with pytest.raises(ValueError, match="backend must be"):
         FusedVeRALinear(16, 8, rank=4, backend="fast")
     with pytest.raises(ValueError, match="dropout"):
@@ -270,3 +270,80 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for got, want in zip((p.grad for p in model.parameters() if p.requires_grad), eager_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_0d_input_is_refused_by_name():
+    # Regression: a 0-d input gave IndexError from inside the layer.
+    from vera_kernels import VeRAWrapper
+
+    for layer in (FusedVeRALinear(4, 3, rank=2), VeRAWrapper(nn.Linear(4, 3), rank=2)):
+        with pytest.raises(ValueError, match=r"input must be a tensor of shape \(\.\.\., 4\), got a 0-d tensor"):
+            layer(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="x: expected a tensor of shape"):
+        vera_kernels.vera_linear(torch.tensor(1.0), torch.zeros(3, 1), None, torch.zeros(2, 1), torch.zeros(3, 2),
+                                 torch.zeros(2), torch.zeros(3))
+
+
+def test_double_after_adapting_runs_the_float64_oracle():
+    # Regression: model.double() (float64 is the oracle's dtype; PEFT runs it) broke the forward: "auto"
+    # picked the cpu backend, which has no float64. In float64 "auto" is the torch backend.
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(30, 20), nn.GELU(), nn.Linear(20, 20))
+    vera_kernels.apply_vera(model, ["0", "2"], rank=5, seed=9)
+    for _, layer in vera_kernels.vera_layers(model):
+        randomize_lambdas(layer)
+    model.double()
+    layer = model[0]
+    assert layer.weight.dtype == layer.lambda_d.dtype == torch.float64  # widening loses nothing
+    x = torch.randn(4, 30, dtype=torch.float64, requires_grad=True)
+    want = float64_vera(x, layer.weight, layer.bias, 9, 5, 30, 20, layer.lambda_d, layer.lambda_b)
+    assert relative_error(layer(x), want) < 1e-13
+    model(x).sum().backward()
+    assert x.grad.dtype == torch.float64 and layer.lambda_d.grad.dtype == torch.float64
+    assert FusedVeRALinear(8, 4, rank=2, dtype=torch.float64)(torch.randn(3, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "half"])
+def test_casting_the_model_keeps_the_lambdas_fp32(cast):
+    # Regression: model.to(torch.bfloat16) cast the lambdas too (the README says they stay fp32); then
+    # lambda_d = 0.1 does not move under AdamW at lr 1e-4 (0.1 + 1e-4 rounds back to 0.1 in bf16).
+    model = nn.Sequential(nn.Linear(16, 8))
+    vera_kernels.apply_vera(model, ["0"], rank=4)
+    layer = model[0]
+    layer.add_adapter("other", torch.full((4,), 0.3), torch.full((8,), 0.7))
+    d, b = layer.lambda_d, layer.lambda_b
+    model = model.to(torch.bfloat16) if cast == "to_bf16" else model.half()
+    dtype = torch.bfloat16 if cast == "to_bf16" else torch.float16
+    assert layer.weight.dtype == dtype
+    assert layer.lambda_d is d and layer.lambda_b is b  # the same Parameters an optimizer may hold
+    assert layer.lambda_d.dtype == layer.lambda_b.dtype == layer._bank_d.dtype == layer._bank_b.dtype == torch.float32
+    assert torch.equal(layer.lambda_d, torch.full((4,), 0.1)) and torch.equal(layer._bank_d[0], torch.full((4,), 0.3))
+    optimizer = torch.optim.AdamW([layer.lambda_d, layer.lambda_b], lr=1e-4)
+    model(torch.randn(5, 16, dtype=dtype)).float().pow(2).sum().backward()
+    assert layer.lambda_d.grad.dtype == torch.float32
+    optimizer.step()
+    assert not torch.equal(layer.lambda_d, torch.full((4,), 0.1))
+    model.double()  # widening follows the module
+    assert layer.lambda_d.dtype == torch.float64
+
+
+@pytest.mark.parametrize("change", ["deepcopy", "double"])
+def test_torch_compile_fullgraph_right_after_deepcopy_or_double(change):
+    # Regression: a deep copy (or .double()) left the projections or the backend unresolved for the new
+    # copy/dtype, so a compiled forward hit Dynamo's "function marked as skipped" unless the model had been
+    # called eagerly first.
+    import copy
+
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8))
+    vera_kernels.apply_vera(model, ["0", "2"], rank=4, seed=2)
+    for _, layer in vera_kernels.vera_layers(model):
+        randomize_lambdas(layer)
+    model = copy.deepcopy(model) if change == "deepcopy" else model.double()
+    dtype = torch.float64 if change == "double" else torch.float32
+    x = torch.randn(3, 16, dtype=dtype)
+    compiled = torch.compile(model, fullgraph=True)  # no eager call before: any graph break raises
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, model(x))

@@ -75,3 +75,13 @@ def test_float64_only_on_torch_backend():
     # The checks run before the backend is looked up, so this holds whichever backends are built.
     with pytest.raises(TypeError, match="x: expected dtype"):
         vera_linear(**problem(), backend="auto")
+
+
+def test_zero_out_features_is_refused_by_name():
+    # Regression: out_features = 0 passed the checks and failed in the backward (reshape of 0 elements).
+    p = problem()
+    p["weight"], p["bias"], p["B"], p["lambda_b"] = p["weight"][:0], p["bias"][:0], p["B"][:0], p["lambda_b"][:0]
+    with pytest.raises(ValueError, match="B: expected shape .* with out_features >= 1, got shape \\(0, 8\\)"):
+        vera_linear(**p, backend="torch")
+    with pytest.raises(ValueError, match="out_features >= 1"):
+        vera_delta(p["x"], p["A"], p["B"], p["lambda_d"], p["lambda_b"], p["x"][:, :0], backend="torch")

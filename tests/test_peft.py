@@ -127,3 +127,66 @@ def test_to_peft_checkpoint_round_trips(kind, tmp_path):
     assert_same(forward_backward(loaded, ids), want)
     back = from_peft(loaded)
     assert_same(forward_backward(back, ids), want)
+
+
+class Suffixes(torch.nn.Module):
+    """Names PEFT's list matching confuses: "fc" also ends "sub.fc" and "other.fc"; a classifier head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 12)
+        self.sub = torch.nn.Module()
+        self.sub.fc = torch.nn.Linear(12, 12)
+        self.other = torch.nn.Module()
+        self.other.fc = torch.nn.Linear(12, 12)
+        self.head = torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.other.fc(torch.tanh(self.sub.fc(torch.tanh(self.fc(x)))))))
+
+
+def _trained_suffixes(bias="none", head=False):
+    torch.manual_seed(0)
+    base = Suffixes().eval()
+    ours = apply_vera(copy.deepcopy(base), r"fc|sub\.fc", rank=4, seed=11, bias=bias)
+    if head:
+        ours.head.requires_grad_(True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return base, ours
+
+
+@pytest.mark.parametrize("case", ["suffix_names", "bias_all", "trained_head"])
+def test_to_peft_keeps_every_trained_tensor_and_only_our_layers(case, tmp_path):
+    # Regressions: names PEFT also matches as suffixes ("fc" and "sub.fc" match "other.fc") raised KeyError
+    # halfway through, leaving the model half converted; bias="all" was exported as "vera_only" (the other
+    # biases were not saved); a trained classifier head was dropped without a word.
+    base, ours = _trained_suffixes(bias="all" if case == "bias_all" else "none", head=case == "trained_head")
+    x = torch.randn(5, 12)
+    want = ours(x).detach()
+    peft_model = to_peft(ours)
+    adapted = sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                     if isinstance(m, peft.tuners.vera.layer.Linear))
+    assert adapted == ["fc", "sub.fc"]
+    assert relative_error(peft_model(x), want) < 1e-6
+    peft_model.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert relative_error(loaded(x), want) < 1e-6
+
+
+def test_to_peft_refuses_what_it_cannot_export_and_changes_nothing():
+    # A trainable module whose name PEFT's modules_to_save would also match elsewhere: it matches names by
+    # their ending, without a dot boundary ("another.fc" ends with "other.fc").
+    _, ours = _trained_suffixes()
+    ours.other.fc.requires_grad_(True)
+    ours.another = torch.nn.Module()
+    ours.another.fc = torch.nn.Linear(12, 12)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    modules = [(n, type(m)) for n, m in ours.named_modules()]
+    with pytest.raises(ValueError, match="'other.fc'.*'another.fc'"):
+        to_peft(ours)
+    assert [(n, type(m)) for n, m in ours.named_modules()] == modules
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())

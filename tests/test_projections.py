@@ -1,4 +1,4 @@
-"""The projection scheme (DESIGN.md section 3): known answers, bit-equality across backends, argument checks."""
+"""The projection scheme (docs/DESIGN.md section 3): known answers, bit-equality across backends, argument checks."""
 
 import pytest
 import torch
@@ -160,3 +160,33 @@ def test_block_offsets_reach_the_scheme_limits():
     # The double product of two 24-bit significands is exact: rounding it once to fp32 is the IEEE multiply.
     expected = torch.tensor(odd * projection_bound(4) * 2**-24, dtype=torch.float32)
     assert torch.equal(last[0, 0], expected)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(seed=7.0), TypeError, "seed"), (dict(seed=True), TypeError, "seed"), (dict(seed=-1), ValueError, "seed"),
+    (dict(rank=8.0), TypeError, "rank"), (dict(max_in=True), TypeError, "max_in"),
+    (dict(dtype=torch.float64), TypeError, "dtype"), (dict(in_features=65), ValueError, "in_features"),
+])
+def test_get_projections_checks_every_call(kwargs, error, words):
+    # Regression: the seed was checked on a cache miss only, so 7.0 or True were accepted after 7 or 1 had
+    # been cached (they hash and compare equal).
+    vera_kernels.clear_projection_cache()
+    get_projections(7, 8, 64, 32)
+    get_projections(1, 8, 64, 32)
+    get_projections(7, 8, 64, 32, dtype=torch.float32)
+    args = dict(seed=7, rank=8, max_in=64, max_out=32) | kwargs
+    with pytest.raises(error, match=words):
+        get_projections(**args)
+
+
+def test_cache_is_bounded_and_keeps_the_recently_used():
+    # Regression: the cache kept every pair ever made (600 seeds: ~200 MB).
+    from vera_kernels import projections
+
+    vera_kernels.clear_projection_cache()
+    kept = get_projections(0, 8, 64, 32)
+    for seed in range(1, 600):
+        get_projections(seed, 8, 64, 32)
+        assert get_projections(0, 8, 64, 32) is kept  # used again: never the one evicted
+    assert len(projections._cache) <= projections.CACHE_ENTRIES
+    vera_kernels.clear_projection_cache()

@@ -1,4 +1,4 @@
-"""The float64 reference (DESIGN.md section 2): analytic backward, gradcheck, PEFT's conventions."""
+"""The float64 reference (docs/DESIGN.md section 2): analytic backward, gradcheck, PEFT's conventions."""
 
 import pytest
 import torch

@@ -39,9 +39,8 @@ def pinned():
     differ (e.g. the two projection modes) still use the same tiles and summation order."""
     from vera_kernels.triton import autotune, pin_config
 
-    pin_config("shrink", dict(BLOCK_M=32, BLOCK_R=16, BLOCK_K=16))
+    pin_config("rank", dict(BLOCK_M=32, BLOCK_R=16, BLOCK_K=16))
     pin_config("gemm", dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2))
-    pin_config("backward", dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=32))
     pin_config("sum", dict(BLOCK_P=4, BLOCK_N=32))
     yield
     for kernel in autotune.KERNELS:
@@ -148,7 +147,7 @@ def test_large_rank(backend, dtype, rank):
 def test_pinned_config_is_used(backend, pinned):
     from vera_kernels.triton import autotune, linear, pin_config
 
-    assert linear.backward_blocks(1000, 1000, on_the_fly=False) == (16, 16)
+    assert linear.rank_blocks(linear.MODE_DT, 1000, 1000, on_the_fly=False) == (32, 16)
     assert autotune.fixed_config("gemm", interpreted=False).kwargs["BLOCK_K"] == 16
     # Small tiles: many programs, K loops of several steps, r split into blocks of 16.
     seed = int(torch.randint(0, 2**31, ()))
@@ -172,8 +171,18 @@ def test_autotune_pruning(backend):
         generated = prune(configs, {}, M_BUCKET=8192, ON_THE_FLY=True)
         assert decode and all(c.kwargs["BLOCK_M"] <= 32 for c in decode)
         assert wide and all(c.kwargs["BLOCK_M"] >= 64 for c in wide)
-        assert generated and set(generated) < set(wide)
+        assert generated and set(generated) <= set(wide)
+        assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048 * c.num_warps for c in generated)
+        assert arch == 80 or set(generated) < set(wide)  # sm_90's 128 x 256 tiles are too wide for it
     assert autotune.m_bucket(1) == 16 and autotune.m_bucket(300) == 512 and autotune.m_bucket(10**6) == 8192
+    # The rank GEMMs: the host's tile decides the warps (128 x 128 spills with 4, 16 x 128 idles 8).
+    prune = autotune._pruner("rank")
+    for arch in (80, 90):
+        configs = autotune.configs("rank", arch)
+        wide = prune(configs, {}, M_BUCKET=8192, BLOCK_M=128, BLOCK_R=128)
+        decode = prune(configs, {}, M_BUCKET=16, BLOCK_M=16, BLOCK_R=128)
+        assert wide and all(c.num_warps == 8 for c in wide)
+        assert decode and all(c.num_warps == 4 for c in decode)
 
 
 def test_torch_compile_fullgraph(backend):
@@ -200,3 +209,173 @@ def test_backward_without_bias_gradient(backend, bias_state):
     vera_linear(**ref, backend="torch").sum().backward()
     for k in ("x", "lambda_d", "lambda_b"):
         assert verify.relative_error(p[k].grad, ref[k].grad) < 1e-5, k
+
+
+# ---------------------------------------------------------------------------------------------------
+# The execution plan's paths: TMA descriptors or pointers, split-K decode shrink, the persistent grid,
+# cached workspaces, and every combination of inputs that require grad.
+
+
+def _captured_launches(fn):
+    """(kernel, args) of every launch ``fn`` makes, recorded instead of run."""
+    from vera_kernels.triton import static
+
+    with static._captured() as launches:
+        fn()
+    return [(kernel, args) for kernel, _, args in launches]
+
+
+def _forward_launches(m, in_features, out_features, rank, dtype, x=None):
+    from vera_kernels.triton import linear
+
+    p = _problem(m, in_features, out_features, rank, dtype)
+    x = p["x"] if x is None else x
+    return _captured_launches(lambda: linear.forward(x, p["weight"], p["bias"], p["A"], p["B"], p["lambda_d"],
+                                                     p["lambda_b"], None, 0, in_features))
+
+
+def test_tma_selection(backend):
+    from vera_kernels.triton import linear
+
+    if linear.TensorDescriptor is None:
+        pytest.skip("this Triton has no host-side tensor descriptors")
+    # bf16 rows of 40 elements are 80 bytes (16-byte multiples): descriptors; 17 elements (34 bytes),
+    # a base 2 bytes off alignment, or an fp32 row of 17 elements: the pointer variant.
+    use_tma = lambda launches: [a["USE_TMA"] for k, a in launches if k == "gemm"]  # noqa: E731
+    aligned = _forward_launches(37, 40, 70, 17, torch.bfloat16)
+    assert use_tma(aligned) == [linear._tma_capable(torch.device(DEVICE))]
+    assert use_tma(_forward_launches(37, 17, 70, 17, torch.bfloat16)) == [False]
+    assert use_tma(_forward_launches(37, 40, 70, 17, torch.float32)) == [False]  # IEEE fp32 dots: no TMA
+    wide = torch.randn(37, 41, device=DEVICE).to(torch.bfloat16)
+    assert not linear.tma_ok(wide[:, 1:]) and linear.tma_ok(wide[:, :40].contiguous())
+    assert not linear.tma_ok(wide[:1, :40].expand(37, 40))  # stride 0: overlapping rows
+    assert use_tma(_forward_launches(37, 40, 70, 17, torch.bfloat16, x=wide[:, 1:])) == [False]
+    # Decode and generated projections scale B's tiles by b in the loop: pointers.
+    assert use_tma(_forward_launches(3, 40, 70, 17, torch.bfloat16)) == [False]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_tma_and_pointer_variants_agree(backend, dtype, monkeypatch):
+    # The descriptor variant (two pipelined loops) and the pointer variant (one loop that switches
+    # source) add the same K blocks in the same order: the same bits, and both right against float64.
+    from vera_kernels.triton import linear
+
+    if not linear.interpreted():
+        pytest.skip("on a GPU the static check and the op tests cover the variant the device takes")
+    inputs = _problem(70, 48, 80, 24, dtype)  # every row 16-byte aligned
+    grad = torch.randn(70, 80, device=DEVICE).to(dtype)
+    results = {}
+    for tma in (True, False):
+        monkeypatch.setattr(linear, "FORCE_TMA", tma)
+        assert [a["USE_TMA"] for k, a in _forward_launches(70, 48, 80, 24, dtype) if k == "gemm"] == [tma]
+        results[tma] = _run(vera_linear, inputs, grad, backend=backend)
+    assert _bits_equal(results[True], results[False])
+    exact = _run(vera_linear, {k: v.double() for k, v in inputs.items()}, grad.double(), backend="torch")
+    for got, want in zip(results[True], exact):
+        assert verify.relative_error(got, want) < verify.OP_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_split_k_decode(backend, m):
+    # Decode: few row blocks, so the shrink splits K over programs (fp32 partials, summed in a fixed
+    # order by the second stage) and the GEMM scales B by b in its loop (no fold launch).
+    from vera_kernels.triton import linear
+
+    launches = _forward_launches(m, 200, 70, 17, torch.bfloat16)
+    kernels = [k for k, _ in launches]
+    assert kernels == ["rank", "finish", "gemm"], kernels
+    rank_args = launches[0][1]
+    assert rank_args["SPLIT"] and rank_args["K_SPLIT"] < 200
+    splits, per_split = linear.split_k(1, 200, torch.device(DEVICE), 16)
+    assert splits > 1 and (splits - 1) * per_split < 200 <= splits * per_split
+    seed = int(torch.randint(0, 2**31, ()))
+    for dtype in DTYPES if m == 1 else [torch.bfloat16]:
+        passed, errors, baseline = verify.op_check(backend, DEVICE, dtype, (m, 200, 70, 17, None), seed)
+        assert passed, f"seed {seed}: errors {errors}, PyTorch's own: {baseline}"
+    inputs = _problem(m, 200, 70, 17, torch.bfloat16)
+    grad = torch.randn(m, 70, device=DEVICE).to(torch.bfloat16)
+    assert _bits_equal(_run(vera_linear, inputs, grad, backend=backend), _run(vera_linear, inputs, grad, backend=backend))
+
+
+def test_persistent_grid_walks_every_tile(backend, pinned):
+    # With the pinned 32 x 32 tiles, 150 x 130 has 5 x 5 = 25 output tiles (and dx 5 x 2) for at most
+    # num_sms programs: each program loops over several tiles, and every element is written (poisoned).
+    from vera_kernels.triton import linear
+
+    programs = linear.num_sms(torch.device(DEVICE))
+    assert triton_cdiv(150, 32) * triton_cdiv(130, 32) > programs or not linear.interpreted()
+    seed = int(torch.randint(0, 2**31, ()))
+    for dtype in (torch.bfloat16,):
+        passed, errors, baseline = verify.op_check(backend, DEVICE, dtype, (150, 40, 130, 24, None), seed)
+        assert passed, f"seed {seed}: errors {errors}, PyTorch's own: {baseline}"
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_decode_allocates_only_outputs(backend, monkeypatch):
+    # A decode step allocates y and s and nothing else: the split-K partials and t live in workspaces
+    # cached per (purpose, dtype, device, stream), and b is applied in the GEMM's loop (no folded copy).
+    from vera_kernels import dispatch
+    from vera_kernels.triton import linear
+
+    p = _problem(4, 200, 70, 17, torch.bfloat16)
+    call = lambda: linear.forward(p["x"], p["weight"], p["bias"], p["A"], p["B"], p["lambda_d"],  # noqa: E731
+                                  p["lambda_b"], None, 0, 200)
+    first = call()
+    cached = dict(linear._workspaces)
+    shapes = []
+    real = dispatch.new_output
+    monkeypatch.setattr(dispatch, "new_output", lambda *shape, **kw: shapes.append(shape) or real(*shape, **kw))
+    monkeypatch.setattr(torch, "full", None)  # a workspace (re)allocation would call torch.full
+    second = call()
+    assert shapes == [(4, 17), (4, 70)]  # s, then y
+    assert linear._workspaces.keys() == cached.keys()
+    assert all(linear._workspaces[k] is v for k, v in cached.items())
+    assert _bits_equal(first, second)
+
+
+_GRAD_INPUTS = ("x", "bias", "lambda_d", "lambda_b")
+
+
+@pytest.mark.parametrize("which", [c for c in range(1, 16)], ids=lambda c: "+".join(
+    n for i, n in enumerate(_GRAD_INPUTS) if c >> i & 1))
+def test_every_requires_grad_combination(backend, which):
+    # Only the gradients asked for are computed and each is right (float64 oracle, fp32 and bf16).
+    wanted = [n for i, n in enumerate(_GRAD_INPUTS) if which >> i & 1]
+    for dtype in (torch.float32, torch.bfloat16):
+        p = _problem(23, 40, 30, 12, dtype)
+        exact = {k: v.double() for k, v in p.items()}
+        grad = torch.randn(23, 30, device=DEVICE).to(dtype)
+        for inputs, use in ((p, backend), (exact, "torch")):
+            for k in wanted:
+                inputs[k].requires_grad_(True)
+            vera_linear(**inputs, backend=use).backward(grad.to(inputs["x"].dtype))
+        for k in _GRAD_INPUTS:
+            if k in wanted:
+                assert verify.relative_error(p[k].grad, exact[k].grad) < verify.OP_TOLERANCE[dtype], (k, dtype)
+            else:
+                assert p[k].grad is None, k
+
+
+@pytest.mark.parametrize("form", ["linear", "delta"])
+def test_backward_with_frozen_input(backend, form):
+    # The first adapted layer of a model: x without grad (and a frozen bias), so the backward computes
+    # neither dx nor dbias. Regression: one empty tensor returned for both made the custom op refuse its
+    # own outputs ("custom operator output may not alias").
+    p = _problem(17, 40, 30, 8, torch.float32)
+    for k in ("lambda_d", "lambda_b"):
+        p[k].requires_grad_(True)
+    base = torch.randn(17, 30, device=DEVICE)
+    ref = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in p.items()}
+    for inputs, use in ((p, backend), (ref, "torch")):
+        if form == "linear":
+            y = vera_linear(**inputs, backend=use)
+        else:
+            y = vera_delta(inputs["x"], inputs["A"], inputs["B"], inputs["lambda_d"], inputs["lambda_b"],
+                           base.to(inputs["x"].dtype), backend=use)
+        y.backward(torch.ones_like(y))
+    for k in ("lambda_d", "lambda_b"):
+        assert verify.relative_error(p[k].grad, ref[k].grad) < 1e-5, k
+    assert p["x"].grad is None and p["bias"].grad is None

@@ -40,9 +40,10 @@ def test_criterion():
 
 def test_op_inputs_are_made_once_per_seed():
     shape = (5, 12, 10, 3, 2)
-    low, exact, grad = verify.op_inputs(shape, torch.bfloat16, 7, "cpu")
-    again, _, grad_again = verify.op_inputs(shape, torch.bfloat16, 7, "cpu")
-    other, _, _ = verify.op_inputs(shape, torch.bfloat16, 8, "cpu")
+    low, grad = verify.op_inputs("cpu", torch.bfloat16, shape, 7)
+    again, grad_again = verify.op_inputs("cpu", torch.bfloat16, shape, 7)
+    other, _ = verify.op_inputs("cpu", torch.bfloat16, shape, 8)
+    exact = verify._exact(low)
     assert all(torch.equal(low[k], again[k]) for k in low) and torch.equal(grad, grad_again)
     assert not torch.equal(low["x"], other["x"])
     assert low["x"].shape == (2, 5, 12) and low["x"].dtype == torch.bfloat16 and grad.shape == (2, 5, 10)
@@ -51,10 +52,13 @@ def test_op_inputs_are_made_once_per_seed():
 
 
 def test_op_group_rows():
+    # op_group draws its seed from the global generator: fixed here, so that the limit checked below (the
+    # tolerance, unless PyTorch's own error is larger for some inputs) does not depend on the tests before.
+    torch.manual_seed(0)
     rows = verify.op_group(["torch"], "cpu", torch.float32, "odd", verify.OP_SHAPES[:1])
     (row,) = rows
     assert row.passed and set(row.errors) == set(verify.OUTPUTS) and row.output in verify.OUTPUTS
-    assert row.limit == verify.OP_TOLERANCE[torch.float32] and "seed" in row.detail
+    assert row.limit >= verify.OP_TOLERANCE[torch.float32] and "seed" in row.detail
 
 
 def test_op_group_computes_the_reference_once_and_records_a_raising_backend(monkeypatch):
@@ -121,3 +125,72 @@ def test_main_table_json_after_every_group_and_exit_status(monkeypatch, tmp_path
     assert "y 5.00e-01" in out and "FAIL (seed 7" in out and "1 passed, 1 failed" in out and "Failed:" in out
     with pytest.raises(SystemExit):
         verify.main(["--full", "--quick"])
+
+
+def _terms(low, grad, name):
+    """The M terms of a reduction (M x out or M x r), each formed in fp32 from dtype values and rounded to
+    the dtype: a legitimate way to compute them."""
+    dtype = grad.dtype
+    x, g = low["x"].reshape(-1, low["x"].shape[-1]), grad.reshape(-1, grad.shape[-1])
+    if name == "dbias":
+        return g
+    s = x @ low["A"].t()
+    if name == "dd":
+        dt = (g.float() * low["lambda_b"]).to(dtype) @ low["B"]
+        return (dt.float() * s.float()).to(dtype)
+    u = (low["lambda_d"] * s.float()).to(dtype) @ low["B"].t()
+    return (g.float() * u.float()).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name, m", [("dd", 2000), ("db", 2000), ("dbias", 2000)])
+def test_a_planted_one_ulp_per_term_bug_is_caught(name, m, dtype):
+    # Each term of the reduction one ulp of the dtype too large (rounded up instead of to nearest) before an
+    # fp32 sum: the errors add coherently (≈ u Σ|terms|), while a correct kernel's add like a random walk.
+    # (In fp32 the same bug is as large as what a correct sequential fp32 sum may do, u √L ‖terms‖: no
+    # bound that never fails a correct kernel can tell them apart.)
+    shape = (m, 40, 130, 16, None)
+    low, grad = verify.op_inputs("cpu", dtype, shape, seed=3)
+    bounds = verify.conditioning_bounds(low, grad, dtype)
+    exact = {k: v.double() for k, v in low.items()}
+    reference = _terms(exact, grad.double(), name).sum(0)
+    terms = _terms(low, grad, name)
+    right = terms.float().sum(0)
+    wrong = torch.nextafter(terms, torch.full_like(terms, float("inf"))).float().sum(0)
+    baseline = {name: 0.0}
+    right_error, wrong_error = verify.relative_error(right, reference), verify.relative_error(wrong, reference)
+    assert verify.op_passed({name: right_error}, baseline, dtype, bounds), (right_error, bounds[name])
+    assert not verify.op_passed({name: wrong_error}, baseline, dtype, bounds), (wrong_error, bounds[name])
+
+
+def test_conditioning_bounds_never_loosen_a_well_conditioned_sum():
+    # Terms of one sign: no cancellation, so the limit is the dtype's tolerance, whatever the sizes.
+    for dtype in verify.OP_TOLERANCE:
+        for shape in ((1, 40, 130, 1, None), (300, 40, 130, 64, None), (9, 40, 40, 17, 2)):
+            low, grad = verify.op_inputs("cpu", dtype, shape, seed=0)
+            low = {k: v.abs() for k, v in low.items()}
+            bounds = verify.conditioning_bounds(low, grad.abs(), dtype)
+            for name, bound in bounds.items():
+                assert verify.error_limit(1.0, dtype, bound) == verify.OP_TOLERANCE[dtype], (dtype, shape, name)
+
+
+@pytest.mark.parametrize("dtype", list(verify.OP_TOLERANCE), ids=str)
+def test_no_false_failure_at_the_flaky_shape(dtype):
+    # Regression: at M = r = 1 the outputs are sums whose terms may cancel, and comparing with one PyTorch
+    # run's error failed correct kernels by bad luck (old criterion, 2,000 seeds: cpu backend 5 in fp32, 2 in
+    # bf16, e.g. seeds 20, 576, 907, 1404, 1433, 1463, 1536; before the new C++ plan 2, 110 and 13 in fp32,
+    # bf16, fp16; triton 1 in 150 in fp32, seed 56). Those seeds and 300 more here; the 2,000-seed figures
+    # are in the issue's closing note.
+    from vera_kernels.dispatch import backends
+
+    shape = (1, 40, 130, 1, None)
+    runnable = [b for b in ("torch", "cpu") if backends()[b].available]
+    failures = []
+    for seed in [20, 37, 56, 176, 576, 907, 1404, 1433, 1463, 1536, *range(300)]:
+        baseline = verify.op_errors("torch", "cpu", dtype, shape, seed)
+        bounds = verify.conditioning_bounds(*verify.op_inputs("cpu", dtype, shape, seed), dtype)
+        for backend in runnable:
+            passed, errors, _ = verify.op_check(backend, "cpu", dtype, shape, seed, baseline, bounds)
+            if not passed:
+                failures.append((backend, seed, errors, bounds))
+    assert not failures, failures[:3]

@@ -4,7 +4,7 @@ from .adapters import load_adapter, read_adapter, save_adapter
 from .dispatch import backends
 from .layer import ExplicitProjections, FusedVeRALinear, SeededProjections, VeRAWrapper
 from .ops import vera_delta, vera_delta_multi, vera_linear, vera_linear_multi
-from .patching import adapter_ids, apply_vera, from_peft, set_adapter_ids, to_peft, vera_layers
+from .patching import adapter_ids, apply_vera, from_peft, merge_and_unload, set_adapter_ids, to_peft, vera_layers
 from .projections import SCHEME, clear_projection_cache, generate_projections, get_projections
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "generate_projections",
     "get_projections",
     "load_adapter",
+    "merge_and_unload",
     "read_adapter",
     "save_adapter",
     "set_adapter_ids",

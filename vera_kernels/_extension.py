@@ -1,23 +1,21 @@
-"""Loads the compiled extension ``vera_kernels._C`` and registers its ops as the ``cpu`` and ``cuda`` backends.
+"""The ``cpu`` and ``cuda`` backends: the compiled extension ``vera_kernels._C``.
 
 The package works without it (the ``torch`` backend); :func:`load` says why it is missing.
 
-The VeRA forward and backward are torch.library custom ops in the ``vera_kernels`` namespace around the
-extension's calls, with fake kernels (so torch.compile(fullgraph=True) traces through them) and autograd
-registered on the forward. The op implementations allocate the buffers the C++ code writes with
-:func:`dispatch.new_output`, so poisoned-output tests see any element it leaves unwritten. The autograd
-context keeps s (M x r) and the parameters only; the backward is the C++ one (csrc/vera_ops.cpp).
+The extension registers its ops with the dispatcher in C++ (python_bindings/bindings.cpp): the kernels on
+the CPU and CUDA keys, the autograd (the hand-written C++ backward, saving s (M x r) and the parameters
+only) and autocast. An eager call is one trip through the dispatcher. This module adds what Python must:
+the fake kernels, so that torch.compile(fullgraph=True) and torch.export trace the ops, and the entry points
+vera_kernels.dispatch hands out.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
-from torch import Tensor
 
-from . import dispatch
+from . import buffers
 
 
 @functools.cache
@@ -28,7 +26,17 @@ def load():
     except ImportError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return None, f"extension vera_kernels._C is not built or failed to load ({reason}); see README, Install"
+    _C.set_poison_outputs(buffers.poisoning())
+    _register_fakes()
+    global FORWARD, BACKWARD, FORWARD_MULTI
+    namespace = torch.ops.vera_kernels
+    FORWARD, BACKWARD, FORWARD_MULTI = namespace.forward.default, namespace.backward.default, namespace.forward_multi.default
     return _C, None
+
+
+# The extension's OpOverloads, set when it loads (vera_kernels.dispatch loads it before handing out the
+# entry points below). Plain globals: torch.compile reads them without tracing the loading.
+FORWARD = BACKWARD = FORWARD_MULTI = None
 
 
 def _module():
@@ -39,119 +47,51 @@ def _module():
     return ext
 
 
-def _fill_projection_(out, seed, tag, fan_in, row_offset, col_offset):
+def _register_fakes():
+    @torch.library.register_fake("vera_kernels::forward")
+    def _(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed, max_in):
+        return x.new_empty(x.shape[0], lambda_b.shape[0]), x.new_empty(x.shape[0], lambda_d.shape[0])
+
+    @torch.library.register_fake("vera_kernels::backward")
+    def _(grad, s, weight, A, B, lambda_d, lambda_b, in_features, need_dx, need_dd, need_db, need_dbias, seed,
+          max_in):
+        m, n = grad.shape
+        return (
+            grad.new_empty(m, in_features) if need_dx else grad.new_empty(0),
+            lambda_d.new_empty(s.shape[1]) if need_dd else grad.new_empty(0),
+            lambda_b.new_empty(n) if need_db else grad.new_empty(0),
+            grad.new_empty(n) if need_dbias else grad.new_empty(0),
+        )
+
+    @torch.library.register_fake("vera_kernels::forward_multi")
+    def _(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_out):
+        return x.new_empty(x.shape[0], B.shape[0])
+
+
+def ops():
+    """(forward, backward, forward_multi): the extension's OpOverloads."""
+    _module()
+    return FORWARD, BACKWARD, FORWARD_MULTI
+
+
+def fill_projection_(out, seed, tag, fan_in, row_offset, col_offset):
     _module().fill_projection_(out, seed, tag, fan_in, row_offset, col_offset)
 
 
-def _philox4x32_10(counters, keys):
+def philox4x32_10(counters, keys):
     return _module().philox4x32_10(counters.contiguous(), keys.contiguous())
 
 
-@torch.library.custom_op("vera_kernels::forward", mutates_args=())
-def forward_op(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], A: Tensor, B: Tensor, lambda_d: Tensor,
-    lambda_b: Tensor, base_out: Optional[Tensor],
-) -> tuple[Tensor, Tensor]:
-    """(y, s) for x (M, in): y = x W0ᵀ + bias + b ⊙ ((d ⊙ s) Bᵀ), or base_out + b ⊙ ((d ⊙ s) Bᵀ) when
-    weight is None; s = x Aᵀ."""
-    y = dispatch.new_output(x.shape[0], B.shape[0], dtype=x.dtype, device=x.device)
-    s = dispatch.new_output(x.shape[0], A.shape[0], dtype=x.dtype, device=x.device)
-    _module().vera_forward_(y, s, x, weight, bias, A, B, lambda_d, lambda_b, base_out)
-    return y, s
+# The dispatch's entry points: x already 2-D and checked by vera_kernels.ops.
 
 
-@forward_op.register_fake
-def _(x, weight, bias, A, B, lambda_d, lambda_b, base_out):
-    return x.new_empty(x.shape[0], B.shape[0]), x.new_empty(x.shape[0], A.shape[0])
+def vera_linear(x, weight, bias, A, B, lambda_d, lambda_b):
+    return FORWARD(x, weight, bias, A, B, lambda_d, lambda_b, None, 0, 0)[0]
 
 
-@torch.library.custom_op("vera_kernels::backward", mutates_args=())
-def backward_op(
-    grad: Tensor, s: Tensor, weight: Optional[Tensor], A: Tensor, B: Tensor, lambda_d: Tensor, lambda_b: Tensor,
-    need_dx: bool, need_dd: bool, need_db: bool, need_dbias: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dd, db, dbias) from grad (M, out, contiguous) and s; each is empty when not asked for (a custom
-    op returns tensors). weight None: vera_delta's dx = (d ⊙ dt) A."""
-    wanted = _backward_outputs(grad, s, A, lambda_d, lambda_b, need_dx, need_dd, need_db, need_dbias)
-    outputs = [dispatch.new_output(*shape, dtype=dtype, device=grad.device) if needed else None
-               for needed, shape, dtype in wanted]
-    _module().vera_backward_(*outputs, grad, s, weight, A, B, lambda_d, lambda_b)
-    return tuple(grad.new_empty(0) if out is None else out for out in outputs)
+def vera_delta(x, A, B, lambda_d, lambda_b, base_out):
+    return FORWARD(x, None, None, A, B, lambda_d, lambda_b, base_out, 0, 0)[0]
 
 
-def _backward_outputs(grad, s, A, lambda_d, lambda_b, need_dx, need_dd, need_db, need_dbias):
-    """(needed, shape, dtype) of dx, dd, db, dbias."""
-    m, n = grad.shape
-    return (
-        (need_dx, (m, A.shape[1]), grad.dtype),
-        (need_dd, (s.shape[1],), lambda_d.dtype),
-        (need_db, (n,), lambda_b.dtype),
-        (need_dbias, (n,), grad.dtype),
-    )
-
-
-@backward_op.register_fake
-def _(grad, s, weight, A, B, lambda_d, lambda_b, need_dx, need_dd, need_db, need_dbias):
-    outputs = _backward_outputs(grad, s, A, lambda_d, lambda_b, need_dx, need_dd, need_db, need_dbias)
-    return tuple(grad.new_empty(shape if needed else (0,), dtype=dtype) for needed, shape, dtype in outputs)
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, A, B, lambda_d, lambda_b, base_out = inputs
-    _, s = output
-    ctx.save_for_backward(s, weight, A, B, lambda_d, lambda_b)
-    ctx.with_bias, ctx.with_base_out = bias is not None, base_out is not None
-    # s leaves the op only to be saved: no gradient flows into it, and none is materialized for it.
-    ctx.mark_non_differentiable(s)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_y, grad_s):
-    s, weight, A, B, lambda_d, lambda_b = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    need_dbias = ctx.with_bias and needs[2]
-    # The kernels read grad_y row by row; autograd may hand over a broadcast or transposed view.
-    dx, dd, db, dbias = backward_op(
-        grad_y.contiguous(), s, weight, A, B, lambda_d, lambda_b, needs[0], needs[5], needs[6], need_dbias
-    )
-    return (
-        dx if needs[0] else None, None, dbias if need_dbias else None, None, None,
-        dd if needs[5] else None, db if needs[6] else None, grad_y if ctx.with_base_out and needs[7] else None,
-    )
-
-
-forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _vera_linear(x, weight, bias, A, B, lambda_d, lambda_b):
-    return forward_op(x, weight, bias, A, B, lambda_d, lambda_b, None)[0]
-
-
-def _vera_delta(x, A, B, lambda_d, lambda_b, base_out):
-    return forward_op(x, None, None, A, B, lambda_d, lambda_b, base_out)[0]
-
-
-@torch.library.custom_op("vera_kernels::forward_multi", mutates_args=())
-def forward_multi_op(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], A: Tensor, B: Tensor, lambda_d_bank: Tensor,
-    lambda_b_bank: Tensor, adapter_ids: Tensor, base_out: Optional[Tensor],
-) -> Tensor:
-    """y for x (M, in), row m with adapter adapter_ids[m] of the banks (-1: none). No autograd is registered:
-    vera_kernels.ops refuses inputs that require grad (the multi-adapter ops serve, they don't train)."""
-    y = dispatch.new_output(x.shape[0], B.shape[0], dtype=x.dtype, device=x.device)
-    _module().vera_forward_multi_(y, x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_out)
-    return y
-
-
-@forward_multi_op.register_fake
-def _(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_out):
-    return x.new_empty(x.shape[0], B.shape[0])
-
-
-for _backend in ("cpu", "cuda"):
-    dispatch.register(_backend, "vera_linear_multi", forward_multi_op)
-    dispatch.register(_backend, "vera_delta_multi", forward_multi_op)
-    dispatch.register(_backend, "fill_projection_", _fill_projection_)
-    dispatch.register(_backend, "philox4x32_10", _philox4x32_10)
-    dispatch.register(_backend, "vera_linear", _vera_linear)
-    dispatch.register(_backend, "vera_delta", _vera_delta)
+def vera_forward_multi(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_out):
+    return FORWARD_MULTI(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_out)

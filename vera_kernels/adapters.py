@@ -10,6 +10,7 @@ load_adapter checks everything (format, scheme, sizes, names, shapes, dtypes) be
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -25,6 +26,11 @@ FORMAT = "vera-kernels-adapter"
 FORMAT_VERSION = "1"
 _INT_FIELDS = ("seed", "rank", "max_in", "max_out")
 _FLOAT_FIELDS = ("dropout", "d_initial")
+# What save_adapter writes (str(int), repr(float)), nothing looser: no spaces, underscores, signs or NaN.
+_INT_TEXT = re.compile(r"0|[1-9][0-9]*")
+_FLOAT_TEXT = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+# [low, high] of each field: the scheme addresses rows < 2**32 and columns < 2**34 with seeds < 2**63.
+_INT_RANGES = {"seed": (0, 2**63 - 1), "rank": (1, 2**32), "max_in": (1, 2**34), "max_out": (1, 2**32)}
 
 
 def _import_safetensors():
@@ -90,6 +96,8 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     file for anything that is not a complete adapter file of this format and scheme."""
     safetensors = _import_safetensors()
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"adapter file {path!r} is a directory; expected a safetensors file written by save_adapter")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"adapter file {path!r} does not exist")
     try:
@@ -107,16 +115,32 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"adapter file {path!r} was made with projection scheme {metadata.get('scheme')!r}; this version "
             f"generates {SCHEME!r}: its projections would differ"
         )
-    config = {}
-    for field, parse in [(f, int) for f in _INT_FIELDS] + [(f, float) for f in _FLOAT_FIELDS]:
-        try:
-            config[field] = parse(metadata[field])
-        except (KeyError, ValueError):
-            raise ValueError(f"adapter file {path!r}: metadata {field!r} missing or not a number ({metadata.get(field)!r})") from None
+    config = _parse_config(path, metadata)
     for key in tensors:
         if not (key.endswith(".lambda_d") or key.endswith(".lambda_b") or _is_bias(key)):
             raise ValueError(f"adapter file {path!r}: unexpected tensor {key!r} (only lambda_d, lambda_b and biases belong)")
     return config, tensors
+
+
+def _parse_config(path, metadata: dict) -> dict:
+    """The numeric fields of the metadata, each written as save_adapter writes it and within its range."""
+    config = {}
+    for field in _INT_FIELDS + _FLOAT_FIELDS:
+        text = metadata.get(field)
+        is_int = field in _INT_FIELDS
+        pattern = _INT_TEXT if is_int else _FLOAT_TEXT
+        if not isinstance(text, str) or not pattern.fullmatch(text):
+            kind = "a non-negative integer in decimal digits" if is_int else "a decimal number"
+            raise ValueError(f"adapter file {path!r}: metadata {field!r} missing or not {kind} (got {text!r})")
+        config[field] = int(text) if is_int else float(text)
+    for field, (low, high) in _INT_RANGES.items():
+        if not low <= config[field] <= high:
+            raise ValueError(f"adapter file {path!r}: metadata {field!r} must be in [{low}, {high}], got {config[field]}")
+    if not 0.0 <= config["dropout"] < 1.0:
+        raise ValueError(f"adapter file {path!r}: metadata 'dropout' must be in [0, 1), got {config['dropout']}")
+    if not math.isfinite(config["d_initial"]):
+        raise ValueError(f"adapter file {path!r}: metadata 'd_initial' must be finite, got {config['d_initial']}")
+    return config
 
 
 def _layer_names(path, tensors) -> list[str]:
@@ -163,6 +187,12 @@ def load_adapter(model: nn.Module, path, *, name: str | None = None) -> nn.Modul
         taken = sorted(layer_name for layer_name, module in existing.items() if name in module.adapters)
         if taken:
             raise ValueError(f"load_adapter: an adapter named {name!r} is already in the bank of {taken[:3]}")
+    merged = sorted(layer_name for layer_name, module in existing.items() if getattr(module, "merged", False))
+    if merged and name is None:
+        raise ValueError(
+            f"load_adapter: layers {merged[:5]} are merged (ΔW is folded into their weights), so adapter file "
+            f"{path!r} can't replace their lambdas; call unmerge() on them first"
+        )
     if existing:
         missing, unknown = sorted(set(existing) - set(names)), sorted(set(names) - set(existing))
         if missing or unknown:
@@ -210,9 +240,20 @@ def load_adapter(model: nn.Module, path, *, name: str | None = None) -> nn.Modul
         biases[key] = parameter
 
     if not existing:
-        projections = SeededProjections(config["seed"], config["rank"], config["max_in"], config["max_out"])
-        apply_vera(model, pattern, rank=config["rank"], d_initial=config["d_initial"], dropout=config["dropout"],
-                   projections=projections)
+        # Only the slices the model's layers use are generated: the file's max_in and max_out set the values
+        # (the scale), not how much memory the load takes.
+        projections = SeededProjections(
+            config["seed"], config["rank"], config["max_in"], config["max_out"],
+            in_features=max(features[0] for features in found.values()),
+            out_features=max(features[1] for features in found.values()),
+        )
+        try:
+            apply_vera(model, pattern, rank=config["rank"], d_initial=config["d_initial"],
+                       dropout=config["dropout"], projections=projections)
+        except Exception as exc:  # e.g. out of memory generating the projections; apply_vera changed nothing
+            fields = ", ".join(f"{f}={config[f]}" for f in _INT_FIELDS)
+            error = ValueError if isinstance(exc, (ValueError, TypeError)) else RuntimeError
+            raise error(f"adapter file {path!r}: building its layers from metadata {fields} failed: {exc}") from exc
     layers = dict(vera_layers(model))
     if name is not None:
         for layer_name in names:

@@ -1,11 +1,15 @@
 """``python -m vera_kernels.demo``: fine-tune a tiny GPT-2 with VeRA on CPU, in well under two minutes.
 
+``python -m vera_kernels.demo --compare``: the same fine-tuning task with this package's layers, with PEFT's
+VeRA and with PEFT's LoRA, side by side (see :func:`compare`).
+
+The default demo:
 1. Pre-train a 2-layer GPT-2 (built from a config, byte-level vocabulary) on text in one style that this
    module writes itself: the "base model".
 2. Freeze it, apply_vera to its attention and MLP layers, and fine-tune only lambda_d and lambda_b on text
    in another style. The loss on that text falls.
 3. Save the adapter, compare its size with a LoRA of the same layers, reload it onto a fresh copy of the
-   base and merge it, and check both give the fine-tuned loss.
+   base and merge it (merge_and_unload: a plain GPT-2 again), and check both give the fine-tuned loss.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ import argparse
 import copy
 import os
 import random
+import statistics
 import tempfile
 import time
+import warnings
 
 import torch
 
-from . import apply_vera, load_adapter, save_adapter, vera_layers
+from . import apply_vera, load_adapter, merge_and_unload, save_adapter, vera_layers
+from .measure import saved_activation_bytes
 
 SUBJECTS = ["the fox", "a cat", "the old dog", "my sister", "the robot", "a small bird", "the teacher", "our neighbour"]
 VERBS = ["sees", "likes", "follows", "paints", "finds", "helps", "watches", "calls"]
@@ -79,16 +86,189 @@ def train(model, data, steps, lr, batch, length, log_every, label):
             print(f"  {label} step {step:4d}  loss {loss.item():.3f}", flush=True)
 
 
+# --------------------------------------------------------------------------------------------------
+# --compare: this package's VeRA, PEFT's VeRA and PEFT's LoRA on one task.
+
+COMPARE_METHODS = ("vera-kernels", "peft-vera", "peft-lora")
+COMPARE_TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+def _gpt2(width: int, layers: int, length: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # Byte-level vocabulary; no dropout and plain GELU: the point is the adapter, not the model.
+    config = GPT2Config(vocab_size=256, n_positions=length, n_embd=width, n_inner=4 * width, n_layer=layers,
+                        n_head=4, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=10, eos_token_id=10)
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # what transformers picks anyway, named so that it does not warn about it
+    return model
+
+
+def _adapted(method: str, base, rank: int, lora_rank: int):
+    """A copy of the base with the method's adapter on COMPARE_TARGETS (GPT-2's Conv1D layers)."""
+    model = copy.deepcopy(base)
+    torch.manual_seed(0)
+    if method == "vera-kernels":
+        return apply_vera(model, COMPARE_TARGETS, rank=rank, seed=0)
+    import peft
+
+    if method == "peft-vera":
+        config = peft.VeraConfig(r=rank, target_modules=COMPARE_TARGETS, fan_in_fan_out=True, projection_prng_key=0)
+    else:
+        config = peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=COMPARE_TARGETS,
+                                 fan_in_fan_out=True)
+    return peft.get_peft_model(model, config)
+
+
+def _adapter_file_bytes(method: str, model) -> int:
+    """Bytes of the adapter's weights file as each library writes it (PEFT: adapter_model.safetensors,
+    with VeRA's default save_projection=True; its small adapter_config.json is not counted)."""
+    with tempfile.TemporaryDirectory() as directory:
+        if method == "vera-kernels":
+            path = os.path.join(directory, "adapter.safetensors")
+            save_adapter(model, path)
+        else:
+            model.save_pretrained(directory)
+            path = os.path.join(directory, "adapter_model.safetensors")
+        return os.path.getsize(path)
+
+
+def _memory(model, ids, device) -> int:
+    """GPU: the peak memory one training step adds; CPU: the bytes autograd saves in one forward."""
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    if device.type != "cuda":
+        return saved_activation_bytes(lambda x: lm_loss(model, x), ids, owned)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    lm_loss(model, ids).backward()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    model.zero_grad(set_to_none=True)
+    return peak
+
+
+def compare(steps: int = 40, width: int = 256, layers: int = 2, rank: int = 64, lora_rank: int = 8,
+            vera_lr: float = 2e-2, lora_lr: float = 2e-3, batch: int = 8, length: int = 64, device=None) -> list[dict]:
+    """Fine-tune one GPT-2 built from a config (random init, no download; frozen) on the Q&A text with each
+    of COMPARE_METHODS: the same batches in the same order from the same seed, the same AdamW. The methods
+    take their steps in turn (step 1 of each, then step 2, ...), so a change in the machine's load falls on
+    all three alike. One row per method: trainable parameters, adapter file bytes, held-out loss before and
+    after, the median and interquartile range of the step times (the first two steps, warm-up, excluded),
+    and the saved-activation bytes of one forward (CPU) or the peak memory of one step (GPU)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    base = _gpt2(width, layers, length).to(device)
+    task_text, held_out = corpus(target_style, 2000, seed=2), corpus(target_style, 300, seed=3)
+    eval_ids = next(batches(held_out, 16, length, seed=12345)).to(device)
+    runs = []
+    for method in COMPARE_METHODS:
+        model = _adapted(method, base, rank, lora_rank).to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        lr = lora_lr if method == "peft-lora" else vera_lr
+        runs.append(dict(method=method, model=model, lr=lr, times=[],
+                         optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
+                         stream=batches(task_text, batch, length, seed=7),  # the same batches for every method
+                         row=dict(method=method, trainable=sum(p.numel() for p in params), lr=lr,
+                                  loss_before=_eval(model, eval_ids))))
+    for _ in range(steps):
+        for run in runs:
+            model, optimizer, ids = run["model"], run["optimizer"], next(run["stream"]).to(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            loss = lm_loss(model, ids)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            run["times"].append(time.perf_counter() - start)
+    rows = []
+    for run in runs:
+        row, times = run["row"], run["times"][2:] or run["times"]
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+        row.update(loss_after=_eval(run["model"], eval_ids), step_median=statistics.median(times),
+                   step_iqr=quartiles[2] - quartiles[0], steps=steps,
+                   memory=_memory(run["model"], eval_ids, device), memory_kind="peak" if device.type == "cuda" else "saved",
+                   file_bytes=_adapter_file_bytes(run["method"], run["model"]))
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def _eval(model, ids) -> float:
+    model.eval()
+    loss = lm_loss(model, ids).item()
+    model.train()
+    return loss
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def compare_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (readable as plain text too)."""
+    memory = "peak GPU memory of a step" if rows[0]["memory_kind"] == "peak" else "saved activations (one forward)"
+    header = ["method", "trainable params", "adapter file", f"loss after {rows[0]['steps']} steps (start)",
+              "step time, median (IQR)", memory, "lr"]
+    body = [[r["method"], f"{r['trainable']:,}", _size(r["file_bytes"]), f"{r['loss_after']:.3f} ({r['loss_before']:.3f})",
+             f"{r['step_median'] * 1e3:.1f} ms ({r['step_iqr'] * 1e3:.1f})", _size(r["memory"]), f"{r['lr']:g}"]
+            for r in rows]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    fmt = lambda line: "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(line) for line in body])
+
+
+def run_compare(args) -> int:
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        print(f"--compare needs peft and transformers (pip install peft transformers): {exc}")
+        return 1
+    from .verify import device_name
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    print(f"GPT-2 from a config (width {args.width}, {args.layers} layers, random init, frozen), adapters on "
+          f"{', '.join(COMPARE_TARGETS)}; VeRA r={args.rank}, LoRA r={args.lora_rank}; {args.steps} AdamW steps "
+          f"of batch 8 x 64 bytes of Q&A text, the same for each; on {device_name(device)}", flush=True)
+    with warnings.catch_warnings():
+        # transformers' and PEFT's deprecation notices about their own internals: nothing for the reader to do.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        rows = compare(steps=args.steps, width=args.width, layers=args.layers, rank=args.rank,
+                       lora_rank=args.lora_rank, device=device)
+    print(compare_table(rows))
+    print(f"done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=96, help="GPT-2 hidden size")
+    parser.add_argument("--compare", action="store_true",
+                        help="this package's VeRA, PEFT's VeRA and PEFT's LoRA side by side on one task")
+    parser.add_argument("--width", type=int, default=None, help="GPT-2 hidden size (default 96; --compare: 256)")
+    parser.add_argument("--layers", type=int, default=2, help="GPT-2 blocks (--compare)")
     parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=200, help="VeRA fine-tuning steps")
-    parser.add_argument("--rank", type=int, default=256)
-    parser.add_argument("--lora-rank", type=int, default=8, help="the LoRA rank to compare the file size with")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 200; --compare: 40)")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="VeRA's r (default 256; --compare: 64, a quarter of the width as 256 is of 1024)")
+    parser.add_argument("--lora-rank", type=int, default=8, help="the LoRA rank to compare with")
     args = parser.parse_args(argv)
+    if args.compare:
+        args.width, args.steps, args.rank = args.width or 256, args.steps or 40, args.rank or 64
+        torch.set_flush_denormal(True)  # as below
+        torch.set_num_threads(1)
+        return run_compare(args)
+    args.width, args.steps, args.rank = args.width or 96, args.steps or 200, args.rank or 256
     try:
-        from transformers import GPT2Config, GPT2LMHeadModel
+        import transformers  # noqa: F401
     except ImportError:
         print("the demo builds a GPT-2 with transformers: pip install transformers")
         return 1
@@ -101,11 +281,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     start = time.perf_counter()
     length, batch = 64, 16
-    # Small and cheap (no dropout, plain GELU): the point is the adapter, not the model.
-    config = GPT2Config(vocab_size=256, n_positions=length, n_embd=args.width, n_inner=4 * args.width, n_layer=2,
-                        n_head=4, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=10, eos_token_id=10)
-    model = GPT2LMHeadModel(config)
+    model = _gpt2(args.width, 2, length)
     base_text, task_text = corpus(base_style, 4000, seed=1), corpus(target_style, 4000, seed=2)
     held_out = corpus(target_style, 500, seed=3)
 
@@ -135,13 +311,12 @@ def main(argv=None) -> int:
               f"in fp32 ({lora_params * 4 / vera_bytes:.1f}x larger)")
         reloaded = load_adapter(copy.deepcopy(base), path)
     print(f"   reloaded onto a fresh copy of the base: loss {eval_loss(reloaded, held_out, length):.3f}")
-    for _, layer in vera_layers(reloaded):
-        layer.merge()
-    reloaded.eval()
-    print(f"   merged into the base weights (no adapter at run time): loss {eval_loss(reloaded, held_out, length):.3f}")
+    merged = merge_and_unload(reloaded).eval()
+    print(f"   merged into the base weights, plain GPT-2 again (merge_and_unload): loss "
+          f"{eval_loss(merged, held_out, length):.3f}")
     prompt = torch.tensor([list(b"Q: who paints the moon? A:")])
     with torch.no_grad():
-        out = reloaded.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=10)
+        out = merged.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=10)
     print(f"   greedy sample: {bytes(out[0].tolist()).decode(errors='replace')!r}")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0

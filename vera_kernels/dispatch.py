@@ -9,22 +9,48 @@ Backends:
 ``auto`` picks, for the tensors' device, the first available of: cuda -> cuda, triton, torch;
 cpu -> cpu, torch.
 
-A backend module registers its implementations with :func:`register`; the modules of the optional
-backends are imported on first use, so ``import vera_kernels`` never needs Triton or the extension.
+Where each backend implements each op is written down here, by module and attribute name, and imported
+on first use: the backends never import this module, so there is no import cycle, and ``import
+vera_kernels`` never needs Triton or the extension. Every implementation of an op takes the same arguments
+(see vera_kernels.ops).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 from dataclasses import dataclass
 
 import torch
 
+from .buffers import new_output, poisoned_outputs  # noqa: F401  (re-exported: the backends' allocator)
+
 NAMES = ("torch", "triton", "cpu", "cuda")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
-_implementations: dict[tuple[str, str], object] = {}
+_TRITON = "vera_kernels.triton.function"
+_EXTENSION = "vera_kernels._extension"
+# (backend, op) -> "module:attribute" of its implementation.
+_WHERE = {
+    ("torch", "vera_linear"): "vera_kernels.reference:vera_linear",
+    ("torch", "vera_delta"): "vera_kernels.reference:vera_delta",
+    # Both multi ops share one signature: (x2d, weight, bias, A, B, bank_d, bank_b, ids, base_out).
+    ("torch", "vera_linear_multi"): "vera_kernels.reference:vera_forward_multi",
+    ("torch", "vera_delta_multi"): "vera_kernels.reference:vera_forward_multi",
+    ("torch", "fill_projection_"): "vera_kernels.projections:_fill_projection_torch",
+    ("torch", "philox4x32_10"): "vera_kernels.projections:philox4x32_10_torch",
+    ("triton", "vera_linear"): f"{_TRITON}:vera_linear",
+    ("triton", "vera_delta"): f"{_TRITON}:vera_delta",
+    ("triton", "vera_linear_multi"): f"{_TRITON}:vera_forward_multi",
+    ("triton", "vera_delta_multi"): f"{_TRITON}:vera_forward_multi",
+    ("triton", "fill_projection_"): "vera_kernels.triton.projection:fill_projection_",
+    ("triton", "philox4x32_10"): "vera_kernels.triton.projection:philox4x32_10",
+    **{(backend, op): f"{_EXTENSION}:{attribute}" for backend in ("cpu", "cuda") for op, attribute in (
+        ("vera_linear", "vera_linear"), ("vera_delta", "vera_delta"), ("vera_linear_multi", "vera_forward_multi"),
+        ("vera_delta_multi", "vera_forward_multi"), ("fill_projection_", "fill_projection_"),
+        ("philox4x32_10", "philox4x32_10"))},
+}
+# Implementations added at run time (register), e.g. by a test or a third-party backend.
+_registered: dict[tuple[str, str], object] = {}
 # (op, backend, device type) -> implementation, filled by lookup. Resolving means status checks and
 # imports that torch.compile cannot trace; once cached, a compiled forward only reads this dict
 # (FusedVeRALinear fills it eagerly for its device). What a backend offers is fixed for the process
@@ -41,13 +67,14 @@ class BackendStatus:
 
 
 def register(backend: str, op: str, fn) -> None:
-    _implementations[(backend, op)] = fn
+    """Use ``fn`` for ``op`` on ``backend`` from now on (it takes the op's arguments, see vera_kernels.ops)."""
+    _registered[(backend, op)] = fn
     _resolved.clear()
 
 
 def _triton_status() -> BackendStatus:
     try:
-        from .triton import interpreted
+        interpreted = importlib.import_module("vera_kernels.triton").interpreted
     except Exception as exc:  # ImportError, or a broken Triton install
         return BackendStatus("triton", False, (), f"triton could not be imported: {exc!s}".splitlines()[0])
     if interpreted():
@@ -60,9 +87,7 @@ def _triton_status() -> BackendStatus:
 
 
 def _extension_status(name: str) -> BackendStatus:
-    from . import _extension
-
-    ext, error = _extension.load()
+    ext, error = importlib.import_module(_EXTENSION).load()
     if ext is None:
         return BackendStatus(name, False, (), error)
     if name == "cpu":
@@ -90,12 +115,13 @@ def backends() -> dict[str, BackendStatus]:
 
 
 def _implementation(backend: str, op: str):
-    if (backend, op) not in _implementations:
-        if backend == "triton":
-            importlib.import_module(".triton", __package__)
-        elif backend in ("cpu", "cuda"):
-            importlib.import_module("._extension", __package__)
-    return _implementations.get((backend, op))
+    """The implementation of ``op`` on ``backend``, importing its module on first use; None where the
+    backend does not implement the op."""
+    found = _registered.get((backend, op))
+    if found is None and (backend, op) in _WHERE:
+        module, attribute = _WHERE[(backend, op)].split(":")
+        found = getattr(importlib.import_module(module), attribute)
+    return found
 
 
 def lookup(op: str, backend: str, device: torch.device):
@@ -110,6 +136,11 @@ def lookup(op: str, backend: str, device: torch.device):
 
 def _resolve(op: str, backend: str, device: torch.device):
     if backend == "auto":
+        from .auto_table import measured_choice  # measured times, where the package has some for this GPU
+
+        chosen = measured_choice(op, device, lambda name: _available_implementation(name, op, device))
+        if chosen is not None:
+            return chosen
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             found = status(candidate)
             if found.available and device.type in found.devices and _implementation(candidate, op):
@@ -128,23 +159,6 @@ def _resolve(op: str, backend: str, device: torch.device):
     return fn
 
 
-_poison_outputs = False
-
-
-@contextlib.contextmanager
-def poisoned_outputs():
-    """Within this block, :func:`new_output` fills fresh buffers with NaN, so an element a kernel fails
-    to write shows up in the result instead of passing by luck. For tests and verify."""
-    global _poison_outputs
-    previous, _poison_outputs = _poison_outputs, True
-    try:
-        yield
-    finally:
-        _poison_outputs = previous
-
-
-def new_output(*shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """Every backend allocates the buffers its kernels write with this (torch.empty, or NaN when poisoned)."""
-    if _poison_outputs:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+def _available_implementation(backend: str, op: str, device: torch.device):
+    found = status(backend)
+    return _implementation(backend, op) if found.available and device.type in found.devices else None

@@ -15,8 +15,8 @@ base_out share one floating dtype (float32, bfloat16, float16; float64 on the to
 and lambda_b are float32 or that dtype. All on one device. Gradients flow to x, bias, lambda_d, lambda_b
 (and base_out); weight, A and B are frozen.
 
-Every backend registers ``vera_linear`` and ``vera_delta`` with :func:`vera_kernels.dispatch.register`;
-they receive checked arguments with x flattened to 2-D (M, in) and return (M, out) with autograd wired.
+Every backend implements ``vera_linear`` and ``vera_delta`` (found through vera_kernels.dispatch); they
+receive checked arguments with x flattened to 2-D (M, in) and return (M, out) with autograd wired.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def check_vera_args(x, weight, bias, A, B, lambda_d, lambda_b, base_out=None, *,
     rank = A.shape[0] if A.dim() == 2 else -1
     if A.dim() != 2 or A.shape[1] != in_features or rank < 1:
         _fail("A", f"shape (rank, {in_features}) (x's last dimension)", _describe(A))
-    if B.dim() != 2 or B.shape[1] != rank:
-        _fail("B", f"shape (out_features, {rank}) (A's rank)", _describe(B))
+    if B.dim() != 2 or B.shape[1] != rank or B.shape[0] < 1:
+        _fail("B", f"shape (out_features, {rank}) (A's rank) with out_features >= 1", _describe(B))
     out_features = B.shape[0]
     if weight is not None and tuple(weight.shape) != (out_features, in_features):
         _fail("weight", f"shape ({out_features}, {in_features}) (B's rows, x's last dimension)", _describe(weight))
@@ -83,11 +83,39 @@ def check_vera_args(x, weight, bias, A, B, lambda_d, lambda_b, base_out=None, *,
     return in_features, out_features, rank
 
 
+# Argument lists check_vera_args accepted, by what it looks at (shape, dtype, device, requires_grad of each
+# tensor): a call like an earlier one costs a dictionary lookup instead of the checks. Bounded: cleared when full.
+_accepted: dict[tuple, tuple[int, int, int]] = {}
+_ACCEPTED_MAX = 4096
+
+
+def _metadata(t):
+    return None if t is None else (type(t), t.shape, t.dtype, t.device, t.requires_grad)
+
+
+def check_vera_args_cached(x, weight, bias, A, B, lambda_d, lambda_b, base_out=None, *, backend="auto"):
+    """check_vera_args, remembered by the tensors' metadata (its checks read nothing else)."""
+    tensors = (x, weight, bias, A, B, lambda_d, lambda_b, base_out)
+    if torch.compiler.is_compiling():
+        return check_vera_args(*tensors, backend=backend)  # traced once: free at run time
+    try:
+        key = (backend, *map(_metadata, tensors))
+    except AttributeError:  # not a tensor: the checks say which
+        return check_vera_args(*tensors, backend=backend)
+    found = _accepted.get(key)
+    if found is None:
+        found = check_vera_args(*tensors, backend=backend)
+        if len(_accepted) >= _ACCEPTED_MAX:
+            _accepted.clear()
+        _accepted[key] = found
+    return found
+
+
 def vera_linear(x, weight, bias, A, B, lambda_d, lambda_b, *, backend: str = "auto") -> torch.Tensor:
     """y = x W0ᵀ + bias + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ), the base GEMM fused with the adapter."""
     if weight is None:
         raise TypeError("weight: expected a torch.Tensor of shape (out_features, in_features), got None")
-    in_features, out_features, _ = check_vera_args(x, weight, bias, A, B, lambda_d, lambda_b, backend=backend)
+    in_features, out_features, _ = check_vera_args_cached(x, weight, bias, A, B, lambda_d, lambda_b, backend=backend)
     impl = dispatch.lookup("vera_linear", backend, x.device)
     y = impl(x.reshape(-1, in_features), weight, bias, A, B, lambda_d, lambda_b)
     return y.reshape(*x.shape[:-1], out_features)
@@ -97,7 +125,8 @@ def vera_delta(x, A, B, lambda_d, lambda_b, base_out, *, backend: str = "auto") 
     """base_out + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ): the adapter accumulated onto a given tensor."""
     if base_out is None:
         raise TypeError("base_out: expected a torch.Tensor of shape (..., out_features), got None")
-    in_features, out_features, _ = check_vera_args(x, None, None, A, B, lambda_d, lambda_b, base_out, backend=backend)
+    in_features, out_features, _ = check_vera_args_cached(x, None, None, A, B, lambda_d, lambda_b, base_out,
+                                                          backend=backend)
     impl = dispatch.lookup("vera_delta", backend, x.device)
     y = impl(x.reshape(-1, in_features), A, B, lambda_d, lambda_b, base_out.reshape(-1, out_features))
     return y.reshape(*x.shape[:-1], out_features)
@@ -107,7 +136,7 @@ def check_multi_args(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapte
                      backend="auto"):
     """check_vera_args for the banks (N x r, N x out) and the per-row ids, then the ids' values: int64, one
     per row of x flattened to 2-D, on x's device, each in [-1, N). Everything is checked before any
-    kernel runs; on a GPU the range check reads two numbers back (one device synchronization)."""
+    kernel runs, without a host sync (the range by check_ids_in_range)."""
     for name, t in dict(lambda_d_bank=lambda_d_bank, lambda_b_bank=lambda_b_bank, adapter_ids=adapter_ids).items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -138,13 +167,7 @@ def check_multi_args(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapte
     if adapter_ids.device != x.device:
         raise ValueError(f"adapter_ids: expected device {x.device} (x's device), got {adapter_ids.device}")
     if rows:
-        low, high = torch.aminmax(adapter_ids)
-        low, high = int(low), int(high)
-        if low < -1 or high >= n_adapters:
-            raise ValueError(
-                f"adapter_ids: values must be in [-1, {n_adapters}) (-1: the base alone; the banks hold "
-                f"{n_adapters} adapters), got min {low}, max {high}"
-            )
+        check_ids_in_range(adapter_ids, n_adapters)
     # Serving only: the banks are not trained through these ops and there is no multi-adapter backward.
     if torch.is_grad_enabled():
         named = dict(x=x, bias=bias, lambda_d_bank=lambda_d_bank, lambda_b_bank=lambda_b_bank, base_out=base_out)
@@ -155,6 +178,16 @@ def check_multi_args(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapte
                 "under torch.no_grad() or torch.inference_mode(), or train one adapter at a time with vera_linear"
             )
     return in_features, out_features, rank
+
+
+def check_ids_in_range(adapter_ids: torch.Tensor, n_adapters: int) -> None:
+    """Every id in [-1, n_adapters), checked on the ids' device without reading them back, so that a serving
+    step never waits for the GPU and can be captured in a CUDA graph: on CPU a bad id raises here; on CUDA
+    the device asserts (the error surfaces at the next synchronization, and the CUDA context is lost)."""
+    torch._assert_async(
+        ((adapter_ids >= -1) & (adapter_ids < n_adapters)).all(),
+        f"adapter_ids: values must be in [-1, {n_adapters}) (-1: the base alone; the banks hold {n_adapters} adapters)",
+    )
 
 
 def vera_linear_multi(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, *,
@@ -183,10 +216,3 @@ def vera_delta_multi(x, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_ou
     y = impl(x.reshape(-1, in_features), None, None, A, B, lambda_d_bank, lambda_b_bank, adapter_ids,
              base_out.reshape(-1, out_features))
     return y.reshape(*x.shape[:-1], out_features)
-
-
-dispatch.register("torch", "vera_linear", reference.vera_linear)
-dispatch.register("torch", "vera_delta", reference.vera_delta)
-# Both multi ops share one implementation signature: (x2d, weight, bias, A, B, bank_d, bank_b, ids, base_out).
-dispatch.register("torch", "vera_linear_multi", reference.vera_forward_multi)
-dispatch.register("torch", "vera_delta_multi", reference.vera_forward_multi)

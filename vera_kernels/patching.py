@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 
 import torch
 from torch import nn
 
 from .layer import (
+    ROUTES,
     VERA_LAYERS,
     ExplicitProjections,
     FusedVeRALinear,
@@ -20,6 +22,7 @@ from .layer import (
     VeRAWrapper,
     _check_base_dtype,
     _conv1d_type,
+    refuse_loads_into_merged_layers,
 )
 from .projections import check_positive_int
 
@@ -58,53 +61,40 @@ def vera_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, VERA_LAYERS)]
 
 
-def _layer_ids(module, ids):
-    """ids as the int64 tensor this layer routes with: a tensor is taken as is (the layer checks its dtype,
-    shape and device at the call, the op its range); a sequence of int (-1: base), None (base) or str (an
-    adapter's name, looked up in this layer's bank) becomes a tensor on the layer's device."""
-    if ids is None or isinstance(ids, torch.Tensor):
-        if isinstance(ids, torch.Tensor) and ids.dtype != torch.int64:
-            raise TypeError(f"set_adapter_ids: ids must be int64, got {ids.dtype}")
-        return ids
-    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-        raise TypeError(f"set_adapter_ids: expected an int64 tensor or a sequence of ids/names, got {type(ids).__name__}")
-    values = []
-    for item in ids:
-        if item is None:
-            values.append(-1)
-        elif isinstance(item, str):
-            values.append(module.adapter_index(item))
-        elif isinstance(item, int) and not isinstance(item, bool):
-            values.append(item)
-        else:
-            raise TypeError(f"set_adapter_ids: each id must be an int, a name or None, got {item!r}")
-    return torch.tensor(values, dtype=torch.int64, device=module.lambda_d.device)
-
-
 def set_adapter_ids(model: nn.Module, ids) -> None:
     """Route the model's next batches: row (2-D inputs) or sequence (3-D inputs) m of every VeRA layer's input
     uses adapter ids[m] of that layer's bank; -1 or None: the base model. ids: an int64 tensor, or a sequence
-    of indices, names and None (names are looked up per layer). ``None`` clears the routing (each layer's own
-    adapter again). Every id is resolved before any layer changes."""
+    of indices, names and None (names are looked up per layer, now). ``None`` clears the routing (each layer's
+    own adapter again). Every id is checked here, before any layer changes (a tensor's values are read back
+    once, here: the forward never synchronizes). This routing is the model's default, shared by every
+    thread; :func:`adapter_ids` routes one thread's block. Removing an adapter from a layer makes the
+    routings made before it stale: the next forward raises until the model is routed again."""
     layers = vera_layers(model)
     if not layers:
         raise ValueError("set_adapter_ids: the model has no VeRA layer")
-    resolved = [(module, _layer_ids(module, ids)) for _, module in layers]
-    for module, layer_ids in resolved:
-        module._routing_ids = layer_ids
+    resolved = [(module, module.make_routing(ids)) for _, module in layers]
+    for module, routing in resolved:
+        module._routing = routing
 
 
 @contextlib.contextmanager
 def adapter_ids(model: nn.Module, ids):
-    """``with vera_kernels.adapter_ids(model, ids): model(x)``: set_adapter_ids for the block, then the
-    previous routing again."""
-    previous = [(module, module._routing_ids) for _, module in vera_layers(model)]
-    set_adapter_ids(model, ids)
+    """``with vera_kernels.adapter_ids(model, ids): model(x)``: route the block's forwards as set_adapter_ids
+    would, for this thread (and asyncio task) only: other threads serving through the same model keep their
+    own routing. Eager only (torch.compile cannot trace per-thread state): route a compiled model with
+    set_adapter_ids, or pass adapter_ids to the layers."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) if "torch._dynamo" in sys.modules else False:
+        raise TypeError("adapter_ids: a torch.compile'd model cannot see per-thread routing; use set_adapter_ids")
+    layers = vera_layers(model)
+    if not layers:
+        raise ValueError("adapter_ids: the model has no VeRA layer")
+    routes = dict(ROUTES.get() or {})
+    routes.update((module, module.make_routing(ids)) for _, module in layers)
+    token = ROUTES.set(routes)
     try:
         yield model
     finally:
-        for module, layer_ids in previous:
-            module._routing_ids = layer_ids
+        ROUTES.reset(token)
 
 
 def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module, tuple[int, int]]]:
@@ -168,18 +158,25 @@ def apply_vera(
     if projections is None:
         projections = SeededProjections(seed, rank, max_in, max_out)
     common = dict(rank=rank, d_initial=d_initial, dropout=dropout, backend=backend, projections=projections)
-    # Check every base and build every new layer before changing any (from_linear freezes the base it
-    # takes), so a failure leaves the model as it was.
+    # Check every base and build every new layer before changing any, so a failure leaves the model as it
+    # was: from_linear and VeRAWrapper freeze the base they take, so a failure in a later layer (generating
+    # the projections, say) puts the flags back.
     for _, module, _ in targets:
         if _fusable(module):
             _check_base_dtype(module.weight.dtype, backend)
+    trainable = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     new_layers = []
-    for name, module, (in_features, out_features) in targets:
-        if _fusable(module):
-            layer = FusedVeRALinear.from_linear(module, train_bias=bias == "vera_only", **common)
-        else:
-            layer = VeRAWrapper(module, in_features=in_features, out_features=out_features, **common)
-        new_layers.append((name, layer))
+    try:
+        for name, module, (in_features, out_features) in targets:
+            if _fusable(module):
+                layer = FusedVeRALinear.from_linear(module, train_bias=bias == "vera_only", **common)
+            else:
+                layer = VeRAWrapper(module, in_features=in_features, out_features=out_features, **common)
+            new_layers.append((name, layer))
+    except BaseException:
+        for parameter, flag in trainable:
+            parameter.requires_grad_(flag)
+        raise
     model.requires_grad_(False)
     for name, layer in new_layers:
         _replace(model, name, layer)
@@ -191,6 +188,11 @@ def apply_vera(
         for name, parameter in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
                 parameter.requires_grad_(True)
+    # The whole model's load_state_dict refuses a merged layer before any module is loaded (the layer's own
+    # check runs only when the load reaches it).
+    hooks = [getattr(hook, "hook", hook) for hook in model._load_state_dict_pre_hooks.values()]
+    if refuse_loads_into_merged_layers not in hooks:
+        model.register_load_state_dict_pre_hook(refuse_loads_into_merged_layers)
     return model
 
 
@@ -261,11 +263,28 @@ def _uniform(layers, attribute: str):
     return values.pop()
 
 
+def _trained_outside_layers(model: nn.Module, layers) -> tuple[list[str], list[str]]:
+    """(trained biases outside the VeRA layers, modules with other trained parameters): what a PEFT export
+    must carry besides the lambdas (bias="all", modules_to_save)."""
+    layer_names = {name for name, _ in layers}
+    trained = [(name.rpartition("."), name) for name, p in model.named_parameters() if p.requires_grad]
+    trained = [(owner, leaf, name) for (owner, _, leaf), name in trained
+               if not (owner in layer_names and leaf in ("lambda_d", "lambda_b", "bias"))]
+    modules = list(dict.fromkeys(owner for owner, leaf, _ in trained if leaf != "bias"))
+    # A trained bias of a module saved whole travels with it.
+    biases = [name for owner, leaf, name in trained if leaf == "bias" and owner not in modules]
+    return biases, modules
+
+
 def to_peft(model: nn.Module, adapter_name: str = "default"):
     """A PEFT VeRA model with this model's adapters: the VeRA layers are replaced in place by their bases and
     ``peft.get_peft_model`` wraps the model with a VeraConfig (save_projection=True) whose vera_A/vera_B are
     our projections and whose lambdas are ours. Its outputs equal ours; ``save_pretrained`` writes a
-    checkpoint that ``PeftModel.from_pretrained`` loads anywhere."""
+    checkpoint that ``PeftModel.from_pretrained`` loads anywhere.
+
+    Every trained tensor is exported: the lambdas, trained biases (PEFT's bias="vera_only", or "all" when a
+    bias outside the VeRA layers trains) and any other trained module (PEFT's modules_to_save). Everything is
+    checked before the model changes; what PEFT can't express is refused with the model untouched."""
     peft, PeftVeraLinear = _import_peft()
     layers = vera_layers(model)
     if not layers:
@@ -274,26 +293,48 @@ def to_peft(model: nn.Module, adapter_name: str = "default"):
     for name, module in layers:
         if getattr(module, "merged", False):
             raise ValueError(f"to_peft: layer {name!r} is merged; unmerge() first")
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise TypeError(f"to_peft: adapter_name must be a non-empty str, got {adapter_name!r}")
     trains_bias = any(getattr(module, "bias", None) is not None and module.bias.requires_grad for _, module in layers)
+    other_biases, other_modules = _trained_outside_layers(model, layers)
+    if "" in other_modules:
+        raise ValueError("to_peft: the model's own (top-level) parameters train; PEFT can only save submodules")
+    # PEFT picks modules_to_save by how names end, without a dot boundary: each must name one module.
+    all_names = [name for name, _ in model.named_modules() if name]
+    for wanted in other_modules:
+        matching = [name for name in all_names if name.endswith(wanted)]
+        if matching != [wanted]:
+            raise ValueError(
+                f"to_peft: trained module {wanted!r} can't be exported: PEFT's modules_to_save would match "
+                f"{matching} (names ending with it)"
+            )
     config = peft.VeraConfig(
         r=projections.rank,
-        target_modules=[name for name, _ in layers],
+        # A full-match regular expression of exactly our layers: a list would also adapt every module whose
+        # name ends with one of them (a layer "fc" would adapt "other.fc" too).
+        target_modules="|".join(re.escape(name) for name, _ in layers),
         # Only used by PEFT to regenerate a pair that isn't saved; ours always is. Keep PEFT's key if it was its pair.
         projection_prng_key=getattr(projections, "prng_key", None) or 0,
         save_projection=True,  # our pair is not PEFT's generator's: the checkpoint must carry it
         vera_dropout=_uniform(layers, "dropout"),
         d_initial=_uniform(layers, "d_initial"),
         fan_in_fan_out=any(getattr(module, "fan_in_fan_out", False) for _, module in layers),
-        bias="vera_only" if trains_bias else "none",
+        bias="all" if other_biases else "vera_only" if trains_bias else "none",
+        modules_to_save=other_modules or None,
     )
     lambdas = {name: (module.lambda_d.detach(), module.lambda_b.detach()) for name, module in layers}
+    pair = projections.pair(torch.device("cpu"), torch.float32)
     for name, module in layers:
         _replace(model, name, module.to_base() if isinstance(module, FusedVeRALinear) else module.base_layer)
-    peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
+    try:
+        peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
+    except BaseException:
+        for name, module in layers:  # as it was
+            _replace(model, name, module)
+        raise
     with torch.no_grad():
         tuner = peft_model.base_model
-        for buffers, ours in ((tuner.vera_A, projections.pair(torch.device("cpu"), torch.float32)[0]),
-                              (tuner.vera_B, projections.pair(torch.device("cpu"), torch.float32)[1])):
+        for buffers, ours in ((tuner.vera_A, pair[0]), (tuner.vera_B, pair[1])):
             theirs = buffers[adapter_name]
             theirs.copy_(ours[: theirs.shape[0], : theirs.shape[1]])
         for name, module in peft_model.get_base_model().named_modules():
@@ -302,3 +343,41 @@ def to_peft(model: nn.Module, adapter_name: str = "default"):
                 module.vera_lambda_d[adapter_name].copy_(lambda_d)
                 module.vera_lambda_b[adapter_name].copy_(lambda_b)
     return peft_model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain base modules back: returns ``model``, changed
+    in place, with an ``nn.Linear`` (or GPT-2 ``Conv1D``) wherever a FusedVeRALinear was, holding the merged
+    weight W0 + ΔW and the same bias Parameter. The result needs nothing from this package: it runs,
+    saves and loads as the original architecture.
+
+    Only each layer's own adapter (lambda_d, lambda_b) is merged; adapters added to a layer's bank for
+    batched serving are dropped. A layer already merged (``merge()``) keeps its weight as it is. The merge
+    is one rounding of W0 + ΔW to the weight's dtype: the outputs equal the unmerged layer's to fp32 rounding
+    in fp32, but in bf16/fp16 they differ by about one ulp of the weight (not bit-exact), as any merge does.
+    Models with a VeRAWrapper (a base that is not a dense linear layer) are refused before anything changes.
+    Parameters keep their requires_grad flags (the base weights stay frozen).
+    """
+    layers = vera_layers(model)
+    if not layers:
+        raise ValueError("merge_and_unload: the model has no VeRA layer (apply_vera first)")
+    wrapped = [name for name, module in layers if not isinstance(module, FusedVeRALinear)]
+    if wrapped:
+        raise TypeError(
+            f"merge_and_unload: {', '.join(wrapped)} wrap a module whose weight is not a dense matrix "
+            "(VeRAWrapper); ΔW cannot be folded into it"
+        )
+    for name, layer in layers:
+        if layer.merged:
+            # The weight already holds W0 + ΔW; to_base() refuses merged layers to protect W0, which is not
+            # wanted here, so it is asked for the unmerged view of the same Parameters.
+            layer.merged = False
+            try:
+                base = layer.to_base()
+            finally:
+                layer.merged = True
+        else:
+            base = layer.to_base()  # shares the weight Parameter: the merge below lands in it
+            layer.merge()
+        _replace(model, name, base)
+    return model

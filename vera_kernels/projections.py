@@ -1,6 +1,6 @@
 """The shared random projections A (r x max_in) and B (max_out x r), regenerated from a seed.
 
-Scheme ``vera-philox-v1`` (DESIGN.md section 3). Element (row, col) of A (tag 0) or B (tag 1):
+Scheme ``vera-philox-v1`` (docs/DESIGN.md section 3). Element (row, col) of A (tag 0) or B (tag 1):
 
     key     = (seed & 0xFFFFFFFF, seed >> 32)
     counter = (col >> 2, row, tag, 0)
@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import struct
 import threading
+from collections import OrderedDict
 
 import torch
 
@@ -170,8 +171,6 @@ def _fill_projection_torch(out, seed, tag, fan_in, row_offset, col_offset):
     out.copy_(_bits16_to(to_half_bits(fp32_bits), out.dtype))
 
 
-dispatch.register("torch", "fill_projection_", _fill_projection_torch)
-dispatch.register("torch", "philox4x32_10", philox4x32_10_torch)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,26 +243,54 @@ def generate_projections(
     return A, B
 
 
-_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# Least recently used first. Bounded: a process that cycles through seeds or sizes (a sweep, a server
+# loading many models) would otherwise keep every pair it ever made. Layers hold their own pair, so an
+# evicted pair stays alive as long as a layer uses it; eviction only ends the sharing with later callers.
+CACHE_ENTRIES = 16
+_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
 def get_projections(
-    seed: int, rank: int, max_in: int, max_out: int, *, dtype=torch.float32, device="cpu"
+    seed: int, rank: int, max_in: int, max_out: int, *, dtype=torch.float32, device="cpu",
+    in_features: int | None = None, out_features: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The cached pair for (seed, rank, max_in, max_out, device, dtype): every layer of a model shares it.
 
+    ``in_features``/``out_features`` (default max_in/max_out): generate only ``A_max[:, :in_features]`` and
+    ``B_max[:out_features]``, the widest slices the layers use. The values are those of the full pair (its
+    scale follows max_in), without the memory of columns and rows no layer reads.
+
     The tensors are shared: treat them as read-only.
     """
+    # Checked on every call, not only when generating: a cache hit must not accept what a miss refuses.
+    check_seed(seed)
+    check_positive_int("rank", rank)
+    check_positive_int("max_in", max_in)
+    check_positive_int("max_out", max_out)
+    check_dtype(dtype)
+    in_features = max_in if in_features is None else in_features
+    out_features = max_out if out_features is None else out_features
+    for name, value, limit in (("in_features", in_features, max_in), ("out_features", out_features, max_out)):
+        check_positive_int(name, value)
+        if value > limit:
+            bound = "max_in" if name == "in_features" else "max_out"
+            raise ValueError(f"{name} must be <= {bound} = {limit} (a slice of the full pair), got {value}")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (seed, rank, max_in, max_out, device, dtype)
+    key = (seed, rank, max_in, max_out, in_features, out_features, device, dtype)
     with _cache_lock:
         pair = _cache.get(key)
         if pair is None:
-            pair = generate_projections(seed, rank, max_in, max_out, dtype=dtype, device=device)
+            common = dict(dtype=dtype, device=device)
+            pair = (projection_block(seed, TAG_A, rank, in_features, max_in, **common),
+                    projection_block(seed, TAG_B, out_features, rank, rank, **common))
             _cache[key] = pair
+            while len(_cache) > CACHE_ENTRIES:
+                _cache.popitem(last=False)
+        else:
+            _cache.move_to_end(key)
     return pair
 
 

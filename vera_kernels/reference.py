@@ -1,4 +1,4 @@
-"""Plain-PyTorch VeRA math: the forward and the analytic backward of DESIGN.md section 2.
+"""Plain-PyTorch VeRA math: the forward and the analytic backward of docs/DESIGN.md section 2.
 
 Runs in the dtype of its inputs: in float64 it is the oracle every kernel is checked against; in other
 dtypes it is the fallback. With s = x Aᵀ, t = d ⊙ s, u = t Bᵀ and g = dL/dy:
@@ -152,6 +152,9 @@ def vera_forward_multi(x, weight, bias, A, B, bank_d, bank_b, adapter_ids, base_
     x's dtype, the scalings and the sum in the accumulation dtype, one rounding at the end."""
     acc = _accumulation_dtype(x.dtype)
     used = adapter_ids >= 0
+    if bank_d.shape[0] == 0:
+        # An empty bank: every id is -1 (checked by the op) and there is no row to gather, not even row 0.
+        return torch.nn.functional.linear(x, weight, bias) if weight is not None else base_out.clone()
     rows = adapter_ids.clamp(min=0)
     s = x @ A.t()
     t = (bank_d[rows].to(acc) * s.to(acc)).to(x.dtype)

@@ -3,7 +3,6 @@
 Beyond the ops registered with the dispatch, it offers the on-the-fly projection mode
 (:func:`vera_linear_on_the_fly`, :func:`vera_delta_on_the_fly`) and :func:`pin_config`."""
 
-from .. import dispatch
 from . import function, projection
 from .autotune import pin_config
 from .function import vera_delta_on_the_fly, vera_linear_on_the_fly
@@ -14,11 +13,3 @@ __all__ = ["interpreted", "pin_config", "vera_delta_on_the_fly", "vera_linear_on
 def interpreted() -> bool:
     """Whether this module's kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
     return projection.interpreted()
-
-
-dispatch.register("triton", "fill_projection_", projection.fill_projection_)
-dispatch.register("triton", "philox4x32_10", projection.philox4x32_10)
-dispatch.register("triton", "vera_linear", function.vera_linear)
-dispatch.register("triton", "vera_delta", function.vera_delta)
-dispatch.register("triton", "vera_linear_multi", function.forward_multi_op)
-dispatch.register("triton", "vera_delta_multi", function.forward_multi_op)

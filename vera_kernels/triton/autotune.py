@@ -2,12 +2,13 @@
 or a config pinned by the user.
 
 Kernels (names used by :func:`pin_config`):
-  shrink    s = x Aᵀ, t = d ⊙ s                    BLOCK_M, BLOCK_R, BLOCK_K
-  gemm      the two-source GEMM (forward y, dx)    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
-  backward  the pass over g (dt, db/dd partials)   BLOCK_M, BLOCK_R, BLOCK_N
-  sum       the second stage of the reductions     BLOCK_P, BLOCK_N
+  rank      GEMMs with N = r: s = x Aᵀ, dt = (g ⊙ b) B, G = gᵀ s   BLOCK_M, BLOCK_R, BLOCK_K
+  finish    second stage of a rank GEMM split over K            (none)
+  gemm      the persistent fused GEMM (forward y, dx)          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
+  fold      b ⊙ B                                              BLOCK_N, BLOCK_R
+  sum       the second stage of the reductions over M          BLOCK_P, BLOCK_N
 
-The autotune key is (M bucket, the problem's sizes, dtypes): M is bucketed to a power of two so that a
+The autotune key is (M bucket, sizes, kernel variant, dtypes): M is bucketed to a power of two so that a
 training run with varying sequence lengths tunes a handful of times, not once per length. The config
 lists depend on the GPU generation (sm_80: mma.sync with cp.async pipelines; sm_90: wgmma wants 64-row
 warpgroup tiles and deeper stages). A tuned choice is cached per key for the process, so repeated calls
@@ -25,86 +26,90 @@ import torch
 import triton
 from triton import Config
 
-KERNELS = ("shrink", "gemm", "backward", "sum")
+KERNELS = ("rank", "finish", "gemm", "fold", "sum")
 
 # Under the interpreter every program is a Python loop over numpy ops: few, large programs are fast. The
-# blocks are still smaller than the test shapes' r and in, so the K loops and the r split are exercised.
+# blocks are still smaller than the test shapes' r and in, so the K loops, the r split, the K split and
+# the persistent loop (linear.INTERPRETER_SMS programs) are exercised.
 INTERPRETER_CONFIGS = {
-    "shrink": Config(dict(BLOCK_M=64, BLOCK_R=32, BLOCK_K=32)),
+    "rank": Config(dict(BLOCK_M=64, BLOCK_R=32, BLOCK_K=32)),
+    "finish": Config({}),
     "gemm": Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)),
-    "backward": Config(dict(BLOCK_M=64, BLOCK_R=32, BLOCK_N=64)),
+    "fold": Config(dict(BLOCK_N=64, BLOCK_R=64)),
     "sum": Config(dict(BLOCK_P=16, BLOCK_N=64)),
 }
+# A split-K range of the rank GEMM starts on a multiple of the largest BLOCK_K autotuning may choose for
+# it: 128 for decode-sized M (usable keeps BLOCK_K 128 there), 256 otherwise.
+def split_granule(decode: bool) -> int:
+    return 128 if decode else 256
 
 
 def _c(num_warps, num_stages, **blocks):
     return Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
-# Decode (M <= 32) configs have BLOCK_M 16 or 32: wgmma needs 64 rows, so on sm_90 these use mma.sync
-# (HMMA) and spend the machine on a wide N and K instead. BLOCK_K is 64 on sm_90 (128-byte bf16 rows
-# for the wgmma shared-memory swizzle) and 32 on sm_80 (its 164 KB of shared memory at 3-4 stages).
+# The fused GEMM is persistent (one program per SM). Wide-M tiles: 128 rows for wgmma on sm_90 (TMA loads
+# when the strides allow, else cp.async), BLOCK_K 64 on sm_90 (128-byte bf16 rows, the wgmma swizzle) and
+# 32 on sm_80 (its 164 KB of shared memory at 3-4 stages). Decode (M <= 32): BLOCK_M 16 or 32 (mma.sync:
+# wgmma needs 64 rows), long K steps, and narrow N tiles so that 4096 outputs give 128-256 programs: every
+# SM streams its share of W0, which is what bounds decode.
 _GEMM = {
     90: [
         _c(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
         _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         _c(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _c(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1),
+        _c(4, 4, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, GROUP_M=1),
         _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
-        _c(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=1),
+        _c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
     ],
+    # sm_80: the one-loop pointer variant holds both sources' addresses: 128 x 256 tiles (8 warps) and
+    # 128 x 128 with 4 warps spill there, so the wide tiles are 128 x 128 with 8 warps (checked statically).
     80: [
-        # (128 x 256 with 8 warps spills 48 bytes under Triton 3.6.)
+        _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
         _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-        _c(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
         _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        _c(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        _c(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1),
         _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
-        _c(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=1),
+        _c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=1),
     ],
 }
-_SHRINK = {
-    90: [
-        _c(4, 4, BLOCK_M=64, BLOCK_R=128, BLOCK_K=64),
-        _c(8, 3, BLOCK_M=128, BLOCK_R=128, BLOCK_K=64),
-        _c(4, 4, BLOCK_M=128, BLOCK_R=64, BLOCK_K=64),
-        _c(4, 4, BLOCK_M=16, BLOCK_R=64, BLOCK_K=128),
-        _c(4, 4, BLOCK_M=32, BLOCK_R=32, BLOCK_K=128),
-    ],
-    80: [
-        _c(4, 4, BLOCK_M=64, BLOCK_R=128, BLOCK_K=32),
-        _c(4, 4, BLOCK_M=128, BLOCK_R=64, BLOCK_K=32),
-        _c(4, 4, BLOCK_M=16, BLOCK_R=64, BLOCK_K=128),
-        _c(4, 4, BLOCK_M=32, BLOCK_R=32, BLOCK_K=128),
-    ],
+# The rank GEMMs (s = x Aᵀ, dt = (g ⊙ b) B, G = gᵀ s): the host fixes BLOCK_M and BLOCK_R (they set the layout
+# of the partial sums, linear.rank_blocks), autotuning varies BLOCK_K, warps and stages.
+_RANK = {
+    90: [_c(8, 3, BLOCK_K=64), _c(8, 3, BLOCK_K=128), _c(4, 4, BLOCK_K=64), _c(4, 4, BLOCK_K=128), _c(4, 3, BLOCK_K=256)],
+    80: [_c(8, 3, BLOCK_K=32), _c(8, 3, BLOCK_K=64), _c(4, 4, BLOCK_K=32), _c(4, 4, BLOCK_K=64), _c(4, 3, BLOCK_K=128)],
 }
-# The backward pass's BLOCK_M and BLOCK_R fix the layout of its partial sums, so the host chooses them
-# (backward_blocks) and autotuning only varies BLOCK_N, warps and stages.
-_BACKWARD = {
-    # 8 warps: dt (BLOCK_M x BLOCK_R = 64 x 128 fp32) and u beside it spill with 4 (checked statically).
-    90: [_c(8, 3, BLOCK_N=64), _c(8, 2, BLOCK_N=64), _c(8, 3, BLOCK_N=32)],
-    80: [_c(8, 3, BLOCK_N=64), _c(8, 3, BLOCK_N=32), _c(4, 3, BLOCK_N=32)],
-}
-# The second stage is memory-bound and tiny; its BLOCK_P fixes the summation order, so it is never tuned.
+# Memory-bound and tiny: one config each; the second stages' blocks fix the summation order, never tuned.
+_FINISH = {90: [_c(4, 1)], 80: [_c(4, 1)]}
+_FOLD = {90: [_c(4, 1, BLOCK_N=64, BLOCK_R=64)], 80: [_c(4, 1, BLOCK_N=64, BLOCK_R=64)]}
 _SUM = {90: [_c(4, 1, BLOCK_P=16, BLOCK_N=256)], 80: [_c(4, 1, BLOCK_P=16, BLOCK_N=256)]}
 
-# fp32 inputs take IEEE fp32 dots (as torch does by default: no TF32), which run on the FMA units with
-# each thread's rows of one operand and columns of the other in registers for the whole BLOCK_K: the
-# tensor-core tiles above spill there (and take tens of seconds each to compile). fp32 has its own tiles,
-# the same on both generations: BLOCK_K 16 and 8 warps for 64-row tiles, which compile without spilling
-# (the backward pass's BLOCK_M and BLOCK_R shrink with them, see linear.backward_blocks).
-_IEEE = {
-    "shrink": [_c(4, 3, BLOCK_M=64, BLOCK_R=64, BLOCK_K=16), _c(4, 3, BLOCK_M=16, BLOCK_R=64, BLOCK_K=16)],
-    "gemm": [_c(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8), _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, GROUP_M=1)],
-    "backward": [_c(8, 2, BLOCK_N=16)],
-}
-
-_TABLES = {"shrink": _SHRINK, "gemm": _GEMM, "backward": _BACKWARD, "sum": _SUM}
+_TABLES = {"rank": _RANK, "finish": _FINISH, "gemm": _GEMM, "fold": _FOLD, "sum": _SUM}
 _KEYS = {
-    "shrink": ["M_BUCKET", "R", "K"],
-    "gemm": ["M_BUCKET", "N", "K_ADAPTER", "K_BASE"],
-    "backward": ["M_BUCKET", "N", "R", "BLOCK_M", "BLOCK_R"],
+    # The variant flags too: the pruner keeps different configs for them (spills, decode tiles).
+    "rank": ["M_BUCKET", "R", "K", "MODE", "BLOCK_M", "BLOCK_R", "GENERATE_P", "SCALE_P", "HAS_BIAS", "HAS_IDS"],
+    "finish": ["MODE"],
+    "gemm": ["M_BUCKET", "N", "K_ADAPTER", "K_BASE", "USE_TMA", "SCALE_IN_LOOP", "ON_THE_FLY", "HAS_IDS", "P_IS_NK"],
+    "fold": ["R"],
     "sum": ["P", "N"],
 }
+_TUNED = ("rank", "gemm")
+# Descriptor arguments of the fused GEMM and their block shapes, set from the config before each launch.
+_DESCRIPTORS = ("x_desc", "w_desc", "t_desc", "p_desc")
+
+
+def set_block_shapes(nargs: dict) -> None:
+    """Give the fused GEMM's tensor descriptors the config's tile shapes (a Config pre-hook: TMA copies
+    whole tiles, so the descriptor carries them). W0 and P are N x K in the forward, K x N in dx."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    shapes = dict(x_desc=[bm, bk], t_desc=[bm, bk])
+    shapes["w_desc"] = shapes["p_desc"] = [bn, bk] if nargs["P_IS_NK"] else [bk, bn]
+    for name in _DESCRIPTORS:
+        if nargs.get(name) is not None:
+            nargs[name].block_shape = shapes[name]
 
 
 def arch_of(capability: tuple[int, int]) -> int:
@@ -112,10 +117,8 @@ def arch_of(capability: tuple[int, int]) -> int:
     return 90 if capability[0] >= 9 else 80
 
 
-def configs(kernel: str, arch: int, ieee: bool = False) -> list[Config]:
-    """The autotune configs of ``kernel`` for sm_``arch`` (80 or 90); ``ieee``: for fp32 inputs."""
-    if ieee and kernel in _IEEE:
-        return list(_IEEE[kernel])
+def configs(kernel: str, arch: int) -> list[Config]:
+    """The autotune configs of ``kernel`` for sm_``arch`` (80 or 90)."""
     return list(_TABLES[kernel][arch])
 
 
@@ -128,47 +131,46 @@ def _small(config: Config) -> bool:
 
 
 def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathered: bool = False,
-           base_out: bool = False) -> bool:
-    """Whether autotuning should time ``config``: decode-sized M (<= 32) gets the narrow-M configs and
-    larger M the wide ones. What else sits in registers beside the accumulator shrinks the tiles that
-    compile without spilling for sm_80 and sm_90a (the static check compiles every config each launch can
-    reach): a gathered b[ids] tile (many adapters) or a base_out tile (vera_delta) in the GEMM's epilogue,
-    projection tiles generated on the fly (the GEMM tiles keep to 2048 accumulator elements per warp and
-    BLOCK_K 64, the dx GEMM's generated BLOCK_K x BLOCK_N tile of A being the largest; the backward pass
-    to BLOCK_N 32 and BLOCK_R 64, see linear.backward_blocks)."""
+           tile: int = 0, block_m: int = 0, scaled_a: bool = False) -> bool:
+    """Whether autotuning should time ``config``. The fused GEMM: decode-sized M (<= 32) gets the narrow-M
+    configs and larger M the wide ones; generating projection tiles on the fly takes registers, so there
+    the tiles keep to 2048 accumulator elements per warp, as with the many-adapter epilogue's gathered
+    b[ids] tile (what compiles without spilling, checked statically). The rank GEMM (its BLOCK_M x BLOCK_R
+    ``tile`` chosen by the host): 2048 accumulator elements per warp at most (128 x 128 with 4 warps spills
+    in the db epilogue), and 8 warps only for tiles that need them; decode-sized M takes K steps of 128,
+    the split's granule (16 x 128 x 64 also keeps an 8-byte stack frame under Triton 3.6); when the a tile
+    is scaled in registers (dt = (g ⊙ b) B), 1024 of its elements per warp at most (BLOCK_M ``block_m``)."""
+    if kernel == "rank":
+        per_warp = tile / config.num_warps
+        long_k = not decode or config.kwargs["BLOCK_K"] == split_granule(True)
+        a_fits = not scaled_a or block_m * config.kwargs["BLOCK_K"] <= 1024 * config.num_warps
+        return per_warp <= 2048 and (config.num_warps == 4 or per_warp >= 1024) and long_k and a_fits
+    if kernel != "gemm":
+        return True
     if _small(config) != decode:
         return False
-    kw = config.kwargs
-    fits = kw.get("BLOCK_M", 0) * kw.get("BLOCK_N", kw.get("BLOCK_R", 0)) <= 2048 * config.num_warps
-    if kernel == "gemm" and (gathered or base_out) and not fits:
-        return False
-    if not on_the_fly:
-        return True
-    if kernel == "backward":
-        return kw["BLOCK_N"] <= 32
-    return fits and (kernel != "gemm" or kw["BLOCK_K"] <= 64)
+    if gathered or on_the_fly:
+        return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 2048 * config.num_warps
+    return True
 
 
 def candidates(kernel: str, arch: int, args: dict) -> list[Config]:
     """The configs autotuning times for a launch of ``kernel`` with ``args`` on sm_``arch`` (its pruner
-    applies this): those of its table (the fp32 one for IEEE dots) that :func:`usable` keeps, or all of
-    them when it keeps none."""
-    return _prune(kernel, configs(kernel, arch, _ieee(args)), args)
-
-
-def _ieee(args: dict) -> bool:
-    return bool(args.get("IEEE", False))
+    applies this): those :func:`usable` keeps, or all of them when it keeps none."""
+    return _prune(kernel, configs(kernel, arch), args)
 
 
 def _prune(kernel: str, configs_: list[Config], args: dict) -> list[Config]:
-    if kernel not in _PRUNED:
+    if kernel not in _TUNED:
         return list(configs_)
-    flags = dict(decode=args["M_BUCKET"] <= 32, on_the_fly=bool(args["ON_THE_FLY"]),
-                 gathered=bool(args.get("HAS_IDS", False)), base_out=bool(args.get("HAS_BASE_OUT", False)))
-    return [c for c in configs_ if usable(kernel, c, **flags)] or list(configs_)
-
-
-_PRUNED = ("shrink", "gemm", "backward")
+    decode = args["M_BUCKET"] <= 32
+    on_the_fly = bool(args.get("ON_THE_FLY", False) or args.get("GENERATE_P", False))
+    gathered = bool(args.get("HAS_IDS", False))
+    tile = args.get("BLOCK_M", 0) * args.get("BLOCK_R", 0)
+    kept = [c for c in configs_ if usable(kernel, c, decode=decode, on_the_fly=on_the_fly, gathered=gathered,
+                                          tile=tile, block_m=args.get("BLOCK_M", 0),
+                                          scaled_a=args.get("SCALE_P", 0) == 1)]
+    return kept or list(configs_)
 
 
 def _pruner(kernel: str):
@@ -183,7 +185,7 @@ def _pruner(kernel: str):
 # ---------------------------------------------------------------------------------------------------
 
 _pinned: dict[str, Config] = {}
-_tuners: dict[tuple[str, int, bool], object] = {}
+_tuners: dict[tuple[str, int], object] = {}
 _lock = threading.Lock()
 _capture = None  # a list while static.captured() records launches instead of running them
 _untuned = False  # within untuned(): the first candidate instead of autotuning
@@ -216,7 +218,7 @@ def pin_config(kernel: str, config: dict | None, *, num_warps: int = 4, num_stag
 @contextlib.contextmanager
 def untuned():
     """Within this block, a launch that would autotune runs the first config autotuning would time for it
-    instead (:func:`candidates`; pinned configs still win): one compile per kernel and regime, the same
+    instead (:func:`candidates`; pinned configs still win): one compile per kernel and variant, the same
     config in every run. ``python -m vera_kernels.verify`` checks correctness under it; autotuning belongs
     to the benchmarks."""
     global _untuned
@@ -233,13 +235,25 @@ def fixed_config(kernel: str, interpreted: bool) -> Config | None:
     return _pinned.get(kernel) or (INTERPRETER_CONFIGS[kernel] if interpreted else None)
 
 
-def _tuner(kernel: str, fn, arch: int, ieee: bool):
+def _tuner(kernel: str, fn, arch: int):
     with _lock:
-        if (kernel, arch, ieee) not in _tuners:
-            prune = {"early_config_prune": _pruner(kernel)} if kernel in _PRUNED else None
-            _tuners[(kernel, arch, ieee)] = triton.autotune(configs(kernel, arch, ieee), key=_KEYS[kernel],
-                                                            prune_configs_by=prune)(fn)
-        return _tuners[(kernel, arch, ieee)]
+        if (kernel, arch) not in _tuners:
+            prune = {"early_config_prune": _pruner(kernel)} if kernel in _TUNED else None
+            hooked = [_with_hook(kernel, c) for c in configs(kernel, arch)]
+            _tuners[(kernel, arch)] = triton.autotune(hooked, key=_KEYS[kernel], prune_configs_by=prune)(fn)
+        return _tuners[(kernel, arch)]
+
+
+def capturing() -> bool:
+    """Whether launches are being recorded for the static check instead of run."""
+    return _capture is not None
+
+
+def _with_hook(kernel: str, config: Config) -> Config:
+    if kernel != "gemm":
+        return config
+    return Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=config.num_stages,
+                  pre_hook=set_block_shapes)
 
 
 def on_device(device: torch.device):
@@ -263,8 +277,10 @@ def launch(kernel: str, fn, grid, args: dict, *, interpreted: bool, device: torc
             config = candidates(kernel, arch_of(torch.cuda.get_device_capability(device)), args)[0]
         if config is not None:
             meta = {**args, **config.kwargs}
+            if kernel == "gemm":
+                set_block_shapes(meta)
             fn[grid(meta) if callable(grid) else grid](**meta, num_warps=config.num_warps,
                                                        num_stages=config.num_stages)
             return
-        tuner = _tuner(kernel, fn, arch_of(torch.cuda.get_device_capability(device)), _ieee(args))
+        tuner = _tuner(kernel, fn, arch_of(torch.cuda.get_device_capability(device)))
         tuner[grid](**args)

@@ -3,7 +3,9 @@ implementations so that torch.compile(fullgraph=True) traces through them, and a
 the forward op. The autograd context keeps only s (M x r) and the parameters: no M x out or M x in
 tensor is saved (the backward recomputes t, u from s).
 
-Namespace ``vera_triton`` (not ``vera_kernels``: the C++ extension owns that library name).
+They live in the package's one op namespace, ``vera_kernels``, with the same schemas as the C++
+extension's ``forward``/``backward``/``forward_multi`` (python_bindings/bindings.cpp), prefixed
+``triton_``: A and B None with (seed, max_in) means the kernels generate the projections (on-the-fly mode).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .. import projections
 from . import linear
 
 
-@torch.library.custom_op("vera_triton::forward", mutates_args=())
+@torch.library.custom_op("vera_kernels::triton_forward", mutates_args=())
 def forward_op(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], A: Optional[Tensor], B: Optional[Tensor],
     lambda_d: Tensor, lambda_b: Tensor, base_out: Optional[Tensor], seed: int, max_in: int,
@@ -32,28 +34,31 @@ def _(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed, max_in):
     return x.new_empty(m, lambda_b.shape[0]), x.new_empty(m, lambda_d.shape[0])
 
 
-@torch.library.custom_op("vera_triton::backward", mutates_args=())
+@torch.library.custom_op("vera_kernels::triton_backward", mutates_args=())
 def backward_op(
     grad: Tensor, s: Tensor, weight: Optional[Tensor], A: Optional[Tensor], B: Optional[Tensor],
-    lambda_d: Tensor, lambda_b: Tensor, in_features: int, with_bias: bool, need_dx: bool, seed: int, max_in: int,
+    lambda_d: Tensor, lambda_b: Tensor, in_features: int, need_dx: bool, need_dd: bool, need_db: bool,
+    need_dbias: bool, seed: int, max_in: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dd, db, dbias); dx and dbias are empty when not asked for (a custom op returns tensors)."""
+    """(dx, dd, db, dbias); an output not asked for is empty (a custom op returns tensors). The kernel
+    computes dd and db in one pass whether asked or not."""
     dx, dd, db, dbias = linear.backward(
-        grad, s, weight, A, B, lambda_d, lambda_b, in_features=in_features, with_bias=with_bias,
+        grad, s, weight, A, B, lambda_d, lambda_b, in_features=in_features, with_bias=need_dbias,
         need_dx=need_dx, seed=seed, max_in=max_in,
     )
-    empty = grad.new_empty(0)
-    return (empty if dx is None else dx), dd, db, (empty if dbias is None else dbias)
+    # Each empty stand-in is its own tensor: a custom op's outputs may not alias one another.
+    return (dx if need_dx else grad.new_empty(0), dd if need_dd else grad.new_empty(0),
+            db if need_db else grad.new_empty(0), dbias if need_dbias else grad.new_empty(0))
 
 
 @backward_op.register_fake
-def _(grad, s, weight, A, B, lambda_d, lambda_b, in_features, with_bias, need_dx, seed, max_in):
+def _(grad, s, weight, A, B, lambda_d, lambda_b, in_features, need_dx, need_dd, need_db, need_dbias, seed, max_in):
     m, n = grad.shape
     return (
         grad.new_empty(m, in_features) if need_dx else grad.new_empty(0),
-        lambda_d.new_empty(lambda_d.shape[0]),
-        lambda_b.new_empty(n),
-        grad.new_empty(n) if with_bias else grad.new_empty(0),
+        lambda_d.new_empty(lambda_d.shape[0]) if need_dd else grad.new_empty(0),
+        lambda_b.new_empty(n) if need_db else grad.new_empty(0),
+        grad.new_empty(n) if need_dbias else grad.new_empty(0),
     )
 
 
@@ -70,12 +75,13 @@ def _backward(ctx, grad_y, grad_s):
     # grad_s is always None or zero: s leaves the op only to be saved.
     s, weight, A, B, lambda_d, lambda_b = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    need_dbias = ctx.with_bias and needs[2]
     dx, dd, db, dbias = backward_op(
-        grad_y, s, weight, A, B, lambda_d, lambda_b, ctx.in_features, ctx.with_bias and needs[2], needs[0],
+        grad_y, s, weight, A, B, lambda_d, lambda_b, ctx.in_features, needs[0], needs[5], needs[6], need_dbias,
         ctx.seed, ctx.max_in,
     )
     return (
-        dx if needs[0] else None, None, dbias if ctx.with_bias and needs[2] else None, None, None,
+        dx if needs[0] else None, None, dbias if need_dbias else None, None, None,
         dd if needs[5] else None, db if needs[6] else None, grad_y if ctx.with_base_out and needs[7] else None,
         None, None,
     )
@@ -84,7 +90,7 @@ def _backward(ctx, grad_y, grad_s):
 forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("vera_triton::forward_multi", mutates_args=())
+@torch.library.custom_op("vera_kernels::triton_forward_multi", mutates_args=())
 def forward_multi_op(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], A: Tensor, B: Tensor, lambda_d_bank: Tensor,
     lambda_b_bank: Tensor, adapter_ids: Tensor, base_out: Optional[Tensor],
@@ -109,6 +115,9 @@ def vera_linear(x, weight, bias, A, B, lambda_d, lambda_b):
 
 def vera_delta(x, A, B, lambda_d, lambda_b, base_out):
     return forward_op(x, None, None, A, B, lambda_d, lambda_b, base_out, 0, 0)[0]
+
+
+vera_forward_multi = forward_multi_op
 
 
 def _check_on_the_fly(x, lambda_d, lambda_b, seed, max_in, weight=None, bias=None, base_out=None):

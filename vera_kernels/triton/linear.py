@@ -1,35 +1,48 @@
-"""The fused VeRA kernels (DESIGN.md sections 2 and 4) and their host-side launchers.
+"""The fused VeRA kernels (docs/DESIGN.md sections 2 and 4) and their host-side launchers.
 
-Forward, two launches, no M x out intermediate:
-  _shrink_kernel            s = x Aᵀ (M x r, x's dtype, saved for backward) and t = d ⊙ s
-  _two_source_gemm_kernel   y = b ⊙ (t Bᵀ) + x W0ᵀ + bias: the K loop runs over r (t, B) into the fp32
-                            accumulator, which is then scaled by b per column, then over in (x, W0).
-                            vera_delta: the base GEMM is off and base_out is added in the epilogue.
-Backward:
-  _backward_kernel          one pass over g per block of r: dt = (g ⊙ b) B, ds = d ⊙ dt, and per-program
-                            partials of db = Σ_m g ⊙ u (u = t Bᵀ recomputed tile by tile), dd = Σ_m dt ⊙ s
-                            and dbias = Σ_m g
-  _sum_rows_kernel          the second stage of those reductions, in a fixed order: no atomics, so two
-                            runs give the same bits
-  _two_source_gemm_kernel   dx = ds A + g W0 (the forward's kernel; the operands transposed via strides)
+Forward: the shrink and the GEMM (plus the tiny fold when M > 16; plus the split's second stage when
+M is decode-sized), no M x out intermediate:
+  _fold_kernel          Bb = b ⊙ B (out x r, x's dtype): the trained vector folded into the frozen projection,
+                        so the GEMM's K loop needs no per-tile scaling.
+  _rank_gemm_kernel     s = x Aᵀ (M x r, saved for backward) and t = d ⊙ s (MODE_SHRINK). Split over K for
+                        decode-sized M (fp32 partials, then _rank_finish_kernel sums them in a fixed order).
+  _fused_gemm_kernel    y = [x | t] · [W0ᵀ ; Bbᵀ] + bias: ONE K loop over in and then r into one fp32
+                        accumulator (pointer variant), or two pipelined TMA loops (tensor descriptors, sm_90,
+                        16-bit dtypes, 16-byte aligned rows; Triton does not pipeline descriptor loads under
+                        a branch, so one loop switching descriptors would run unpipelined);
+                        persistent grouped grid (one program per SM walks the tiles); output written once.
+                        Decode (M <= 16) and on-the-fly projections scale the B tile by b inside the r part
+                        of the loop instead of folding (no fold launch, nothing allocated).
+                        Many adapters (HAS_IDS): b differs per row, so the r part runs first into the
+                        accumulator, which is scaled by the gathered b[ids] before the in part continues.
+Backward (g = dL/dy), every product a GEMM tile, every reduction over M in a fixed order:
+  _rank_gemm_kernel     dt = (g ⊙ b) B (M x r, K = out; MODE_DT; g's tiles scaled in registers): ds = d ⊙ dt
+                        stored, dd partials Σ_m dt ⊙ s per row block in the epilogue
+  _rank_gemm_kernel     G = gᵀ [s | 1] (out x r, K = M; MODE_G): db partials Σ_j B[n, j] d[j] G[n, j] in the
+                        epilogue (db = Σ_m g ⊙ u with u = t Bᵀ, regrouped so u is never formed); the ones
+                        column gives dbias = Σ_m g on the tensor cores. Split over M to fill the GPU.
+  _sum_rows_kernel      the second stage of the reductions, in a fixed order: no atomics, same bits twice
+  _fused_gemm_kernel    dx = [g | ds] · [W0 ; A] (the forward's kernel, operands by strides)
 
 Projections: A and B are read from memory (the materialized pair, any strides: A_max[:, :in] works), or,
 with ON_THE_FLY, each tile is generated from the seed by ``projection_tile`` and rounded to x's dtype as
-the materialized pair is, so both modes feed the tensor cores the same bits.
+the materialized pair is, then scaled and rounded as the fold rounds: both modes give the same bits.
 
-Precision (reference.py's policy): GEMM operands in x's dtype, accumulation and scaling in fp32, one
-rounding when a result is stored. fp32 inputs use IEEE fp32 dots (not TF32), as torch does by default.
+Precision (reference.py's policy): GEMM operands in x's dtype, accumulation in fp32, one rounding when a
+result is stored. b ⊙ B is rounded to x's dtype once (as t = d ⊙ s is; in fp16 it overflows only for
+|b| > 65504 / max|B|, ~4e5 at r = 256). db = Σ_j B d (gᵀ s) takes d ⊙ s unrounded, in fp32. fp32 inputs
+use IEEE fp32 dots.
 
 Interpreter (TRITON_INTERPRET=1) work-arounds, selected by the constexpr INTERPRET so the GPU code is
-unchanged: bf16/fp16 dot operands are upcast to fp32 (exact: the products of bf16/fp16 numbers are
-exact in fp32), and fp32 -> bf16/fp16 roundings go through integer round-to-nearest-even, because the
-interpreter's casts truncate.
+unchanged: bf16/fp16 dot operands are upcast to fp32 (exact), and fp32 -> bf16/fp16 roundings go through
+integer round-to-nearest-even, because the interpreter's casts truncate.
 
-Offsets: row indices are widened to int64 before they are multiplied by a stride, so tensors beyond 2^31
-elements are addressed correctly.
+Offsets: row indices are widened to int64 before they are multiplied by a stride.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import triton
@@ -39,6 +52,13 @@ from .. import dispatch
 from ..projections import TAG_A, TAG_B, projection_scale
 from . import autotune
 from .projection import _OUT_KIND, fp32_to_bf16_bits, fp32_to_fp16_bits, interpreted, projection_tile
+
+try:  # host-side tensor descriptors (TMA); Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the pointer variant only
+    TensorDescriptor = None
+
+MODE_SHRINK, MODE_DT, MODE_G = 0, 1, 2
 
 
 @triton.jit
@@ -87,182 +107,311 @@ def _generated_tile(seed, tag, proj_scale, k0, n0, BLOCK_K: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _accumulate(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, m0, n0, M, N, K,
-                seed, tag, proj_scale, GENERATE_B: tl.constexpr, B_ROW_IS_N: tl.constexpr,
-                OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += a[m0:m0+BLOCK_M, :K] @ b[:K, n0:n0+BLOCK_N], a (M x K) and b (K x N) given by strides, or b
-    generated from the seed when GENERATE_B (b_ptr is then None)."""
+def _k_loop(acc, a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pn, k_begin, k_end, m0, n0, M, N,
+            scale_ptr, stride_scale, seed, tag, proj_scale,
+            GENERATE_P: tl.constexpr, P_ROW_IS_N: tl.constexpr, SCALE_P: tl.constexpr,
+            OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += a[m0:m0+BLOCK_M, k_begin:k_end] @ p[k_begin:k_end, n0:n0+BLOCK_N], a and p by strides, or p
+    generated from the seed (GENERATE_P; p_ptr None). SCALE_P: 0 none; 1 a's columns (k) scaled by
+    scale[k] (dt = (g ⊙ b) B: the g tile, which wgmma takes from registers); 2 p's columns (n) scaled by
+    scale[n] (the same bits as the folded copy of _fold_kernel). A scaled tile is rounded to the storage
+    dtype, as the reference rounds g ⊙ b."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
-    if not GENERATE_B:
-        b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + (k_begin + offs_k)[None, :].to(tl.int64) * stride_ak
+    if not GENERATE_P:
+        p_ptrs = p_ptr + (k_begin + offs_k)[:, None].to(tl.int64) * stride_pk + offs_n[None, :].to(tl.int64) * stride_pn
+    if SCALE_P == 2:
+        col_scale = tl.load(scale_ptr + offs_n * stride_scale, mask=offs_n < N, other=0.0).to(tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_ok = offs_k < k_end - k0
         a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
-        if GENERATE_B:
-            b = _generated_tile(seed, tag, proj_scale, k0, n0, BLOCK_K, BLOCK_N, B_ROW_IS_N, OUT_KIND, INTERPRET)
+        if GENERATE_P:
+            p = _generated_tile(seed, tag, proj_scale, k0, n0, BLOCK_K, BLOCK_N, P_ROW_IS_N, OUT_KIND, INTERPRET)
         else:
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
-            b_ptrs += BLOCK_K * stride_bk
-        acc = _dot(a, b, acc, INTERPRET, IEEE)
+            p = tl.load(p_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+            p_ptrs += BLOCK_K * stride_pk
+        if SCALE_P == 1:
+            k_scale = tl.load(scale_ptr + (k0 + offs_k) * stride_scale, mask=k_ok, other=0.0).to(tl.float32)
+            a = _round_to(a.to(tl.float32) * k_scale[None, :], OUT_KIND, INTERPRET)
+        elif SCALE_P == 2:
+            p = _round_to(p.to(tl.float32) * col_scale[None, :], OUT_KIND, INTERPRET)
+        acc = _dot(a, p, acc, INTERPRET, IEEE)
         a_ptrs += BLOCK_K * stride_ak
     return acc
 
 
 @triton.jit
-def _shrink_kernel(
-    x_ptr, stride_xm, stride_xk, a_ptr, stride_ar, stride_ak, d_ptr, stride_d,
-    s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr,
-    M, R, K, seed, proj_scale, M_BUCKET,
-    ON_THE_FLY: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    ids_ptr, stride_ids, stride_d_bank, HAS_IDS: tl.constexpr,
-):
-    """s = x Aᵀ rounded to x's dtype, t = d ⊙ s (from the rounded s, as the backward recomputes it).
+def _k_loop_two_sources(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, K_BASE,
+                        t_ptr, stride_tm, stride_tk, p_ptr, stride_pk, stride_pn, K_ADAPTER, m0, n0, M, N,
+                        OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += [x | t] @ [w ; p] in ONE loop over the K blocks of in and then of r: each step picks its
+    source with scalar selects, so the loads stay unconditional and the software pipeline runs through the
+    switch from the base to the adapter operands without draining."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m[:, None].to(tl.int64)
+    cols = offs_n[None, :].to(tl.int64)
+    m_ok = offs_m[:, None] < M
+    n_ok = offs_n[None, :] < N
+    base_steps = tl.cdiv(K_BASE, BLOCK_K)
+    for step in range(0, base_steps + tl.cdiv(K_ADAPTER, BLOCK_K)):
+        is_base = step < base_steps
+        k0 = tl.where(is_base, step, step - base_steps) * BLOCK_K
+        k_left = tl.where(is_base, K_BASE, K_ADAPTER) - k0
+        a_base = tl.where(is_base, x_ptr, t_ptr)
+        p_base = tl.where(is_base, w_ptr, p_ptr)
+        kk = (k0 + offs_k).to(tl.int64)
+        a = tl.load(a_base + rows * tl.where(is_base, stride_xm, stride_tm) + kk[None, :] * tl.where(is_base, stride_xk, stride_tk),
+                    mask=m_ok & (offs_k[None, :] < k_left), other=0.0)
+        p = tl.load(p_base + kk[:, None] * tl.where(is_base, stride_wk, stride_pk) + cols * tl.where(is_base, stride_wn, stride_pn),
+                    mask=(offs_k[:, None] < k_left) & n_ok, other=0.0)
+        acc = _dot(a, p, acc, INTERPRET, IEEE)
+    return acc
 
-    HAS_IDS (many adapters, inference only): d is a bank (N x r, row stride stride_d_bank) and row m takes
-    row ids[m] of it, gathered here per tile (ids[m] = -1: d = 0, so t = 0); s is not stored (s_ptr None)."""
-    m0 = tl.program_id(0) * BLOCK_M
-    r0 = tl.program_id(1) * BLOCK_R
+
+@triton.jit
+def _k_loop_tma(acc, a_desc, p_desc, K, m0, n0, P_IS_NK: tl.constexpr, INTERPRET: tl.constexpr,
+                IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += a[m0:, :K] @ p[:K, n0:] with tensor-descriptor (TMA) loads; the hardware fills out-of-bounds
+    elements with zeros, so no masks. P_IS_NK: p is stored as its transpose (N x K rows, W0 or B)."""
+    for k0 in range(0, K, BLOCK_K):
+        a = a_desc.load([m0, k0])
+        if P_IS_NK:
+            p = tl.trans(p_desc.load([n0, k0]))
+        else:
+            p = p_desc.load([k0, n0])
+        acc = _dot(a, p, acc, INTERPRET, IEEE)
+    return acc
+
+
+@triton.jit
+def _fold_kernel(b_mat_ptr, stride_bn, stride_br, lb_ptr, stride_lb, out_ptr, stride_on, N, R,
+                 OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[n, j] = b[n] B[n, j] in fp32, rounded once to the storage dtype."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = offs_n[:, None].to(tl.int64)
+    mask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
+    b_tile = tl.load(b_mat_ptr + rows * stride_bn + offs_r[None, :] * stride_br, mask=mask, other=0.0).to(tl.float32)
+    lb = tl.load(lb_ptr + offs_n * stride_lb, mask=offs_n < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows * stride_on + offs_r[None, :], _round_to(b_tile * lb[:, None], OUT_KIND, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _fused_gemm_kernel(
+    out_ptr, stride_om, stride_on,
+    x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, x_desc, w_desc,
+    t_ptr, stride_tm, stride_tk, p_ptr, stride_pk, stride_pn, t_desc, p_desc,
+    scale_ptr, stride_scale, stride_scale_bank, ids_ptr, stride_ids,
+    bias_ptr, stride_bias, base_ptr, stride_basem, stride_basen,
+    M, N, K_BASE, K_ADAPTER, seed, proj_scale, M_BUCKET,
+    HAS_BASE_GEMM: tl.constexpr, SCALE_IN_LOOP: tl.constexpr, HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_BASE_OUT: tl.constexpr, ON_THE_FLY: tl.constexpr, PROJ_TAG: tl.constexpr, PROJ_ROW_IS_N: tl.constexpr,
+    USE_TMA: tl.constexpr, P_IS_NK: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out = [x | t] · [w ; p] (+ bias, + base), one fp32 accumulator per tile, the output written once.
+
+    Forward: x W0ᵀ and t (b ⊙ B)ᵀ (p the folded Bb, or B scaled by b in the loop: SCALE_IN_LOOP).
+    dx: g W0 and ds A (no scale). vera_delta: no base GEMM, base_out added in the epilogue.
+    HAS_IDS (many adapters): p = Bᵀ unscaled, scale is a bank (adapters x out, row stride
+    stride_scale_bank) and row m takes row ids[m] of it (-1: 0); the r part runs first so that the
+    gathered b multiplies the adapter's sum alone, then the in part accumulates on top.
+
+    Persistent: the grid has at most one program per SM; program p takes tiles p, p + programs, ... in
+    grouped order (GROUP_M row blocks share each column block's operand tiles while they are in L2)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = min(num_m - first_m, GROUP_M)
+        m0 = (first_m + (tile % per_group) % group_rows) * BLOCK_M
+        n0 = ((tile % per_group) // group_rows) * BLOCK_N
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_IDS:
+            if USE_TMA:
+                acc = _k_loop_tma(acc, t_desc, p_desc, K_ADAPTER, m0, n0, P_IS_NK, INTERPRET, IEEE, BLOCK_K)
+            else:
+                acc = _k_loop(acc, t_ptr, stride_tm, stride_tk, p_ptr, stride_pk, stride_pn, 0, K_ADAPTER, m0, n0,
+                              M, N, scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, False, PROJ_ROW_IS_N, 0,
+                              OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+            ids = tl.load(ids_ptr + offs_m.to(tl.int64) * stride_ids, mask=offs_m < M, other=-1)
+            scale = tl.load(scale_ptr + ids[:, None] * stride_scale_bank + offs_n[None, :] * stride_scale,
+                            mask=(ids[:, None] >= 0) & n_ok[None, :], other=0.0).to(tl.float32)
+            acc = acc * scale
+            if HAS_BASE_GEMM:
+                if USE_TMA:
+                    acc = _k_loop_tma(acc, x_desc, w_desc, K_BASE, m0, n0, P_IS_NK, INTERPRET, IEEE, BLOCK_K)
+                else:
+                    acc = _k_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, 0, K_BASE, m0, n0,
+                                  M, N, scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, False, False, 0,
+                                  OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        elif USE_TMA:
+            # Two pipelined loops: Triton does not pipeline descriptor loads under a branch, so a single
+            # loop that switches descriptors would run unpipelined (checked in the compiled code).
+            if HAS_BASE_GEMM:
+                acc = _k_loop_tma(acc, x_desc, w_desc, K_BASE, m0, n0, P_IS_NK, INTERPRET, IEEE, BLOCK_K)
+            acc = _k_loop_tma(acc, t_desc, p_desc, K_ADAPTER, m0, n0, P_IS_NK, INTERPRET, IEEE, BLOCK_K)
+        elif HAS_BASE_GEMM and not SCALE_IN_LOOP and not ON_THE_FLY:
+            acc = _k_loop_two_sources(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, K_BASE,
+                                      t_ptr, stride_tm, stride_tk, p_ptr, stride_pk, stride_pn, K_ADAPTER,
+                                      m0, n0, M, N, OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            if HAS_BASE_GEMM:
+                acc = _k_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, 0, K_BASE, m0, n0,
+                              M, N, scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, False, False, 0,
+                              OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _k_loop(acc, t_ptr, stride_tm, stride_tk, p_ptr, stride_pk, stride_pn, 0, K_ADAPTER, m0, n0, M, N,
+                          scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, ON_THE_FLY, PROJ_ROW_IS_N,
+                          2 if SCALE_IN_LOOP else 0, OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        rows = offs_m[:, None].to(tl.int64)
+        mask = (offs_m[:, None] < M) & n_ok[None, :]
+        if HAS_BASE_OUT:
+            acc += tl.load(base_ptr + rows * stride_basem + offs_n[None, :] * stride_basen, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows * stride_om + offs_n[None, :] * stride_on, _round_to(acc, OUT_KIND, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _rank_epilogue(acc, m0, r0, slot, M, R,
+                   d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids, s_ptr, stride_sm, stride_sr,
+                   t_ptr, stride_tm, stride_tr, red_ptr, b_mat_ptr, stride_bn, stride_br, colsum_ptr, seed, proj_scale,
+                   MODE: tl.constexpr, HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, ON_THE_FLY: tl.constexpr,
+                   OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """What a rank GEMM does with its finished fp32 tile acc (rows m0.., ranks r0..):
+    MODE_SHRINK  s = round(acc) stored (not with ids), t = round(d ⊙ s) stored (d gathered per row with ids)
+    MODE_DT      (acc = dt) ds = round(d ⊙ dt) stored into t; red[slot, r] = Σ_m dt ⊙ s over the tile rows
+    MODE_G       (acc = G, rows = out) red[slot, n] = Σ_j B[n, j] d[j] G[n, j]; with HAS_BIAS the column R
+                 of acc is Σ_m g (the ones column) and goes to colsum[slot // ranks blocks, n]."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    mask = m_ok[:, None] & r_ok[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    if MODE == 0:
+        s = _round_to(acc, OUT_KIND, INTERPRET)
+        if HAS_IDS:
+            ids = tl.load(ids_ptr + offs_m.to(tl.int64) * stride_ids, mask=m_ok, other=-1)
+            d = tl.load(d_ptr + ids[:, None] * stride_d_bank + offs_r[None, :] * stride_d,
+                        mask=mask & (ids[:, None] >= 0), other=0.0).to(tl.float32)
+            t = _round_to(s.to(tl.float32) * d, OUT_KIND, INTERPRET)
+        else:
+            d = tl.load(d_ptr + offs_r * stride_d, mask=r_ok, other=0.0).to(tl.float32)
+            t = _round_to(s.to(tl.float32) * d[None, :], OUT_KIND, INTERPRET)
+            tl.store(s_ptr + rows * stride_sm + offs_r[None, :] * stride_sr, s, mask=mask)
+        tl.store(t_ptr + rows * stride_tm + offs_r[None, :] * stride_tr, t, mask=mask)
+    elif MODE == 1:
+        d = tl.load(d_ptr + offs_r * stride_d, mask=r_ok, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + rows * stride_sm + offs_r[None, :] * stride_sr, mask=mask, other=0.0).to(tl.float32)
+        tl.store(red_ptr + slot.to(tl.int64) * R + offs_r, tl.sum(acc * s, axis=0), mask=r_ok)
+        tl.store(t_ptr + rows * stride_tm + offs_r[None, :] * stride_tr, _round_to(acc * d[None, :], OUT_KIND, INTERPRET), mask=mask)
+    else:
+        d = tl.load(d_ptr + offs_r * stride_d, mask=r_ok, other=0.0).to(tl.float32)
+        if ON_THE_FLY:
+            # B tile (n, j) with B's rows along n, generated as the materialized pair is stored.
+            b_tile = _round_to(projection_tile(seed, 1, proj_scale, m0, r0 // 4, BLOCK_M, BLOCK_R // 4), OUT_KIND, INTERPRET)
+            b_tile = tl.where(r_ok[None, :], b_tile.to(tl.float32), 0.0)
+        else:
+            b_tile = tl.load(b_mat_ptr + rows * stride_bn + offs_r[None, :] * stride_br, mask=mask, other=0.0).to(tl.float32)
+        tl.store(red_ptr + slot.to(tl.int64) * M + offs_m, tl.sum(acc * (b_tile * d[None, :]), axis=1), mask=m_ok)
+        if HAS_BIAS:
+            if (r0 <= R) & (R < r0 + BLOCK_R):
+                ones_col = tl.sum(tl.where(offs_r[None, :] == R, acc, 0.0), axis=1)
+                tl.store(colsum_ptr + (slot // tl.cdiv(R + 1, BLOCK_R)).to(tl.int64) * M + offs_m, ones_col, mask=m_ok)
+
+
+@triton.jit
+def _rank_gemm_kernel(
+    a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pr, pscale_ptr, stride_pscale, part_ptr,
+    d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids, s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr,
+    red_ptr, b_mat_ptr, stride_bn, stride_br, colsum_ptr,
+    M, R, K, K_SPLIT, seed, tag, proj_scale, M_BUCKET,
+    MODE: tl.constexpr, SPLIT: tl.constexpr, GENERATE_P: tl.constexpr, P_ROW_IS_R: tl.constexpr,
+    SCALE_P: tl.constexpr, HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, ON_THE_FLY: tl.constexpr,
+    OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """acc[m, j] = Σ_k a[m, k] p[k, j] over this program's K range, then _rank_epilogue (or, SPLIT, the fp32
+    partial into part[split, m, j] for _rank_finish_kernel). The GEMMs whose N is the rank r:
+      MODE_SHRINK  a = x, p = Aᵀ (generated: ON_THE_FLY)             -> s, t
+      MODE_DT      a = g scaled by b along k, p = B (or generated)     -> ds, dd partials
+      MODE_G       a = gᵀ, p = [s | 1] (the ones column with HAS_BIAS) -> db (and dbias) partials
+    Program (i, j) of axis 0 owns rows block i and ranks block j (j fastest: the programs that read the
+    same rows of a run together); axis 1 is the K split."""
+    num_r = tl.cdiv(R + HAS_BIAS, BLOCK_R)
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    m0 = (pid // num_r) * BLOCK_M
+    r0 = (pid % num_r) * BLOCK_R
+    k_begin = split * K_SPLIT
+    k_end = min(K, k_begin + K_SPLIT)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    # Aᵀ as the K x R right operand: element (k, r) of Aᵀ is A[r, k], so A's rows run along n.
-    acc = _accumulate(acc, x_ptr, stride_xm, stride_xk, a_ptr, stride_ak, stride_ar, m0, r0, M, R, K,
-                      seed, 0, proj_scale, ON_THE_FLY, True, OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_R, BLOCK_K)
+    if HAS_BIAS:
+        # MODE_G: the K x BLOCK_R tile of [s | 1]: column R is 1 (loaded as the masked-off value).
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        offs_k = tl.arange(0, BLOCK_K)
+        ones = tl.where(offs_r[None, :] == R, 1.0, 0.0) + tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + (k_begin + offs_k)[None, :].to(tl.int64) * stride_ak
+        p_ptrs = p_ptr + (k_begin + offs_k)[:, None].to(tl.int64) * stride_pk + offs_r[None, :].to(tl.int64) * stride_pr
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            k_ok = offs_k < k_end - k0
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
+            p = tl.load(p_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=ones.to(a.dtype))
+            acc = _dot(a, p, acc, INTERPRET, IEEE)
+            a_ptrs += BLOCK_K * stride_ak
+            p_ptrs += BLOCK_K * stride_pk
+    else:
+        acc = _k_loop(acc, a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pr, k_begin, k_end, m0, r0, M, R,
+                      pscale_ptr, stride_pscale, seed, tag, proj_scale, GENERATE_P, P_ROW_IS_R, SCALE_P,
+                      OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_R, BLOCK_K)
+    if SPLIT:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        rows = (split * M + offs_m)[:, None].to(tl.int64)
+        tl.store(part_ptr + rows * R + offs_r[None, :], acc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+    else:
+        slot = pid // num_r if MODE == 1 else split * num_r + pid % num_r
+        _rank_epilogue(acc, m0, r0, slot, M, R, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids,
+                       s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr, red_ptr, b_mat_ptr, stride_bn, stride_br,
+                       colsum_ptr, seed, proj_scale, MODE, HAS_IDS, HAS_BIAS, ON_THE_FLY, OUT_KIND, INTERPRET,
+                       BLOCK_M, BLOCK_R)
+
+
+@triton.jit
+def _rank_finish_kernel(
+    part_ptr, SPLITS, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids, s_ptr, stride_sm, stride_sr,
+    t_ptr, stride_tm, stride_tr, red_ptr, M, R,
+    MODE: tl.constexpr, HAS_IDS: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """The second stage of a split rank GEMM (MODE_SHRINK or MODE_DT): the partials summed over the splits
+    in their order (the same bits every run), then the epilogue the unsplit kernel would have run."""
+    num_r = tl.cdiv(R, BLOCK_R)
+    pid = tl.program_id(0)
+    m0 = (pid // num_r) * BLOCK_M
+    r0 = (pid % num_r) * BLOCK_R
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-    s = _round_to(acc, OUT_KIND, INTERPRET)
-    rows = offs_m[:, None].to(tl.int64)
-    if HAS_IDS:
-        ids = tl.load(ids_ptr + offs_m.to(tl.int64) * stride_ids, mask=offs_m < M, other=-1)
-        d = tl.load(d_ptr + ids[:, None] * stride_d_bank + offs_r[None, :] * stride_d,
-                    mask=mask & (ids[:, None] >= 0), other=0.0).to(tl.float32)
-        t = _round_to(s.to(tl.float32) * d, OUT_KIND, INTERPRET)
-    else:
-        d = tl.load(d_ptr + offs_r * stride_d, mask=offs_r < R, other=0.0).to(tl.float32)
-        t = _round_to(s.to(tl.float32) * d[None, :], OUT_KIND, INTERPRET)
-        tl.store(s_ptr + rows * stride_sm + offs_r[None, :] * stride_sr, s, mask=mask)
-    tl.store(t_ptr + rows * stride_tm + offs_r[None, :] * stride_tr, t, mask=mask)
-
-
-@triton.jit
-def _two_source_gemm_kernel(
-    out_ptr, stride_om, stride_on,
-    t_ptr, stride_tm, stride_tk, p_ptr, stride_pk, stride_pn, scale_ptr, stride_scale,
-    x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn,
-    bias_ptr, stride_bias, base_ptr, stride_basem, stride_basen,
-    M, N, K_ADAPTER, K_BASE, seed, proj_scale, M_BUCKET,
-    HAS_SCALE: tl.constexpr, HAS_BASE_GEMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE_OUT: tl.constexpr,
-    ON_THE_FLY: tl.constexpr, PROJ_TAG: tl.constexpr, PROJ_ROW_IS_N: tl.constexpr,
-    OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ids_ptr, stride_ids, stride_scale_bank, HAS_IDS: tl.constexpr,
-):
-    """out = scale ⊙ (t P) + x W + bias + base, one fp32 accumulator, the output written once.
-
-    HAS_IDS (many adapters): scale is a bank (N x out, row stride stride_scale_bank) and row m is scaled
-    by its row ids[m], gathered per tile in the epilogue of the adapter source (ids[m] = -1: 0, and t is 0
-    on those rows too), so the rows of different adapters share every tile of the two GEMMs.
-
-    Forward: t (M x r), P = Bᵀ, scale = b, x W = x W0ᵀ.  dx: t = ds, P = A, no scale, x W = g W0.
-    The adapter source runs first so that the per-column scale applies to its sum alone (b multiplies
-    the adapter's output, not the base's) without a second accumulator."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row blocks share each column block's operand tiles while they are in L2.
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(num_m - first_m, GROUP_M)
-    m0 = (first_m + (pid % per_group) % group_rows) * BLOCK_M
-    n0 = ((pid % per_group) // group_rows) * BLOCK_N
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate(acc, t_ptr, stride_tm, stride_tk, p_ptr, stride_pk, stride_pn, m0, n0, M, N, K_ADAPTER,
-                      seed, PROJ_TAG, proj_scale, ON_THE_FLY, PROJ_ROW_IS_N, OUT_KIND, INTERPRET, IEEE,
-                      BLOCK_M, BLOCK_N, BLOCK_K)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    if HAS_IDS:
-        ids = tl.load(ids_ptr + offs_m.to(tl.int64) * stride_ids, mask=offs_m < M, other=-1)
-        scale = tl.load(scale_ptr + ids[:, None] * stride_scale_bank + offs_n[None, :] * stride_scale,
-                        mask=(ids[:, None] >= 0) & n_ok[None, :], other=0.0).to(tl.float32)
-        acc = acc * scale
-    elif HAS_SCALE:
-        scale = tl.load(scale_ptr + offs_n * stride_scale, mask=n_ok, other=0.0).to(tl.float32)
-        acc = acc * scale[None, :]
-    if HAS_BASE_GEMM:
-        acc = _accumulate(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, m0, n0, M, N, K_BASE,
-                          seed, PROJ_TAG, proj_scale, False, False, OUT_KIND, INTERPRET, IEEE,
-                          BLOCK_M, BLOCK_N, BLOCK_K)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    rows = offs_m[:, None].to(tl.int64)
-    mask = (offs_m[:, None] < M) & n_ok[None, :]
-    if HAS_BASE_OUT:
-        acc += tl.load(base_ptr + rows * stride_basem + offs_n[None, :] * stride_basen, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows * stride_om + offs_n[None, :] * stride_on, _round_to(acc, OUT_KIND, INTERPRET), mask=mask)
-
-
-@triton.jit
-def _backward_kernel(
-    g_ptr, stride_gm, stride_gn, s_ptr, stride_sm, stride_sr, b_mat_ptr, stride_bn, stride_br,
-    d_ptr, stride_d, lb_ptr, stride_lb,
-    ds_ptr, stride_dsm, stride_dsr, db_part_ptr, dd_part_ptr, dbias_part_ptr,
-    M, N, R, seed, proj_scale, M_BUCKET,
-    HAS_BIAS: tl.constexpr, ON_THE_FLY: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Program (i, j) owns rows [i BLOCK_M, ...) and ranks [j BLOCK_R, ...); one pass over its rows of g:
-        dt[:, j block] = Σ_n (g ⊙ b)[:, n] B[n, j block]         -> ds = d ⊙ dt (stored), dd partial
-        db partial[n]  = Σ_m g[m, n] u_j[m, n],  u_j = t[:, j block] B[n, j block]ᵀ
-    Summing the db partials over j gives Σ_m g ⊙ u with u = t Bᵀ: u is never stored. Partials: db
-    (programs x out), dd (row blocks x r), dbias (row blocks x out, written by the j = 0 programs)."""
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_n = tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    r_ok = offs_r < R
-    rows = offs_m[:, None].to(tl.int64)
-
-    s = tl.load(s_ptr + rows * stride_sm + offs_r[None, :] * stride_sr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    d = tl.load(d_ptr + offs_r * stride_d, mask=r_ok, other=0.0).to(tl.float32)
-    t = _round_to(s.to(tl.float32) * d[None, :], OUT_KIND, INTERPRET)  # bit for bit the forward's t
-    dt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-
-    g_ptrs = g_ptr + rows * stride_gm + offs_n[None, :].to(tl.int64) * stride_gn
-    if not ON_THE_FLY:
-        b_ptrs = b_mat_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :] * stride_br
-    db_row = db_part_ptr + (pid_m * tl.num_programs(1) + pid_r).to(tl.int64) * N
-    for n0 in range(0, N, BLOCK_N):
-        n_ok = offs_n < N - n0
-        g = tl.load(g_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-        lb = tl.load(lb_ptr + (n0 + offs_n) * stride_lb, mask=n_ok, other=0.0).to(tl.float32)
-        if ON_THE_FLY:
-            # B tile (n, r) with B's rows along n: the [BLOCK_N, BLOCK_R] tile of the scheme as generated.
-            b_tile = _round_to(projection_tile(seed, 1, proj_scale, n0, pid_r * (BLOCK_R // 4), BLOCK_N, BLOCK_R // 4),
-                               OUT_KIND, INTERPRET)
-        else:
-            b_tile = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-            b_ptrs += BLOCK_N * stride_bn
-        u = _dot(t, tl.trans(b_tile), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET, IEEE)
-        tl.store(db_row + n0 + offs_n, tl.sum(g * u, axis=0), mask=n_ok)
-        if HAS_BIAS:  # dbias_part_ptr is None otherwise: no pointer arithmetic on it outside this branch
-            if pid_r == 0:
-                tl.store(dbias_part_ptr + pid_m.to(tl.int64) * N + n0 + offs_n, tl.sum(g, axis=0), mask=n_ok)
-        gb = _round_to(g * lb[None, :], OUT_KIND, INTERPRET)
-        dt = _dot(gb, b_tile, dt, INTERPRET, IEEE)
-        g_ptrs += BLOCK_N * stride_gn
-
-    tl.store(dd_part_ptr + pid_m.to(tl.int64) * R + offs_r, tl.sum(dt * s.to(tl.float32), axis=0), mask=r_ok)
-    ds = _round_to(dt * d[None, :], OUT_KIND, INTERPRET)
-    tl.store(ds_ptr + rows * stride_dsm + offs_r[None, :] * stride_dsr, ds, mask=m_ok[:, None] & r_ok[None, :])
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for split in range(0, SPLITS):
+        rows = (split * M + offs_m)[:, None].to(tl.int64)
+        acc += tl.load(part_ptr + rows * R + offs_r[None, :], mask=mask, other=0.0)
+    _rank_epilogue(acc, m0, r0, pid // num_r, M, R, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids,
+                   s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr, red_ptr, None, 0, 0, None, 0, 1.0,
+                   MODE, HAS_IDS, False, False, OUT_KIND, INTERPRET, BLOCK_M, BLOCK_R)
 
 
 @triton.jit
@@ -283,12 +432,17 @@ def _sum_rows_kernel(part_ptr, P, N, out_ptr, stride_out, OUT_KIND: tl.constexpr
 # Host side. A and B are None in on-the-fly mode: the kernels generate them from ``seed`` with the
 # scheme's fan-ins, max_in for A and the rank for B (then A is A_max[:, :in] and B is B_max[:out, :]).
 
+DECODE_M = 16  # up to this many rows: split-K shrink, b scaled inside the GEMM's loop (no fold launch)
+INTERPRETER_SMS = 3  # the "SM count" under the interpreter: small, so tests see split K and persistent loops
+STATIC_SMS = 132  # what the static check's captured launches assume (an H100/H200)
+
 
 def _flags(dtype: torch.dtype) -> dict:
     return dict(OUT_KIND=_OUT_KIND[dtype], INTERPRET=interpreted(), IEEE=dtype == torch.float32)
 
 
 def _launch(kernel, fn, grid, args, device):
+    """The one launcher of every kernel of this module (pinned, interpreter or autotuned config)."""
     autotune.launch(kernel, fn, grid, args, interpreted=interpreted(), device=device)
 
 
@@ -298,49 +452,204 @@ def _strides(t: torch.Tensor | None, transpose: bool = False) -> tuple[int, int]
     return (t.stride(1), t.stride(0)) if transpose else (t.stride(0), t.stride(1))
 
 
+_sm_counts: dict[int, int] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Programs that fill the device: its SM count (INTERPRETER_SMS under the interpreter)."""
+    if autotune.capturing():
+        return STATIC_SMS
+    if interpreted() or device.type != "cuda":
+        return INTERPRETER_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+# Workspaces (split-K partials, t, the folded b ⊙ B): allocated once per (purpose, dtype, device, stream,
+# thread) and grown when a call needs more, so a decode step allocates nothing but its outputs. Kernels on
+# one stream run in the order they were enqueued and one thread enqueues a call's kernels together, so a
+# buffer is never overwritten by another call before the kernels that read it have run.
+_workspaces: dict[tuple, torch.Tensor] = {}
+_workspace_lock = threading.Lock()
+
+
+def workspace(purpose: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (purpose, dtype, str(device), stream, threading.get_ident())
+    with _workspace_lock:
+        buffer = _workspaces.get(key)
+        if buffer is None or buffer.numel() < numel:
+            # NaN-filled: an element a kernel forgets to write shows up in the results.
+            buffer = torch.full((max(numel, 1),), float("nan"), dtype=dtype, device=device)
+            _workspaces[key] = buffer
+        return buffer[:numel]
+
+
+def _aligned_stride(cols: int, dtype: torch.dtype) -> int:
+    """A row stride >= cols whose byte size is a multiple of 16 (a TMA requirement)."""
+    per_16_bytes = 16 // torch.empty((), dtype=dtype).element_size()
+    return -(-cols // per_16_bytes) * per_16_bytes
+
+
+def tma_ok(*tensors) -> bool:
+    """Whether tensor descriptors can address these 2-D tensors: last stride 1, rows that do not overlap
+    (an expanded tensor's stride 0 is refused), the row stride and the base 16-byte aligned. The pointer
+    variant serves every other case."""
+    if TensorDescriptor is None:
+        return False
+    for t in tensors:
+        if t is None or t.dim() != 2 or t.stride(1) != 1 or t.shape[0] == 0 or t.shape[1] == 0:
+            return False
+        if t.stride(0) < t.shape[1]:
+            return False
+        size = t.element_size()
+        if t.data_ptr() % 16 or (t.stride(0) * size) % 16:
+            return False
+    return True
+
+
+# None: tensor descriptors on sm_90+ (and under the interpreter) when tma_ok; True/False forces the choice
+# (the static check compiles both variants; tests compare them).
+FORCE_TMA: bool | None = None
+
+
+def _tma_capable(device: torch.device) -> bool:
+    if FORCE_TMA is not None:
+        return FORCE_TMA and TensorDescriptor is not None
+    if interpreted():
+        return True  # the interpreter runs the descriptor variant too, so the tests cover it
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _descriptor(t: torch.Tensor | None):
+    # block_shape is a placeholder: autotune.launch sets it from the config (a pre-launch hook).
+    return None if t is None else TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
+
+
+def _fold(B: torch.Tensor, lambda_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """b ⊙ B rounded to ``dtype`` (out x r) in a workspace, its rows 16-byte aligned for TMA."""
+    n, r = B.shape
+    stride = _aligned_stride(r, dtype)
+    out = workspace("fold", n * stride, dtype, B.device).view(n, stride)[:, :r]
+    args = dict(b_mat_ptr=B, stride_bn=B.stride(0), stride_br=B.stride(1), lb_ptr=lambda_b, stride_lb=lambda_b.stride(0),
+                out_ptr=out, stride_on=out.stride(0), N=n, R=r, **_flags(dtype))
+    args.pop("IEEE")
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, meta["BLOCK_R"]))  # noqa: E731
+    _launch("fold", _fold_kernel, grid, args, B.device)
+    return out
+
+
+def rank_blocks(mode: int, m: int, r: int, on_the_fly: bool) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_R) of a rank GEMM: they fix the layout of its partial sums, so the host chooses them
+    (autotuning varies BLOCK_K, warps and stages). ``m`` is the GEMM's row count (out for MODE_G)."""
+    fixed = autotune.fixed_config("rank", interpreted())
+    if fixed is not None:
+        return fixed.kwargs["BLOCK_M"], fixed.kwargs["BLOCK_R"]
+    # 64 ranks per block for decode-sized M too: twice the programs to split K over (reading A is the cost).
+    narrow = on_the_fly or (mode != MODE_G and m <= DECODE_M)
+    block_r = min(64 if narrow else 128, max(16, triton.next_power_of_2(r + (mode == MODE_G))))
+    if mode == MODE_G:
+        return 128 if not on_the_fly else 64, block_r
+    return (16 if m <= 16 else 32 if m <= 32 else 64 if (m <= 1024 or on_the_fly) else 128), block_r
+
+
+def split_k(tiles: int, k: int, device: torch.device, m_bucket: int) -> tuple[int, int]:
+    """(splits, K per split) so that tiles x splits programs fill the device's SMs; K per split is a
+    multiple of every BLOCK_K the kernel may use (its K ranges start on a block)."""
+    fixed = autotune.fixed_config("rank", interpreted())
+    granule = fixed.kwargs["BLOCK_K"] if fixed is not None else autotune.split_granule(m_bucket <= 32)
+    sms = num_sms(device)
+    if tiles * 2 > sms or k <= granule:
+        return 1, max(k, 1)
+    splits = min(-(-sms // tiles), -(-k // granule))
+    per_split = -(-(-(-k // splits)) // granule) * granule
+    return -(-k // per_split), per_split
+
+
+def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, pscale=None, ids=None,
+               s=None, t=None, red=None, b_mat=None, colsum=None, generate=False, p_row_is_r=False, seed=0, tag=0,
+               proj_scale=1.0, with_ones=False, on_the_fly_b=False, split=True):
+    """One rank GEMM (see _rank_gemm_kernel) with its second stage when it is split over K."""
+    block_m, block_r = rank_blocks(mode, m, r, generate or on_the_fly_b)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(r + with_ones, block_r)
+    splits, k_split = split_k(tiles, k, device, autotune.m_bucket(m)) if split else (1, max(k, 1))
+    split_partials = splits > 1 and mode != MODE_G
+    part = workspace("rank", splits * m * r, torch.float32, device) if split_partials else None
+    epilogue = dict(
+        d_ptr=d, stride_d=d.stride(-1), stride_d_bank=d.stride(0) if ids is not None else 0,
+        ids_ptr=ids, stride_ids=0 if ids is None else ids.stride(0),
+        s_ptr=s, stride_sm=0 if s is None else s.stride(0), stride_sr=0 if s is None else s.stride(1),
+        t_ptr=t, stride_tm=0 if t is None else t.stride(0), stride_tr=0 if t is None else t.stride(1), red_ptr=red,
+    )
+    args = dict(
+        a_ptr=a, stride_am=a_strides[0], stride_ak=a_strides[1], p_ptr=p, stride_pk=p_strides[0], stride_pr=p_strides[1],
+        pscale_ptr=pscale, stride_pscale=0 if pscale is None else pscale.stride(0), part_ptr=part, **epilogue,
+        b_mat_ptr=b_mat, stride_bn=0 if b_mat is None else b_mat.stride(0), stride_br=0 if b_mat is None else b_mat.stride(1),
+        colsum_ptr=colsum, M=m, R=r, K=k, K_SPLIT=k_split, seed=seed, tag=tag, proj_scale=proj_scale,
+        M_BUCKET=autotune.m_bucket(m), MODE=mode, SPLIT=split_partials, GENERATE_P=generate, P_ROW_IS_R=p_row_is_r,
+        SCALE_P=1 if pscale is not None else 0, HAS_IDS=ids is not None, HAS_BIAS=with_ones, ON_THE_FLY=on_the_fly_b,
+        **_flags(dtype), BLOCK_M=block_m, BLOCK_R=block_r,
+    )
+    _launch("rank", _rank_gemm_kernel, lambda meta: (tiles, splits), args, device)
+    if split_partials:
+        finish = dict(part_ptr=part, SPLITS=splits, **{k_: v for k_, v in epilogue.items()}, M=m, R=r, MODE=mode,
+                      HAS_IDS=ids is not None, OUT_KIND=_OUT_KIND[dtype], INTERPRET=interpreted(),
+                      BLOCK_M=block_m, BLOCK_R=block_r)
+        _launch("finish", _rank_finish_kernel, lambda meta: (triton.cdiv(m, block_m) * triton.cdiv(r, block_r),),
+                finish, device)
+    return splits
+
+
 def _shrink(x, A, lambda_d, seed, max_in, ids=None):
-    """(s, t); with ids, lambda_d is the bank (N x r) and s is not computed (None)."""
+    """(s, t) with t in a workspace; with ids, lambda_d is the bank (N x r) and s is not computed (None)."""
     m, k = x.shape
     r = lambda_d.shape[-1]
     s = None if ids is not None else dispatch.new_output(m, r, dtype=x.dtype, device=x.device)
-    t = dispatch.new_output(m, r, dtype=x.dtype, device=x.device)
-    stride_ar, stride_ak = _strides(A)
-    args = dict(
-        x_ptr=x, stride_xm=x.stride(0), stride_xk=x.stride(1), a_ptr=A, stride_ar=stride_ar, stride_ak=stride_ak,
-        d_ptr=lambda_d, stride_d=lambda_d.stride(-1),
-        s_ptr=s, stride_sm=0 if s is None else s.stride(0), stride_sr=0 if s is None else s.stride(1),
-        t_ptr=t, stride_tm=t.stride(0), stride_tr=t.stride(1),
-        M=m, R=r, K=k, seed=seed, proj_scale=projection_scale(max_in) if A is None else 1.0,
-        M_BUCKET=autotune.m_bucket(m), ON_THE_FLY=A is None, **_flags(x.dtype),
-        ids_ptr=ids, stride_ids=0 if ids is None else ids.stride(0),
-        stride_d_bank=0 if ids is None else lambda_d.stride(0), HAS_IDS=ids is not None,
-    )
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, meta["BLOCK_R"]))  # noqa: E731
-    _launch("shrink", _shrink_kernel, grid, args, x.device)
+    stride = _aligned_stride(r, x.dtype)
+    t = workspace("t", m * stride, x.dtype, x.device).view(m, stride)[:, :r]
+    _rank_gemm(MODE_SHRINK, x, _strides(x), A, _strides(A, transpose=True), m, r, k, dtype=x.dtype, device=x.device,
+               d=lambda_d, ids=ids, s=s, t=t, generate=A is None, p_row_is_r=True, seed=seed, tag=TAG_A,
+               proj_scale=projection_scale(max_in) if A is None else 1.0)
     return s, t
 
 
-def _two_source_gemm(out, t, proj, proj_strides, scale, x, w, w_strides, bias, base_out, *, k_adapter, k_base,
-                     seed, proj_scale, tag, row_is_n, ids=None):
+def _fused_gemm(out, t, proj, proj_strides, scale, x, w, w_strides, bias, base_out, *, k_adapter, k_base,
+                seed, proj_scale, tag, row_is_n, scale_in_loop=False, ids=None, proj_is_nk=True):
+    """out = [x | t] · [w ; proj] (+ bias, base_out); see _fused_gemm_kernel. ``proj_is_nk``: proj (and w)
+    are stored N x K (the forward's W0 and B), else K x N (dx's W0 and A)."""
     m, n = out.shape
+    device = out.device
+    on_the_fly = proj is None
+    # Descriptors address the tensors as stored: W0 and B are N x K in the forward, W0 and A K x N in dx.
+    # fp32 takes IEEE dots (CUDA cores), where TMA gains nothing: descriptors for 16-bit dtypes only.
+    use_tma = (_tma_capable(device) and out.dtype != torch.float32 and not on_the_fly and not scale_in_loop
+               and tma_ok(t, proj, *((x, w) if x is not None else ())))
     args = dict(
         out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1),
-        t_ptr=t, stride_tm=t.stride(0), stride_tk=t.stride(1),
-        p_ptr=proj, stride_pk=proj_strides[0], stride_pn=proj_strides[1],
-        scale_ptr=scale, stride_scale=0 if scale is None else scale.stride(-1),
         x_ptr=x, stride_xm=0 if x is None else x.stride(0), stride_xk=0 if x is None else x.stride(1),
         w_ptr=w, stride_wk=w_strides[0], stride_wn=w_strides[1],
+        x_desc=_descriptor(x) if use_tma else None, w_desc=_descriptor(w) if use_tma else None,
+        t_ptr=t, stride_tm=t.stride(0), stride_tk=t.stride(1),
+        p_ptr=proj, stride_pk=proj_strides[0], stride_pn=proj_strides[1],
+        t_desc=_descriptor(t) if use_tma else None, p_desc=_descriptor(proj) if use_tma else None,
+        scale_ptr=scale, stride_scale=0 if scale is None else scale.stride(-1),
+        stride_scale_bank=0 if ids is None else scale.stride(0), ids_ptr=ids, stride_ids=0 if ids is None else ids.stride(0),
         bias_ptr=bias, stride_bias=0 if bias is None else bias.stride(0),
         base_ptr=base_out, stride_basem=0 if base_out is None else base_out.stride(0),
         stride_basen=0 if base_out is None else base_out.stride(1),
-        M=m, N=n, K_ADAPTER=k_adapter, K_BASE=k_base, seed=seed, proj_scale=proj_scale, M_BUCKET=autotune.m_bucket(m),
-        HAS_SCALE=scale is not None, HAS_BASE_GEMM=x is not None, HAS_BIAS=bias is not None,
-        HAS_BASE_OUT=base_out is not None, ON_THE_FLY=proj is None, PROJ_TAG=tag, PROJ_ROW_IS_N=row_is_n,
-        ids_ptr=ids, stride_ids=0 if ids is None else ids.stride(0),
-        stride_scale_bank=0 if ids is None else scale.stride(0), HAS_IDS=ids is not None, **_flags(out.dtype),
+        M=m, N=n, K_BASE=k_base, K_ADAPTER=k_adapter, seed=seed, proj_scale=proj_scale, M_BUCKET=autotune.m_bucket(m),
+        HAS_BASE_GEMM=x is not None, SCALE_IN_LOOP=scale_in_loop, HAS_IDS=ids is not None, HAS_BIAS=bias is not None,
+        HAS_BASE_OUT=base_out is not None, ON_THE_FLY=on_the_fly, PROJ_TAG=tag, PROJ_ROW_IS_N=row_is_n,
+        USE_TMA=use_tma, P_IS_NK=proj_is_nk, **_flags(out.dtype),
     )
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _launch("gemm", _two_source_gemm_kernel, grid, args, out.device)
+    # Persistent: one program per SM. Decode-sized M: tiles are small and many, several per SM, so the
+    # hardware balances them (a persistent loop over 2 tiles would leave SMs idle in the second round).
+    programs = num_sms(device) * (4 if m <= DECODE_M else 1)
+    grid = lambda meta: (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)  # noqa: E731
+    _launch("gemm", _fused_gemm_kernel, grid, args, device)
+    return use_tma
 
 
 def _sum_rows(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -352,19 +661,6 @@ def _sum_rows(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def backward_blocks(m: int, r: int, on_the_fly: bool, ieee: bool = False) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_R) of the backward pass: they fix its partials' layout, so they are chosen here."""
-    fixed = autotune.fixed_config("backward", interpreted())
-    if fixed is not None:
-        return fixed.kwargs["BLOCK_M"], fixed.kwargs["BLOCK_R"]
-    # dt (BLOCK_M x BLOCK_R fp32) beside the u tile: 64 x 128 is what 8 warps hold without spilling, 64 x 64
-    # when the B tiles are generated, 32 x 64 with fp32's IEEE dots on the FMA units (checked statically).
-    # Larger r loops over blocks of r, reading g once per block.
-    block_r = 64 if on_the_fly or ieee else 128
-    block_m = 16 if m <= 16 else 32 if m <= 32 or ieee else 64
-    return block_m, min(block_r, max(16, triton.next_power_of_2(r)))
-
-
 def forward(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed: int, max_in: int):
     """(y, s): y = x W0ᵀ + bias + b ⊙ ((d ⊙ s) Bᵀ) (weight given) or base_out + b ⊙ ((d ⊙ s) Bᵀ), s = x Aᵀ.
     x is (M, in); A, B None: generated from seed."""
@@ -374,25 +670,31 @@ def forward(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed: int, max_
         return x.new_empty(0, n), x.new_empty(0, r)
     s, t = _shrink(x, A, lambda_d, seed, max_in)
     y = dispatch.new_output(m, n, dtype=x.dtype, device=x.device)
-    _two_source_gemm(
-        y, t, B, _strides(B, transpose=True), lambda_b, x if weight is not None else None, weight,
-        _strides(weight, transpose=True), bias, base_out, k_adapter=r, k_base=k,
-        seed=seed, proj_scale=projection_scale(r) if B is None else 1.0, tag=TAG_B, row_is_n=True,
+    # b folded into B (one tiny launch) so the GEMM's loop has no scaling, except for decode-sized M
+    # (the GEMM is bound by reading W0: scaling B's tiles in the loop is free and saves the launch) and
+    # for generated projections (their tiles are made in the loop anyway).
+    in_loop = B is None or m <= DECODE_M
+    proj = B if in_loop else _fold(B, lambda_b, x.dtype)
+    _fused_gemm(
+        y, t, proj, _strides(proj, transpose=True), lambda_b if in_loop else None,
+        x if weight is not None else None, weight, _strides(weight, transpose=True), bias, base_out,
+        k_adapter=r, k_base=k, seed=seed, proj_scale=projection_scale(r) if B is None else 1.0, tag=TAG_B,
+        row_is_n=True, scale_in_loop=in_loop,
     )
     return y, s
 
 
 def forward_multi(x, weight, bias, A, B, bank_d, bank_b, ids, base_out):
     """Many adapters, inference only: y_m = x_m W0ᵀ + bias + b[a] ⊙ ((d[a] ⊙ (x_m Aᵀ)) Bᵀ), a = ids[m]
-    (or base_out_m + ...), -1: no adapter term. The same two launches as forward: d[ids] is gathered in
-    the shrink and b[ids] in the GEMM's epilogue; nothing per adapter, no per-row copy of d or b."""
+    (or base_out_m + ...), -1: no adapter term. d[ids] is gathered in the shrink's epilogue and b[ids] in
+    the GEMM's, between its r part and its in part: nothing per adapter, no per-row copy of d or b."""
     m, k = x.shape
     r, n = bank_d.shape[1], bank_b.shape[1]
     if m == 0:
         return x.new_empty(0, n)
     _, t = _shrink(x, A, bank_d, 0, 0, ids=ids)
     y = dispatch.new_output(m, n, dtype=x.dtype, device=x.device)
-    _two_source_gemm(
+    _fused_gemm(
         y, t, B, _strides(B, transpose=True), bank_b, x if weight is not None else None, weight,
         _strides(weight, transpose=True), bias, base_out, k_adapter=r, k_base=k,
         seed=0, proj_scale=1.0, tag=TAG_B, row_is_n=True, ids=ids,
@@ -409,33 +711,40 @@ def backward(g, s, weight, A, B, lambda_d, lambda_b, *, in_features: int, with_b
         zeros = lambda size, dtype: torch.zeros(size, dtype=dtype, device=g.device)  # noqa: E731
         return (g.new_empty(0, in_features) if need_dx else None, zeros(r, lambda_d.dtype),
                 zeros(n, lambda_b.dtype), zeros(n, g.dtype) if with_bias else None)
-    block_m, block_r = backward_blocks(m, r, on_the_fly=B is None, ieee=g.dtype == torch.float32)
-    row_blocks, rank_blocks = triton.cdiv(m, block_m), triton.cdiv(r, block_r)
-    ds = dispatch.new_output(m, r, dtype=g.dtype, device=g.device)
-    db_part = dispatch.new_output(row_blocks * rank_blocks, n, dtype=torch.float32, device=g.device)
-    dd_part = dispatch.new_output(row_blocks, r, dtype=torch.float32, device=g.device)
-    dbias_part = dispatch.new_output(row_blocks, n, dtype=torch.float32, device=g.device) if with_bias else None
-    stride_bn, stride_br = _strides(B)
-    args = dict(
-        g_ptr=g, stride_gm=g.stride(0), stride_gn=g.stride(1), s_ptr=s, stride_sm=s.stride(0), stride_sr=s.stride(1),
-        b_mat_ptr=B, stride_bn=stride_bn, stride_br=stride_br,
-        d_ptr=lambda_d, stride_d=lambda_d.stride(0), lb_ptr=lambda_b, stride_lb=lambda_b.stride(0),
-        ds_ptr=ds, stride_dsm=ds.stride(0), stride_dsr=ds.stride(1),
-        db_part_ptr=db_part, dd_part_ptr=dd_part, dbias_part_ptr=dbias_part,
-        M=m, N=n, R=r, seed=seed, proj_scale=projection_scale(r) if B is None else 1.0,
-        M_BUCKET=autotune.m_bucket(m), HAS_BIAS=with_bias, ON_THE_FLY=B is None, **_flags(g.dtype),
-        BLOCK_M=block_m, BLOCK_R=block_r,
-    )
-    _launch("backward", _backward_kernel, lambda meta: (row_blocks, rank_blocks), args, g.device)
+    dtype, device = g.dtype, g.device
+    on_the_fly = B is None
+    b_scale = projection_scale(r) if on_the_fly else 1.0
+
+    # dt = g (b ⊙ B): ds = d ⊙ dt and the dd partials (one row per row block) in the epilogue.
+    ds = dispatch.new_output(m, _aligned_stride(r, dtype), dtype=dtype, device=device)[:, :r]
+    dd_part = dispatch.new_output(triton.cdiv(m, rank_blocks(MODE_DT, m, r, on_the_fly)[0]), r,
+                                  dtype=torch.float32, device=device)
+    # g ⊙ b is formed tile by tile in registers and rounded (as the reference rounds it): dd is a sum
+    # that can cancel, and a different rounding order (g (b ⊙ B)) doubles its error in such cases.
+    # B generated on the fly has its rows along k (= out).
+    _rank_gemm(MODE_DT, g, _strides(g), B, _strides(B), m, r, n, dtype=dtype, device=device, d=lambda_d,
+               pscale=lambda_b, s=s, t=ds, red=dd_part, generate=on_the_fly, p_row_is_r=False, seed=seed, tag=TAG_B,
+               proj_scale=b_scale)
     dd = _sum_rows(dd_part, lambda_d.dtype)
+
+    # G = gᵀ [s | 1] (out x r, K = M): db partials Σ_j B[n, j] d[j] G[n, j] (and dbias from the ones column).
+    block_n, block_r = rank_blocks(MODE_G, n, r, on_the_fly)
+    rank_blocks_g = triton.cdiv(r + with_bias, block_r)
+    splits, _ = split_k(triton.cdiv(n, block_n) * rank_blocks_g, m, device, autotune.m_bucket(n))
+    db_part = dispatch.new_output(splits * rank_blocks_g, n, dtype=torch.float32, device=device)
+    dbias_part = dispatch.new_output(splits, n, dtype=torch.float32, device=device) if with_bias else None
+    _rank_gemm(MODE_G, g, _strides(g, transpose=True), s, _strides(s), n, r, m, dtype=dtype, device=device,
+               d=lambda_d, red=db_part, b_mat=B, colsum=dbias_part, with_ones=with_bias, on_the_fly_b=on_the_fly,
+               seed=seed, proj_scale=b_scale)
     db = _sum_rows(db_part, lambda_b.dtype)
-    dbias = _sum_rows(dbias_part, g.dtype) if with_bias else None
+    dbias = _sum_rows(dbias_part, dtype) if with_bias else None
+
     dx = None
     if need_dx:
-        dx = dispatch.new_output(m, in_features, dtype=g.dtype, device=g.device)
-        _two_source_gemm(
+        dx = dispatch.new_output(m, in_features, dtype=dtype, device=device)
+        _fused_gemm(
             dx, ds, A, _strides(A), None, g if weight is not None else None, weight, _strides(weight), None, None,
             k_adapter=r, k_base=n, seed=seed, proj_scale=projection_scale(max_in) if A is None else 1.0,
-            tag=TAG_A, row_is_n=False,
+            tag=TAG_A, row_is_n=False, proj_is_nk=False,
         )
     return dx, dd, db, dbias

@@ -1,4 +1,4 @@
-"""Triton kernels for the projection scheme (DESIGN.md section 3); the in-kernel helpers are reused by
+"""Triton kernels for the projection scheme (docs/DESIGN.md section 3); the in-kernel helpers are reused by
 kernels that generate A/B tiles on the fly."""
 
 from __future__ import annotations

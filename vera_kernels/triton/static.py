@@ -51,7 +51,9 @@ import torch
 _TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ARCHS = (90, 80)
-MS = (1, 512)  # a decode M and a training M: autotuning gives them different configs
+# The Ms whose launches differ: 1 (decode; M a constant), 32 (the narrow-M configs, 32-row rank blocks),
+# 512 (the wide configs) and 2048 (128-row rank blocks).
+MS = (1, 32, 512, 2048)
 SIZES = dict(in_features=512, out_features=512, rank=256, adapters=4)
 SEED = 2**40 + 5
 
@@ -83,6 +85,8 @@ class Problem:
 class Scenario:
     name: str
     call: Callable[[Problem], object]
+    archs: tuple = ARCHS  # TMA (tensor descriptors) exists from sm_90 on
+    tma: bool = False  # the fused GEMM with tensor descriptors (linear.FORCE_TMA), else with pointers
 
 
 def _backward(p: Problem, *, weight=True, with_bias=True, need_dx=True, on_the_fly=False):
@@ -139,6 +143,11 @@ SCENARIOS = (
     Scenario("on-the-fly backward", lambda p: _backward(p, on_the_fly=True)),
     Scenario("on-the-fly backward without dbias", lambda p: _backward(p, with_bias=False, on_the_fly=True)),
     Scenario("on-the-fly backward of vera_delta", lambda p: _backward(p, weight=False, with_bias=False, on_the_fly=True)),
+    Scenario("vera_linear (TMA)", lambda p: _forward(p), archs=(90,), tma=True),
+    Scenario("vera_linear without bias (TMA)", lambda p: _forward(p, bias=False), archs=(90,), tma=True),
+    Scenario("vera_delta (TMA)", lambda p: _forward(p, weight=False), archs=(90,), tma=True),
+    Scenario("backward (TMA)", lambda p: _backward(p), archs=(90,), tma=True),
+    Scenario("backward of vera_delta (TMA)", lambda p: _backward(p, weight=False, with_bias=False), archs=(90,), tma=True),
     Scenario("many adapters (HAS_IDS)", lambda p: _multi(p)),
     Scenario("many adapters without bias", lambda p: _multi(p, bias=False)),
     Scenario("many adapters vera_delta", lambda p: _multi(p, weight=False)),
@@ -163,18 +172,34 @@ def captured():
         autotune._capture = None
 
 
+@contextlib.contextmanager
+def _forced_tma(tma: bool):
+    from . import linear
+
+    previous, linear.FORCE_TMA = linear.FORCE_TMA, tma
+    try:
+        yield
+    finally:
+        linear.FORCE_TMA = previous
+
+
 def capture(scenarios=SCENARIOS, dtypes=DTYPES, ms=MS) -> list[tuple[str, torch.dtype, int, object]]:
-    """(scenario name, dtype, M, autotune.Launch) of every launch of every scenario."""
+    """(scenario name, dtype, M, autotune.Launch) of every launch of every scenario (the scenario's archs
+    in ``launch_archs``)."""
     out = []
     for scenario in scenarios:
         for dtype in dtypes:
             for m in ms:
                 torch.manual_seed(0)
                 problem = Problem(dtype, m)
-                with captured() as launches:
+                with captured() as launches, _forced_tma(scenario.tma):
                     scenario.call(problem)
                 out += [(scenario.name, dtype, m, launch) for launch in launches]
+                _LAUNCH_ARCHS[scenario.name] = scenario.archs
     return out
+
+
+_LAUNCH_ARCHS: dict[str, tuple] = {}
 
 
 def kernel_name(fn) -> str:
@@ -185,10 +210,15 @@ def kernel_name(fn) -> str:
 
 def _specialize(value) -> tuple[str, bool]:
     """(signature type, divisible by 16) of a launch argument: Triton's own launcher's decision (an int
-    equal to 1 or None is a constant; ints and pointers divisible by 16 are marked so)."""
+    equal to 1 or None is a constant; ints and pointers divisible by 16 are marked so); a host-side TMA
+    descriptor is typed by its dtype and the tile shape the config gave it."""
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime import jit
 
+    from .linear import TensorDescriptor
+
+    if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
+        return f"tensordesc<{_TYPE_NAMES[value.base.dtype]}[{','.join(map(str, value.block_shape))}]>", False
     kind, key = jit.native_specialize_impl(CUDABackend, value, False, True, True)
     return kind, key == "D"
 
@@ -206,7 +236,11 @@ def parameters(fn) -> list[tuple[str, bool]]:
 
 def compile_spec(fn, args: dict, config) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) of ``fn`` launched with ``args`` under ``config``."""
+    from . import autotune
+
     values = {**args, **config.kwargs}
+    if "x_desc" in values:  # the descriptors take the config's tile shapes (the launcher's pre-hook)
+        autotune.set_block_shapes(values)
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, is_constexpr) in enumerate(parameters(fn)):
         value = values[name]
@@ -246,7 +280,7 @@ def jobs(captures, archs=ARCHS, first_config_only=False) -> list[Job]:
 
     found: dict[tuple, Job] = {}
     for scenario, dtype, m, launch in captures:
-        for arch in archs:
+        for arch in (a for a in archs if a in _LAUNCH_ARCHS.get(scenario, ARCHS)):
             configs = [launch.config] if launch.config is not None else autotune.candidates(launch.kernel, arch, launch.args)
             for config in configs[:1] if first_config_only else configs:
                 signature, constexprs, attrs = compile_spec(launch.fn, launch.args, config)

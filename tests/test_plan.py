@@ -1,0 +1,197 @@
+"""The C++ extension's plan (csrc/vera_ops.cpp), checked on CPU without timing anything: the launches it
+makes (counted by bench/plan.py from the profiler, so the description cannot drift from the code), that
+no M x out tensor is allocated besides the output (forward) and dx (backward), the roofline estimate of
+the target shape against the arithmetic floor, the fp32 sums of the vector gradients in fp16, and the
+cache of the folded projection (b ⊙ B ⊙ d) against in-place updates and optimizers."""
+
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("vera_kernels._C")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
+from bench import plan  # noqa: E402
+
+import vera_kernels  # noqa: E402
+from vera_kernels import verify  # noqa: E402
+
+if not vera_kernels.backends()["cpu"].available:
+    pytest.skip(f"backend cpu: {vera_kernels.backends()['cpu'].reason}", allow_module_level=True)
+
+
+def _cpp_launches():
+    names = {}
+    for pass_, (prepare, fn) in plan.cpp_passes(plan.PROXY).items():
+        if prepare is not None:
+            prepare()
+        names[pass_] = [e.name for e in plan.trace(fn)]
+    return names
+
+
+def test_launches():
+    names = _cpp_launches()
+    # Inference: s = x Aᵀ, y = bias + s Bdbᵀ, y += x W0ᵀ; the fold Bdb = b ⊙ B ⊙ d comes from the cache.
+    assert names["forward"] == ["aten::mm", "aten::addmm", "aten::addmm_"]
+    # Training: the fold is redone once per step (the backward that computed db and dd dropped it).
+    assert names["training forward"] == ["vera::fold_projection", "aten::mm", "aten::addmm", "aten::addmm_"]
+    # G = gᵀ s, db and dd from it in one kernel, d ⊙ dt = g Bdb, dx = (d ⊙ dt) A, dx += g W0 (the bias is
+    # frozen, as the base layer's).
+    assert names["backward"] == ["aten::mm", "vera::lambda_grads", "aten::mm", "aten::mm", "aten::addmm_"]
+
+
+def test_target_shape_estimate_is_within_5_percent_of_the_floor():
+    shape = dict(plan.TARGET)
+    plans = plan.build_plans(shape)
+    floor = plan.floors(shape)
+    assert floor["forward"] == 1.125 and floor["forward+backward"] == pytest.approx(1.156, abs=1e-3)
+    cpp = plan.ratios(plans)["cpp"]
+    for pass_ in ("forward", "forward+backward"):
+        assert floor[pass_] <= cpp[pass_] <= 1.05 * floor[pass_], (pass_, cpp[pass_], floor[pass_])
+    # The plan's GEMMs do the floor's FLOPs: 2 r (in + out) per token forward, 2 r (in + 2 out) backward.
+    m, i, o, r = (shape[k] for k in ("m", "in_features", "out_features", "rank"))
+    by_name = {p.name: p for p in plans}
+    gemm_flops = {pass_: sum(launch.flops for launch in by_name["cpp"].passes[pass_] if "mm" in launch.name)
+                  for pass_ in ("training forward", "backward")}
+    assert gemm_flops["training forward"] == 2 * m * i * o + 2 * m * r * (i + o)
+    assert gemm_flops["backward"] == 2 * m * i * o + 2 * m * r * (i + 2 * o)
+
+
+def test_triton_plan_is_traced_from_its_kernels():
+    if not plan.triton_on_cpu():
+        pytest.skip("the Triton interpreter is off")
+    shape = dict(plan.TARGET)
+    plans = plan.build_plans(shape)
+    triton = next(p for p in plans if p.name == "triton")
+    m, i, o, r = (shape[k] for k in ("m", "in_features", "out_features", "rank"))
+    assert all(launch.name.startswith("triton::") for pass_ in triton.passes.values() for launch in pass_)
+    # Its GEMMs do exactly the floor's FLOPs (counted from the sizes each launch was given), and its
+    # roofline estimate is within 5% of the floor, as the C++ plan's.
+    assert sum(launch.flops for launch in triton.passes["forward"]) == 2 * m * i * o + 2 * m * r * (i + o)
+    assert sum(launch.flops for launch in triton.passes["backward"]) == 2 * m * i * o + 2 * m * r * (i + 2 * o)
+    floor = plan.floors(shape)
+    ratios = plan.ratios(plans)["triton"]
+    for pass_ in ("forward", "forward+backward"):
+        assert floor[pass_] <= ratios[pass_] <= 1.05 * floor[pass_], (pass_, ratios[pass_], floor[pass_])
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the shape of every tensor an ATen op returns that owns fresh memory (not a view of an input,
+    not an out= or in-place result): the C++ code's at::empty, at::mm, ... calls all pass through here."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(result):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.shapes.append(tuple(t.shape))
+        return result
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_no_m_by_out_temporary(dtype):
+    m, in_features, out_features, rank = 41, 29, 23, 7  # every size distinct
+    p = verify.random_problem(m, in_features, out_features, rank)
+    leaves = {k: (v.float() if k.startswith("lambda") else v.to(dtype)).requires_grad_(k in verify.TRAINABLE)
+              for k, v in p.items()}
+    grad = torch.randn(m, out_features, dtype=dtype)
+    big = m * min(in_features, out_features)
+    with _Allocations() as forward:
+        y = vera_kernels.vera_linear(**leaves, backend="cpu")
+    assert [s for s in forward.shapes if torch.Size(s).numel() >= big] == [(m, out_features)], forward.shapes
+    with _Allocations() as backward:
+        y.backward(grad)
+    large = [s for s in backward.shapes if torch.Size(s).numel() >= big]
+    if dtype == torch.float32:  # (the CPU twin widens blocks of 16-bit rows of g to fp32 for G = gᵀ s)
+        assert large == [(m, in_features)], backward.shapes  # dx alone
+
+
+def test_fp16_vector_gradients_sum_in_fp32():
+    # G = gᵀ s sums 8192 rows of s ~ 11: about 9e4, past fp16's 65504. db and dd must stay finite and right.
+    m, n, r = 8192, 64, 16
+    A, B = vera_kernels.generate_projections(0, r, n, n, dtype=torch.float16)
+    torch.manual_seed(0)
+    weight = (torch.randn(n, n) / 8).half()
+    x = torch.full((m, n), 8.0, dtype=torch.float16)
+    d = torch.full((r,), 0.1, requires_grad=True)
+    b = (torch.randn(n) * 0.1).requires_grad_(True)
+    y = vera_kernels.vera_linear(x, weight, None, A, B, d, b, backend="cpu")
+    y.backward(torch.ones_like(y))
+    d64, b64 = d.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
+    y64 = vera_kernels.vera_linear(x.double(), weight.double(), None, A.double(), B.double(), d64, b64, backend="torch")
+    y64.backward(torch.ones_like(y64))
+    for ours, ref in ((d.grad, d64.grad), (b.grad, b64.grad)):
+        assert torch.isfinite(ours).all()
+        assert verify.relative_error(ours, ref) < 1e-2
+
+
+def _layer_outputs(layer, x):
+    with torch.no_grad():
+        return layer(x)
+
+
+@pytest.mark.parametrize("update", ["inplace", "sgd_foreach", "adam_fused", "load_state_dict"])
+def test_folded_projection_follows_every_update(update):
+    torch.manual_seed(0)
+    layer = vera_kernels.FusedVeRALinear(24, 20, rank=8, backend="cpu")
+    ref = vera_kernels.FusedVeRALinear(24, 20, rank=8, backend="torch")
+    with torch.no_grad():
+        layer.lambda_b.normal_()
+    x = torch.randn(5, 24)
+    _layer_outputs(layer, x)  # folds and caches
+    if update == "inplace":
+        with torch.no_grad():
+            layer.lambda_d.mul_(3.0)
+            layer.lambda_b.add_(1.0)
+    elif update == "load_state_dict":
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        state["lambda_b"].normal_()
+        layer.load_state_dict(state)
+    else:  # a training step: the backward computes db and dd, the optimizer changes the vectors
+        optimizer = (torch.optim.SGD(layer.parameters(), lr=0.5, foreach=True) if update == "sgd_foreach"
+                     else torch.optim.Adam(layer.parameters(), lr=0.5, fused=True))
+        layer(x).square().sum().backward()
+        optimizer.step()
+    ref.load_state_dict(layer.state_dict())
+    got, want = _layer_outputs(layer, x), _layer_outputs(ref, x)
+    assert verify.relative_error(got, want) < 1e-5
+    # And again from the cache: the same bits as the fold it keeps.
+    assert torch.equal(_layer_outputs(layer, x), got)
+
+
+def test_folded_projection_of_a_new_tensor_at_a_reused_address():
+    # A fresh vector each call (as a per-call cast would make) may land where the last one was freed, with
+    # the same version; the cache must not mistake it for the old one.
+    torch.manual_seed(0)
+    A, B = vera_kernels.generate_projections(0, 4, 6, 5)
+    x, weight = torch.randn(3, 6), torch.randn(5, 6)
+    d = torch.randn(4)
+    for scale in (1.0, 2.0, 3.0):
+        b = torch.full((5,), scale)
+        y = vera_kernels.vera_linear(x, weight, None, A, B, d, b, backend="cpu")
+        want = vera_kernels.vera_linear(x, weight, None, A, B, d, b, backend="torch")
+        assert verify.relative_error(y, want) < 1e-5
+        del b
+
+
+def test_inference_forward_allocates_only_its_outputs_once_folded():
+    # The C++ path used to allocate a scaled copy of B per call; with the fold cached, a decode step
+    # allocates y and s (the op's outputs) and nothing else.
+    p = verify.random_problem(1, 29, 23, 7)
+    p = {k: v.float() for k, v in p.items()}
+
+    def forward():
+        with torch.no_grad():
+            vera_kernels.vera_linear(**p, backend="cpu")
+
+    forward()
+    with _Allocations() as allocations:
+        forward()
+    assert sorted(allocations.shapes) == [(1, 7), (1, 23)], allocations.shapes

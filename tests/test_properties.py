@@ -1,0 +1,139 @@
+"""Property-based tests (hypothesis): vera_linear and vera_delta on every backend available here, on random
+shapes (M 0..70, in/out 1..300, r 1..64), input layouts (contiguous, transposed, strided, expanded), dtypes,
+bias on or off and every combination of which inputs require grad, against the float64 torch path on the
+same rounded inputs: the forward and every gradient, outputs poisoned with NaN first, judged by verify's
+criterion (the dtype's tolerance; the conditioning-aware bound for the reductions dd, db, dbias; twice
+PyTorch's own error in the dtype for the others).
+
+Examples per backend: VERA_HYPOTHESIS_EXAMPLES (default: a few dozen, so the file stays within ~2 minutes
+on 2 CPU cores with the Triton interpreter; set it to e.g. 2000 for a long run).
+"""
+
+import os
+
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from vera_kernels import verify  # noqa: E402
+from vera_kernels.dispatch import poisoned_outputs  # noqa: E402
+from vera_kernels.ops import vera_delta, vera_linear  # noqa: E402
+
+from conftest import DEVICE, backend_params  # noqa: E402
+
+# The interpreter runs Triton's kernels element by element in numpy: fewer examples keep it in budget.
+DEFAULT_EXAMPLES = {"torch": 40, "cpu": 40, "triton": 15, "cuda": 40}
+LAYOUTS = ("contiguous", "transposed", "strided", "expanded")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _examples(backend: str) -> int:
+    value = os.environ.get("VERA_HYPOTHESIS_EXAMPLES")
+    return int(value) if value else DEFAULT_EXAMPLES[backend]
+
+
+@st.composite
+def problems(draw):
+    return dict(
+        m=draw(st.integers(0, 70)),
+        in_features=draw(st.integers(1, 300)),
+        out_features=draw(st.integers(1, 300)),
+        rank=draw(st.integers(1, 64)),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        dtype=draw(st.sampled_from(DTYPES)),
+        form=draw(st.sampled_from(("linear", "delta"))),
+        bias=draw(st.booleans()),
+        # x, bias (or base_out for vera_delta), lambda_d, lambda_b: every combination
+        grads=draw(st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans())),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _layout(leaf: torch.Tensor, layout: str, m: int) -> torch.Tensor:
+    """The (m, in) input the op sees, built from the leaf that receives the gradient."""
+    if layout == "transposed":  # column-major storage: stride (1, m)
+        return leaf.t()
+    if layout == "strided":  # every other column of a wider tensor
+        return leaf[:, ::2]
+    if layout == "expanded":  # one row repeated: stride 0 over the rows
+        return leaf.expand(m, -1)
+    return leaf
+
+
+def _leaf_shape(layout: str, m: int, in_features: int) -> tuple[int, int]:
+    return {"transposed": (in_features, m), "strided": (m, 2 * in_features), "expanded": (1, in_features)}.get(
+        layout, (m, in_features))
+
+
+def _run(p, inputs, x_leaf, grad, backend):
+    """Outputs and gradients of one forward and backward on fresh leaves (those p["grads"] selects)."""
+    wants_x, wants_second, wants_d, wants_b = p["grads"]
+    leaves = {k: (None if v is None else v.detach().clone()) for k, v in inputs.items()}
+    x_leaf = x_leaf.detach().clone().requires_grad_(wants_x)
+    second = "bias" if p["form"] == "linear" else "base_out"
+    if leaves.get(second) is not None:
+        leaves[second].requires_grad_(wants_second)
+    leaves["lambda_d"].requires_grad_(wants_d)
+    leaves["lambda_b"].requires_grad_(wants_b)
+    x = _layout(x_leaf, p["layout"], p["m"])
+    with poisoned_outputs():
+        if p["form"] == "linear":
+            y = vera_linear(x, leaves["weight"], leaves["bias"], leaves["A"], leaves["B"], leaves["lambda_d"],
+                            leaves["lambda_b"], backend=backend)
+        else:
+            y = vera_delta(x, leaves["A"], leaves["B"], leaves["lambda_d"], leaves["lambda_b"], leaves["base_out"],
+                           backend=backend)
+        if y.requires_grad:
+            y.backward(grad.to(y.dtype))
+    results = {"y": y.detach()}
+    for name, tensor in (("dx", x_leaf), ("d" + second, leaves.get(second)), ("dd", leaves["lambda_d"]),
+                         ("db", leaves["lambda_b"])):
+        if tensor is not None and tensor.requires_grad:
+            assert tensor.grad is not None or y.numel() == 0, f"{name}: no gradient"
+            results[name] = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+    return results
+
+
+def _check(backend, p):
+    m, in_features, out_features, rank, dtype = (p[k] for k in ("m", "in_features", "out_features", "rank", "dtype"))
+    g = torch.Generator().manual_seed(p["seed"])
+    problem = verify.random_problem(max(m, 1), in_features, out_features, rank, seed=p["seed"] % 1000)
+    x_leaf = torch.randn(_leaf_shape(p["layout"], m, in_features), generator=g, dtype=torch.float64)
+    inputs = dict(weight=problem["weight"], bias=problem["bias"] if p["bias"] else None, A=problem["A"],
+                  B=problem["B"], lambda_d=problem["lambda_d"], lambda_b=problem["lambda_b"])
+    if p["form"] == "delta":
+        inputs = {k: v for k, v in inputs.items() if k not in ("weight", "bias")}
+        inputs["base_out"] = torch.randn(m, out_features, generator=g, dtype=torch.float64)
+    grad = torch.randn(m, out_features, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    # Rounded once to the dtype (the lambdas stay fp32); the float64 oracle runs on the same values.
+    low = {k: (None if v is None else (v.float() if k.startswith("lambda") else v.to(dtype)).to(DEVICE))
+           for k, v in inputs.items()}
+    x_low = x_leaf.to(dtype).to(DEVICE)
+    exact = {k: (None if v is None else v.double()) for k, v in low.items()}
+
+    got = _run(p, low, x_low, grad, backend)
+    want = _run(p, exact, x_low.double(), grad.double(), "torch")
+    own = _run(p, low, x_low, grad, "torch")  # PyTorch's own computation in the dtype
+    assert got.keys() == want.keys()
+    errors = {k: verify.relative_error(got[k], want[k]) for k in want}
+    baseline = {k: verify.relative_error(own[k], want[k]) for k in want}
+    bounds = verify.conditioning_bounds(dict(low, x=_layout(x_low, p["layout"], m)), grad, dtype)
+    bounds["dbase_out"] = bounds["dbias"]  # d base_out = g, as dbias, element by element
+    if p["layout"] == "expanded":  # dx of the one row: the sum of every row's dx, a reduction over M
+        bounds.pop("dx")
+    assert verify.op_passed(errors, baseline, dtype, bounds), (
+        f"{p}: errors {errors}, PyTorch's own {baseline}, reduction bounds {bounds}")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_ops_match_float64_on_random_problems(backend):
+    @settings(max_examples=_examples(backend), deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(problems())
+    def check(p):
+        _check(backend, p)
+
+    check()
