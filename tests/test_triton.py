@@ -220,9 +220,9 @@ def _captured_launches(fn):
     """(kernel, args) of every launch ``fn`` makes, recorded instead of run."""
     from vera_kernels.triton import static
 
-    with static._captured() as launches:
+    with static.captured() as launches:
         fn()
-    return [(kernel, args) for kernel, _, args in launches]
+    return [(launch.kernel, launch.args) for launch in launches]
 
 
 def _forward_launches(m, in_features, out_features, rank, dtype, x=None):

@@ -291,7 +291,7 @@ def jobs(captures, archs=ARCHS, first_config_only=False) -> list[Job]:
                     kw = config.kwargs
                     tile = kw.get("BLOCK_M", 1) * kw.get("BLOCK_N", kw.get("BLOCK_R", 1))
                     found[key] = Job(module, kernel, signature, constexprs, attrs, config.num_warps, config.num_stages,
-                                     arch, _flags(launch.fn, launch.args), describe_config(config),
+                                     arch, _flags(launch.fn, launch.args), describe_config(config, launch.args),
                                      cost=tile * (4 if dtype == torch.float32 else 1))
                 job = found[key]
                 for seen, value in ((job.scenarios, scenario), (job.dtypes, _TYPE_NAMES[dtype]), (job.ms, m)):
@@ -347,8 +347,11 @@ def analyse(cubin: bytes, tmpdir: str) -> dict:
                 opcodes=dict(opcodes))
 
 
-def describe_config(config) -> str:
-    blocks = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK"))
+def describe_config(config, args: dict | None = None) -> str:
+    """The block sizes (the host's, e.g. a rank GEMM's BLOCK_M and BLOCK_R, then the config's), warps and
+    stages: "64x128x64 w4 s3"."""
+    blocks = {**{k: v for k, v in (args or {}).items() if k.startswith("BLOCK")}, **config.kwargs}
+    blocks = "x".join(str(v) for k, v in blocks.items() if k.startswith("BLOCK"))
     return f"{blocks + ' ' if blocks else ''}w{config.num_warps} s{config.num_stages}"
 
 
