@@ -87,6 +87,14 @@ _FINISH = {90: [_c(4, 1)], 80: [_c(4, 1)]}
 _FOLD = {90: [_c(4, 1, BLOCK_N=64, BLOCK_R=64)], 80: [_c(4, 1, BLOCK_N=64, BLOCK_R=64)]}
 _SUM = {90: [_c(4, 1, BLOCK_P=16, BLOCK_N=256)], 80: [_c(4, 1, BLOCK_P=16, BLOCK_N=256)]}
 
+# fp32 inputs take IEEE fp32 dots (as torch does by default: no TF32), which run on the FMA units with
+# each thread's rows of one operand and columns of the other in registers for the whole BLOCK_K: every
+# wide tensor-core tile above spills there (the static check). The fused GEMM has its own fp32 tiles, the
+# same on both generations: BLOCK_K 16, 8 warps for 64 rows.
+_IEEE = {
+    "gemm": [_c(4, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, GROUP_M=8), _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, GROUP_M=1)],
+}
+
 _TABLES = {"rank": _RANK, "finish": _FINISH, "gemm": _GEMM, "fold": _FOLD, "sum": _SUM}
 _KEYS = {
     # The variant flags too: the pruner keeps different configs for them (spills, decode tiles).
@@ -117,8 +125,10 @@ def arch_of(capability: tuple[int, int]) -> int:
     return 90 if capability[0] >= 9 else 80
 
 
-def configs(kernel: str, arch: int) -> list[Config]:
-    """The autotune configs of ``kernel`` for sm_``arch`` (80 or 90)."""
+def configs(kernel: str, arch: int, ieee: bool = False) -> list[Config]:
+    """The autotune configs of ``kernel`` for sm_``arch`` (80 or 90); ``ieee``: for fp32 inputs."""
+    if ieee and kernel in _IEEE:
+        return list(_IEEE[kernel])
     return list(_TABLES[kernel][arch])
 
 
@@ -157,7 +167,7 @@ def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathe
 def candidates(kernel: str, arch: int, args: dict) -> list[Config]:
     """The configs autotuning times for a launch of ``kernel`` with ``args`` on sm_``arch`` (its pruner
     applies this): those :func:`usable` keeps, or all of them when it keeps none."""
-    return _prune(kernel, configs(kernel, arch), args)
+    return _prune(kernel, configs(kernel, arch, bool(args.get("IEEE", False))), args)
 
 
 def _prune(kernel: str, configs_: list[Config], args: dict) -> list[Config]:
@@ -185,7 +195,7 @@ def _pruner(kernel: str):
 # ---------------------------------------------------------------------------------------------------
 
 _pinned: dict[str, Config] = {}
-_tuners: dict[tuple[str, int], object] = {}
+_tuners: dict[tuple[str, int, bool], object] = {}
 _lock = threading.Lock()
 _capture = None  # a list while static.captured() records launches instead of running them
 _untuned = False  # within untuned(): the first candidate instead of autotuning
@@ -235,13 +245,13 @@ def fixed_config(kernel: str, interpreted: bool) -> Config | None:
     return _pinned.get(kernel) or (INTERPRETER_CONFIGS[kernel] if interpreted else None)
 
 
-def _tuner(kernel: str, fn, arch: int):
+def _tuner(kernel: str, fn, arch: int, ieee: bool):
     with _lock:
-        if (kernel, arch) not in _tuners:
+        if (kernel, arch, ieee) not in _tuners:
             prune = {"early_config_prune": _pruner(kernel)} if kernel in _TUNED else None
-            hooked = [_with_hook(kernel, c) for c in configs(kernel, arch)]
-            _tuners[(kernel, arch)] = triton.autotune(hooked, key=_KEYS[kernel], prune_configs_by=prune)(fn)
-        return _tuners[(kernel, arch)]
+            hooked = [_with_hook(kernel, c) for c in configs(kernel, arch, ieee)]
+            _tuners[(kernel, arch, ieee)] = triton.autotune(hooked, key=_KEYS[kernel], prune_configs_by=prune)(fn)
+        return _tuners[(kernel, arch, ieee)]
 
 
 def capturing() -> bool:
@@ -282,5 +292,5 @@ def launch(kernel: str, fn, grid, args: dict, *, interpreted: bool, device: torc
             fn[grid(meta) if callable(grid) else grid](**meta, num_warps=config.num_warps,
                                                        num_stages=config.num_stages)
             return
-        tuner = _tuner(kernel, fn, arch_of(torch.cuda.get_device_capability(device)))
+        tuner = _tuner(kernel, fn, arch_of(torch.cuda.get_device_capability(device)), bool(args.get("IEEE", False)))
         tuner[grid](**args)
