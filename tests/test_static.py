@@ -150,7 +150,8 @@ def compiled():
     of vera_linear in bf16 under the config verify runs."""
     try:
         return static.report(["--scenario", "philox4x32-10", "--scenario", "projections", "--scenario", "vera_linear",
-                              "--scenario", "vera_linear (TMA)", "--dtype", "bf16", "--configs", "first"])
+                              "--scenario", "vera_linear (TMA)", "--dtype", "bf16", "--m", "1", "--m", "512",
+                              "--configs", "first"])
     except RuntimeError as exc:
         if "cuobjdump not found" in str(exc):
             pytest.skip(str(exc))

@@ -465,7 +465,7 @@ def run(args) -> dict:
     """Capture, compile and analyse what ``args`` (the CLI's) select: {"environment", "totals", "rows"}."""
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
     dtypes = [d for d in DTYPES if not args.dtype or _TYPE_NAMES[d] in args.dtype]
-    captures = capture(scenarios, dtypes)
+    captures = capture(scenarios, dtypes, tuple(args.m or MS))
     if args.kernel:
         captures = [c for c in captures if kernel_name(c[3].fn) in args.kernel]
     selected = jobs(captures, tuple(args.arch or ARCHS), first_config_only=args.configs == "first")
@@ -524,6 +524,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", action="append", choices=("fp32", "bf16", "fp16"), help="only this dtype (repeatable)")
     p.add_argument("--scenario", action="append", choices=[s.name for s in SCENARIOS], metavar="NAME",
                    help="only this scenario (repeatable)")
+    p.add_argument("--m", type=int, action="append", choices=MS, help="only this M (repeatable; default: all)")
     p.add_argument("--configs", choices=("all", "first"), default="all",
                    help="every config a launch can reach (default), or the first (the one verify runs)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: the CPUs)")
