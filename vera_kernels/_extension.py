@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from . import buffers
+from . import buffers, fakes
 
 
 @functools.cache
@@ -48,24 +48,8 @@ def _module():
 
 
 def _register_fakes():
-    @torch.library.register_fake("vera_kernels::forward")
-    def _(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed, max_in):
-        return x.new_empty(x.shape[0], lambda_b.shape[0]), x.new_empty(x.shape[0], lambda_d.shape[0])
-
-    @torch.library.register_fake("vera_kernels::backward")
-    def _(grad, s, weight, A, B, lambda_d, lambda_b, in_features, need_dx, need_dd, need_db, need_dbias, seed,
-          max_in):
-        m, n = grad.shape
-        return (
-            grad.new_empty(m, in_features) if need_dx else grad.new_empty(0),
-            lambda_d.new_empty(s.shape[1]) if need_dd else grad.new_empty(0),
-            lambda_b.new_empty(n) if need_db else grad.new_empty(0),
-            grad.new_empty(n) if need_dbias else grad.new_empty(0),
-        )
-
-    @torch.library.register_fake("vera_kernels::forward_multi")
-    def _(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_out):
-        return x.new_empty(x.shape[0], B.shape[0])
+    for op in ("forward", "backward", "forward_multi"):
+        torch.library.register_fake(f"vera_kernels::{op}")(getattr(fakes, op))
 
 
 def ops():

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import projections
+from .. import fakes, projections
 from . import linear
 
 
@@ -28,10 +28,7 @@ def forward_op(
     return linear.forward(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed, max_in)
 
 
-@forward_op.register_fake
-def _(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed, max_in):
-    m = x.shape[0]
-    return x.new_empty(m, lambda_b.shape[0]), x.new_empty(m, lambda_d.shape[0])
+forward_op.register_fake(fakes.forward)
 
 
 @torch.library.custom_op("vera_kernels::triton_backward", mutates_args=())
@@ -51,15 +48,7 @@ def backward_op(
             db if need_db else grad.new_empty(0), dbias if need_dbias else grad.new_empty(0))
 
 
-@backward_op.register_fake
-def _(grad, s, weight, A, B, lambda_d, lambda_b, in_features, need_dx, need_dd, need_db, need_dbias, seed, max_in):
-    m, n = grad.shape
-    return (
-        grad.new_empty(m, in_features) if need_dx else grad.new_empty(0),
-        lambda_d.new_empty(lambda_d.shape[0]) if need_dd else grad.new_empty(0),
-        lambda_b.new_empty(n) if need_db else grad.new_empty(0),
-        grad.new_empty(n) if need_dbias else grad.new_empty(0),
-    )
+backward_op.register_fake(fakes.backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -100,9 +89,7 @@ def forward_multi_op(
     return linear.forward_multi(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_out)
 
 
-@forward_multi_op.register_fake
-def _(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapter_ids, base_out):
-    return x.new_empty(x.shape[0], lambda_b_bank.shape[1])
+forward_multi_op.register_fake(fakes.forward_multi)
 
 
 # ---------------------------------------------------------------------------------------------------
