@@ -147,7 +147,7 @@ def test_large_rank(backend, dtype, rank):
 def test_pinned_config_is_used(backend, pinned):
     from vera_kernels.triton import autotune, linear, pin_config
 
-    assert linear.rank_blocks(linear.MODE_DT, 1000, 1000, on_the_fly=False) == (32, 16)
+    assert linear.rank_blocks(linear.MODE_DT, 1000, 1000, on_the_fly=False, ieee=False) == (32, 16)
     assert autotune.fixed_config("gemm", interpreted=False).kwargs["BLOCK_K"] == 16
     # Small tiles: many programs, K loops of several steps, r split into blocks of 16.
     seed = int(torch.randint(0, 2**31, ()))
@@ -250,7 +250,9 @@ def test_tma_selection(backend):
     assert not linear.tma_ok(wide[:, 1:]) and linear.tma_ok(wide[:, :40].contiguous())
     assert not linear.tma_ok(wide[:1, :40].expand(37, 40))  # stride 0: overlapping rows
     assert use_tma(_forward_launches(37, 40, 70, 17, torch.bfloat16, x=wide[:, 1:])) == [False]
-    # Decode and generated projections scale B's tiles by b in the loop: pointers.
+    # Decode-sized M takes the narrow mma.sync tiles with pointers (their descriptor variants keep stack
+    # frames), as do b scaled in the loop (decode) and generated projections.
+    assert use_tma(_forward_launches(32, 40, 70, 17, torch.bfloat16)) == [False]
     assert use_tma(_forward_launches(3, 40, 70, 17, torch.bfloat16)) == [False]
 
 

@@ -3,7 +3,7 @@ or a config pinned by the user.
 
 Kernels (names used by :func:`pin_config`):
   rank      GEMMs with N = r: s = x Aᵀ, dt = (g ⊙ b) B, G = gᵀ s   BLOCK_M, BLOCK_R, BLOCK_K
-  finish    second stage of a rank GEMM split over K            (none)
+  finish    second stage of a rank GEMM split over K            (none; warps by tile, finish_config)
   gemm      the persistent fused GEMM (forward y, dx)          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
   fold      b ⊙ B                                              BLOCK_N, BLOCK_R
   sum       the second stage of the reductions over M          BLOCK_P, BLOCK_N
@@ -38,8 +38,13 @@ INTERPRETER_CONFIGS = {
     "fold": Config(dict(BLOCK_N=64, BLOCK_R=64)),
     "sum": Config(dict(BLOCK_P=16, BLOCK_N=64)),
 }
+# Up to this M bucket a launch is decode-sized: the narrow-M configs, BLOCK_K 128 for the rank GEMMs.
+DECODE_BUCKET = 32
+
+
 # A split-K range of the rank GEMM starts on a multiple of the largest BLOCK_K autotuning may choose for
-# it: 128 for decode-sized M (usable keeps BLOCK_K 128 there), 256 otherwise.
+# it: 128 for decode-sized M (usable keeps BLOCK_K 128 there), 256 otherwise (the fp32 configs' 16 and 32
+# divide both).
 def split_granule(decode: bool) -> int:
     return 128 if decode else 256
 
@@ -83,23 +88,22 @@ _RANK = {
     80: [_c(8, 3, BLOCK_K=32), _c(8, 3, BLOCK_K=64), _c(4, 4, BLOCK_K=32), _c(4, 4, BLOCK_K=64), _c(4, 3, BLOCK_K=128)],
 }
 # Memory-bound and tiny: one config each; the second stages' blocks fix the summation order, never tuned.
-_FINISH = {90: [_c(4, 1)], 80: [_c(4, 1)]}
 _FOLD = {90: [_c(4, 1, BLOCK_N=64, BLOCK_R=64)], 80: [_c(4, 1, BLOCK_N=64, BLOCK_R=64)]}
 _SUM = {90: [_c(4, 1, BLOCK_P=16, BLOCK_N=256)], 80: [_c(4, 1, BLOCK_P=16, BLOCK_N=256)]}
 
 # fp32 inputs take IEEE fp32 dots (as torch does by default: no TF32), which run on the FMA units with
 # each thread's rows of one operand and columns of the other in registers for the whole BLOCK_K: every
-# wide tensor-core tile above spills there (the static check). The fused GEMM has its own fp32 tiles, the
-# same on both generations: BLOCK_K 16, 8 warps for 64 rows.
+# wide tensor-core tile above spills there (the static check). fp32 has its own tiles, the same on both
+# generations: short K steps, and rank-GEMM tiles of at most 32 x 64 (linear.rank_blocks) with 4 warps.
 _IEEE = {
-    "gemm": [_c(4, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, GROUP_M=8), _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, GROUP_M=1)],
+    "gemm": [_c(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, GROUP_M=8), _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, GROUP_M=1)],
+    "rank": [_c(4, 3, BLOCK_K=16), _c(4, 3, BLOCK_K=32)],
 }
 
-_TABLES = {"rank": _RANK, "finish": _FINISH, "gemm": _GEMM, "fold": _FOLD, "sum": _SUM}
+_TABLES = {"rank": _RANK, "gemm": _GEMM, "fold": _FOLD, "sum": _SUM}
 _KEYS = {
     # The variant flags too: the pruner keeps different configs for them (spills, decode tiles).
     "rank": ["M_BUCKET", "R", "K", "MODE", "BLOCK_M", "BLOCK_R", "GENERATE_P", "SCALE_P", "HAS_BIAS", "HAS_IDS"],
-    "finish": ["MODE"],
     "gemm": ["M_BUCKET", "N", "K_ADAPTER", "K_BASE", "USE_TMA", "SCALE_IN_LOOP", "ON_THE_FLY", "HAS_IDS", "P_IS_NK"],
     "fold": ["R"],
     "sum": ["P", "N"],
@@ -120,6 +124,14 @@ def set_block_shapes(nargs: dict) -> None:
             nargs[name].block_shape = shapes[name]
 
 
+def finish_config(block_m: int, block_r: int) -> Config:
+    """The config of a rank GEMM's second stage, whose tile is the rank GEMM's (up to 128 x 128 fp32, and
+    in MODE_DT the s tile beside it): 8 warps, as 4 spill at 128 x 128 (Triton 3.6) and keep an 8-byte
+    stack frame at 32 x 64 (fp32, sm_80, Triton 3.9); but 4 at 64 x 64, where ptxas keeps that frame with
+    8. The static check compiles exactly this config, on both Tritons."""
+    return _c(4 if block_m * block_r == 64 * 64 else 8, 1)
+
+
 def arch_of(capability: tuple[int, int]) -> int:
     """The config table for a compute capability: 90 for Hopper and newer, 80 for Ampere/Ada."""
     return 90 if capability[0] >= 9 else 80
@@ -136,25 +148,35 @@ def m_bucket(m: int) -> int:
     return min(max(16, triton.next_power_of_2(m)), 8192)
 
 
+def decode_sized(m: int) -> bool:
+    """Whether a GEMM with ``m`` rows takes the decode (narrow-M) configs."""
+    return m_bucket(m) <= DECODE_BUCKET
+
+
 def _small(config: Config) -> bool:
     return config.kwargs.get("BLOCK_M", 64) <= 32
 
 
 def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathered: bool = False,
-           tile: int = 0, block_m: int = 0, scaled_a: bool = False) -> bool:
+           tile: int = 0, block_m: int = 0, scaled_a: bool = False, ieee: bool = False) -> bool:
     """Whether autotuning should time ``config``. The fused GEMM: decode-sized M (<= 32) gets the narrow-M
     configs and larger M the wide ones; generating projection tiles on the fly takes registers, so there
     the tiles keep to 2048 accumulator elements per warp, as with the many-adapter epilogue's gathered
     b[ids] tile (what compiles without spilling, checked statically). The rank GEMM (its BLOCK_M x BLOCK_R
     ``tile`` chosen by the host): 2048 accumulator elements per warp at most (128 x 128 with 4 warps spills
     in the db epilogue), and 8 warps only for tiles that need them; decode-sized M takes K steps of 128,
-    the split's granule (16 x 128 x 64 also keeps an 8-byte stack frame under Triton 3.6); when the a tile
-    is scaled in registers (dt = (g ⊙ b) B), 1024 of its elements per warp at most (BLOCK_M ``block_m``)."""
+    the split's granule (16 x 128 x 64 also keeps an 8-byte stack frame under Triton 3.6), larger M
+    generating a projection K steps of 64 at most (the generated tile sits in registers); when the a tile
+    is scaled in registers (dt = (g ⊙ b) B), 1024 of its elements per warp at most (BLOCK_M ``block_m``).
+    fp32 (``ieee``) has its own table, all usable."""
     if kernel == "rank":
+        if ieee:
+            return True
         per_warp = tile / config.num_warps
-        long_k = not decode or config.kwargs["BLOCK_K"] == split_granule(True)
-        a_fits = not scaled_a or block_m * config.kwargs["BLOCK_K"] <= 1024 * config.num_warps
-        return per_warp <= 2048 and (config.num_warps == 4 or per_warp >= 1024) and long_k and a_fits
+        block_k = config.kwargs["BLOCK_K"]
+        k_step = block_k == split_granule(True) if decode else not on_the_fly or block_k <= 64
+        a_fits = not scaled_a or block_m * block_k <= 1024 * config.num_warps
+        return per_warp <= 2048 and (config.num_warps == 4 or per_warp >= 1024) and k_step and a_fits
     if kernel != "gemm":
         return True
     if _small(config) != decode:
@@ -173,13 +195,13 @@ def candidates(kernel: str, arch: int, args: dict) -> list[Config]:
 def _prune(kernel: str, configs_: list[Config], args: dict) -> list[Config]:
     if kernel not in _TUNED:
         return list(configs_)
-    decode = args["M_BUCKET"] <= 32
+    decode = args["M_BUCKET"] <= DECODE_BUCKET
     on_the_fly = bool(args.get("ON_THE_FLY", False) or args.get("GENERATE_P", False))
     gathered = bool(args.get("HAS_IDS", False))
     tile = args.get("BLOCK_M", 0) * args.get("BLOCK_R", 0)
     kept = [c for c in configs_ if usable(kernel, c, decode=decode, on_the_fly=on_the_fly, gathered=gathered,
                                           tile=tile, block_m=args.get("BLOCK_M", 0),
-                                          scaled_a=args.get("SCALE_P", 0) == 1)]
+                                          scaled_a=args.get("SCALE_P", 0) == 1, ieee=bool(args.get("IEEE", False)))]
     return kept or list(configs_)
 
 

@@ -441,9 +441,9 @@ def _flags(dtype: torch.dtype) -> dict:
     return dict(OUT_KIND=_OUT_KIND[dtype], INTERPRET=interpreted(), IEEE=dtype == torch.float32)
 
 
-def _launch(kernel, fn, grid, args, device):
-    """The one launcher of every kernel of this module (pinned, interpreter or autotuned config)."""
-    autotune.launch(kernel, fn, grid, args, interpreted=interpreted(), device=device)
+def _launch(kernel, fn, grid, args, device, config=None):
+    """The one launcher of every kernel of this module (``config``, else pinned, interpreter or autotuned)."""
+    autotune.launch(kernel, fn, grid, args, interpreted=interpreted(), device=device, config=config)
 
 
 def _strides(t: torch.Tensor | None, transpose: bool = False) -> tuple[int, int]:
@@ -541,25 +541,27 @@ def _fold(B: torch.Tensor, lambda_b: torch.Tensor, dtype: torch.dtype) -> torch.
     return out
 
 
-def rank_blocks(mode: int, m: int, r: int, on_the_fly: bool) -> tuple[int, int]:
+def rank_blocks(mode: int, m: int, r: int, on_the_fly: bool, ieee: bool) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_R) of a rank GEMM: they fix the layout of its partial sums, so the host chooses them
-    (autotuning varies BLOCK_K, warps and stages). ``m`` is the GEMM's row count (out for MODE_G)."""
+    (autotuning varies BLOCK_K, warps and stages). ``m`` is the GEMM's row count (out for MODE_G); ``ieee``:
+    fp32, whose FMA dots keep both operands' slices in registers: tiles of 32 x 64 at most (64 x 64 spills
+    in some variants whatever the warps and K step, the static check)."""
     fixed = autotune.fixed_config("rank", interpreted())
     if fixed is not None:
         return fixed.kwargs["BLOCK_M"], fixed.kwargs["BLOCK_R"]
     # 64 ranks per block for decode-sized M too: twice the programs to split K over (reading A is the cost).
-    narrow = on_the_fly or (mode != MODE_G and m <= DECODE_M)
+    narrow = on_the_fly or ieee or (mode != MODE_G and autotune.decode_sized(m))
     block_r = min(64 if narrow else 128, max(16, triton.next_power_of_2(r + (mode == MODE_G))))
     if mode == MODE_G:
-        return 128 if not on_the_fly else 64, block_r
-    return (16 if m <= 16 else 32 if m <= 32 else 64 if (m <= 1024 or on_the_fly) else 128), block_r
+        return 32 if ieee else 64 if on_the_fly else 128, block_r
+    return (16 if m <= 16 else 32 if (m <= 32 or ieee) else 64 if (m <= 1024 or on_the_fly) else 128), block_r
 
 
 def split_k(tiles: int, k: int, device: torch.device, m_bucket: int) -> tuple[int, int]:
     """(splits, K per split) so that tiles x splits programs fill the device's SMs; K per split is a
     multiple of every BLOCK_K the kernel may use (its K ranges start on a block)."""
     fixed = autotune.fixed_config("rank", interpreted())
-    granule = fixed.kwargs["BLOCK_K"] if fixed is not None else autotune.split_granule(m_bucket <= 32)
+    granule = fixed.kwargs["BLOCK_K"] if fixed is not None else autotune.split_granule(m_bucket <= autotune.DECODE_BUCKET)
     sms = num_sms(device)
     if tiles * 2 > sms or k <= granule:
         return 1, max(k, 1)
@@ -572,7 +574,7 @@ def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, p
                s=None, t=None, red=None, b_mat=None, colsum=None, generate=False, p_row_is_r=False, seed=0, tag=0,
                proj_scale=1.0, with_ones=False, on_the_fly_b=False, split=True):
     """One rank GEMM (see _rank_gemm_kernel) with its second stage when it is split over K."""
-    block_m, block_r = rank_blocks(mode, m, r, generate or on_the_fly_b)
+    block_m, block_r = rank_blocks(mode, m, r, generate or on_the_fly_b, dtype == torch.float32)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(r + with_ones, block_r)
     splits, k_split = split_k(tiles, k, device, autotune.m_bucket(m)) if split else (1, max(k, 1))
     split_partials = splits > 1 and mode != MODE_G
@@ -597,8 +599,9 @@ def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, p
         finish = dict(part_ptr=part, SPLITS=splits, **{k_: v for k_, v in epilogue.items()}, M=m, R=r, MODE=mode,
                       HAS_IDS=ids is not None, OUT_KIND=_OUT_KIND[dtype], INTERPRET=interpreted(),
                       BLOCK_M=block_m, BLOCK_R=block_r)
+        config = autotune.fixed_config("finish", interpreted()) or autotune.finish_config(block_m, block_r)
         _launch("finish", _rank_finish_kernel, lambda meta: (triton.cdiv(m, block_m) * triton.cdiv(r, block_r),),
-                finish, device)
+                finish, device, config)
     return splits
 
 
@@ -623,9 +626,11 @@ def _fused_gemm(out, t, proj, proj_strides, scale, x, w, w_strides, bias, base_o
     device = out.device
     on_the_fly = proj is None
     # Descriptors address the tensors as stored: W0 and B are N x K in the forward, W0 and A K x N in dx.
-    # fp32 takes IEEE dots (CUDA cores), where TMA gains nothing: descriptors for 16-bit dtypes only.
+    # fp32 takes IEEE dots (CUDA cores), where TMA gains nothing: descriptors for 16-bit dtypes only. Nor
+    # for decode-sized M: its narrow tiles take mma.sync, not wgmma, and cp.async streams W0 as well; their
+    # descriptor variants keep small stack frames (8-16 bytes, the static check).
     use_tma = (_tma_capable(device) and out.dtype != torch.float32 and not on_the_fly and not scale_in_loop
-               and tma_ok(t, proj, *((x, w) if x is not None else ())))
+               and not autotune.decode_sized(m) and tma_ok(t, proj, *((x, w) if x is not None else ())))
     args = dict(
         out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1),
         x_ptr=x, stride_xm=0 if x is None else x.stride(0), stride_xk=0 if x is None else x.stride(1),
@@ -717,7 +722,7 @@ def backward(g, s, weight, A, B, lambda_d, lambda_b, *, in_features: int, with_b
 
     # dt = g (b ⊙ B): ds = d ⊙ dt and the dd partials (one row per row block) in the epilogue.
     ds = dispatch.new_output(m, _aligned_stride(r, dtype), dtype=dtype, device=device)[:, :r]
-    dd_part = dispatch.new_output(triton.cdiv(m, rank_blocks(MODE_DT, m, r, on_the_fly)[0]), r,
+    dd_part = dispatch.new_output(triton.cdiv(m, rank_blocks(MODE_DT, m, r, on_the_fly, dtype == torch.float32)[0]), r,
                                   dtype=torch.float32, device=device)
     # g ⊙ b is formed tile by tile in registers and rounded (as the reference rounds it): dd is a sum
     # that can cancel, and a different rounding order (g (b ⊙ B)) doubles its error in such cases.
@@ -728,7 +733,7 @@ def backward(g, s, weight, A, B, lambda_d, lambda_b, *, in_features: int, with_b
     dd = _sum_rows(dd_part, lambda_d.dtype)
 
     # G = gᵀ [s | 1] (out x r, K = M): db partials Σ_j B[n, j] d[j] G[n, j] (and dbias from the ones column).
-    block_n, block_r = rank_blocks(MODE_G, n, r, on_the_fly)
+    block_n, block_r = rank_blocks(MODE_G, n, r, on_the_fly, dtype == torch.float32)
     rank_blocks_g = triton.cdiv(r + with_bias, block_r)
     splits, _ = split_k(triton.cdiv(n, block_n) * rank_blocks_g, m, device, autotune.m_bucket(n))
     db_part = dispatch.new_output(splits * rank_blocks_g, n, dtype=torch.float32, device=device)
