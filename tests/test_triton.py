@@ -158,10 +158,10 @@ def test_pinned_config_is_used(backend, pinned):
         pin_config("matmul", dict(BLOCK_M=16))
 
 
-def test_autotune_pruning(backend):
+def test_autotune_pruning(backend, monkeypatch):
     # The GPU path, called the way triton.autotune calls it (keyword launch arguments in kwargs): decode
     # gets the narrow-M configs, on-the-fly generation the tiles that compile without spilling.
-    from vera_kernels.triton import autotune
+    from vera_kernels.triton import autotune, linear
 
     prune = autotune._pruner("gemm")
     for arch in (80, 90):
@@ -183,6 +183,18 @@ def test_autotune_pruning(backend):
         decode = prune(configs, {}, M_BUCKET=16, BLOCK_M=16, BLOCK_R=128)
         assert wide and all(c.num_warps == 8 for c in wide)
         assert decode and all(c.num_warps == 4 for c in decode)
+        # Generated projection tiles sit in registers: K steps of 64 at most beyond decode.
+        generated = prune(configs, {}, M_BUCKET=8192, BLOCK_M=64, BLOCK_R=64, GENERATE_P=True)
+        assert generated and all(c.kwargs["BLOCK_K"] <= 64 for c in generated)
+        # fp32 (IEEE FMA dots): its own table, short K steps; the host keeps its tiles to 32 x 64.
+        ieee = autotune.candidates("rank", arch, dict(M_BUCKET=8192, BLOCK_M=32, BLOCK_R=64, IEEE=True))
+        assert ieee and all(c.kwargs["BLOCK_K"] <= 32 and c.num_warps == 4 for c in ieee)
+    monkeypatch.setattr(linear, "interpreted", lambda: False)  # the GPU's rank tiles, not the interpreter's
+    for mode in (linear.MODE_SHRINK, linear.MODE_DT, linear.MODE_G):
+        for m in (1, 32, 512, 8192):
+            block_m, block_r = linear.rank_blocks(mode, m, 256, on_the_fly=False, ieee=True)
+            assert block_m <= 32 and block_r <= 64
+    assert autotune.finish_config(128, 128).num_warps == 8 and autotune.finish_config(64, 64).num_warps == 4
 
 
 def test_torch_compile_fullgraph(backend):

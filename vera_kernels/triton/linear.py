@@ -8,7 +8,7 @@ M is decode-sized), no M x out intermediate:
                         decode-sized M (fp32 partials, then _rank_finish_kernel sums them in a fixed order).
   _fused_gemm_kernel    y = [x | t] · [W0ᵀ ; Bbᵀ] + bias: ONE K loop over in and then r into one fp32
                         accumulator (pointer variant), or two pipelined TMA loops (tensor descriptors, sm_90,
-                        16-bit dtypes, 16-byte aligned rows; Triton does not pipeline descriptor loads under
+                        16-bit dtypes, M > 32, 16-byte aligned rows; Triton does not pipeline descriptor loads under
                         a branch, so one loop switching descriptors would run unpipelined);
                         persistent grouped grid (one program per SM walks the tiles); output written once.
                         Decode (M <= 16) and on-the-fly projections scale the B tile by b inside the r part
