@@ -142,9 +142,6 @@ def test_static_exit_status(monkeypatch, capsys, tmp_path):
         assert json.loads((tmp_path / "s.json").read_text())["totals"] == static.totals(rows)
     out = capsys.readouterr().out
     assert "SPILLS" in out and "FAILED: CompilationError: boom" in out
-    # CI's --allow-spills: spills pass, a compile failure or no row at all still fails.
-    for rows, status in (([row, spilling], True), ([row, failed], False), ([], False)):
-        assert static.passed(dict(totals=static.totals(rows), rows=rows), allow_spills=True) is status
 
 
 @pytest.fixture(scope="module")

@@ -175,6 +175,10 @@ def test_autotune_pruning(backend, monkeypatch):
         assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048 * c.num_warps for c in generated)
         assert arch == 80 or set(generated) < set(wide)  # sm_90's 128 x 256 tiles are too wide for it
     assert autotune.m_bucket(1) == 16 and autotune.m_bucket(300) == 512 and autotune.m_bucket(10**6) == 8192
+    # fp32's own tiles: a decode tile and a wide one (both narrow: IEEE FMA dots), told apart by GROUP_M.
+    for m_bucket, rows in ((16, [16]), (8192, [32])):
+        ieee = autotune.candidates("gemm", 90, dict(M_BUCKET=m_bucket, IEEE=True))
+        assert [c.kwargs["BLOCK_M"] for c in ieee] == rows and all(c.kwargs["BLOCK_K"] == 16 for c in ieee)
     # The rank GEMMs: the host's tile decides the warps (128 x 128 spills with 4, 16 x 128 idles 8).
     prune = autotune._pruner("rank")
     for arch in (80, 90):

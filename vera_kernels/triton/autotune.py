@@ -94,9 +94,10 @@ _SUM = {90: [_c(4, 1, BLOCK_P=16, BLOCK_N=256)], 80: [_c(4, 1, BLOCK_P=16, BLOCK
 # fp32 inputs take IEEE fp32 dots (as torch does by default: no TF32), which run on the FMA units with
 # each thread's rows of one operand and columns of the other in registers for the whole BLOCK_K: every
 # wide tensor-core tile above spills there (the static check). fp32 has its own tiles, the same on both
-# generations: short K steps, and rank-GEMM tiles of at most 32 x 64 (linear.rank_blocks) with 4 warps.
+# generations: short K steps, 32 x 32 GEMM tiles (64 x 32 keeps stack frames in some variants, with 4 or
+# 8 warps), and rank-GEMM tiles of at most 32 x 64 (linear.rank_blocks) with 4 warps.
 _IEEE = {
-    "gemm": [_c(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, GROUP_M=8), _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, GROUP_M=1)],
+    "gemm": [_c(4, 3, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=8), _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, GROUP_M=1)],
     "rank": [_c(4, 3, BLOCK_K=16), _c(4, 3, BLOCK_K=32)],
 }
 
@@ -153,8 +154,10 @@ def decode_sized(m: int) -> bool:
     return m_bucket(m) <= DECODE_BUCKET
 
 
-def _small(config: Config) -> bool:
-    return config.kwargs.get("BLOCK_M", 64) <= 32
+def _decode_tile(config: Config) -> bool:
+    """Whether a fused-GEMM config is one of the decode tiles: those have GROUP_M 1 (a decode-sized M is
+    one row block, nothing to group), the wide tiles GROUP_M 8 (fp32's wide tile has 32 rows too)."""
+    return config.kwargs["GROUP_M"] == 1
 
 
 def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathered: bool = False,
@@ -179,7 +182,7 @@ def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathe
         return per_warp <= 2048 and (config.num_warps == 4 or per_warp >= 1024) and k_step and a_fits
     if kernel != "gemm":
         return True
-    if _small(config) != decode:
+    if _decode_tile(config) != decode:
         return False
     if gathered or on_the_fly:
         return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 2048 * config.num_warps

@@ -544,8 +544,8 @@ def _fold(B: torch.Tensor, lambda_b: torch.Tensor, dtype: torch.dtype) -> torch.
 def rank_blocks(mode: int, m: int, r: int, on_the_fly: bool, ieee: bool) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_R) of a rank GEMM: they fix the layout of its partial sums, so the host chooses them
     (autotuning varies BLOCK_K, warps and stages). ``m`` is the GEMM's row count (out for MODE_G); ``ieee``:
-    fp32, whose FMA dots keep both operands' slices in registers: tiles of 32 x 64 at most (64 x 64 spills
-    in some variants whatever the warps and K step, the static check)."""
+    fp32, whose FMA dots keep both operands' slices in registers: tiles of 32 x 64 at most, 16 x 64 for
+    MODE_G (whose ones column adds a tile; larger ones spill in some variants, the static check)."""
     fixed = autotune.fixed_config("rank", interpreted())
     if fixed is not None:
         return fixed.kwargs["BLOCK_M"], fixed.kwargs["BLOCK_R"]
@@ -553,8 +553,12 @@ def rank_blocks(mode: int, m: int, r: int, on_the_fly: bool, ieee: bool) -> tupl
     narrow = on_the_fly or ieee or (mode != MODE_G and autotune.decode_sized(m))
     block_r = min(64 if narrow else 128, max(16, triton.next_power_of_2(r + (mode == MODE_G))))
     if mode == MODE_G:
-        return 32 if ieee else 64 if on_the_fly else 128, block_r
-    return (16 if m <= 16 else 32 if (m <= 32 or ieee) else 64 if (m <= 1024 or on_the_fly) else 128), block_r
+        return 16 if ieee else 64 if on_the_fly else 128, block_r
+    if autotune.decode_sized(m):
+        # 16 rows up to M = 32 too: 32-row decode tiles keep 8-byte stack frames on sm_90a whatever the K
+        # step and stages (the static check); the second row block reads A again, from L2.
+        return 16, block_r
+    return (32 if ieee else 64 if (m <= 1024 or on_the_fly) else 128), block_r
 
 
 def split_k(tiles: int, k: int, device: torch.device, m_bucket: int) -> tuple[int, int]:

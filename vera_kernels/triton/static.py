@@ -491,9 +491,8 @@ def run(args) -> dict:
     return result
 
 
-def passed(result: dict, allow_spills: bool = False) -> bool:
-    return (bool(result["rows"]) and not result["totals"]["failed"]
-            and (allow_spills or not result["totals"]["spills"]))
+def passed(result: dict) -> bool:
+    return bool(result["rows"]) and not result["totals"]["failed"] and not result["totals"]["spills"]
 
 
 def summary(result: dict) -> str:
@@ -531,13 +530,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: the CPUs)")
     p.add_argument("--json", metavar="PATH", help="write the environment, the totals and every row as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--allow-spills", action="store_true",
-                   help="exit 0 when kernels spill but all compile (CI, while the spills it lists are being fixed)")
     return p
 
 
 def main(argv=None) -> int:
-    """Print the table and the totals; exit 1 when a kernel fails to compile or (unless allowed) spills."""
+    """Print the table and the totals; exit 1 when a kernel fails to compile or spills."""
     args = parser().parse_args(argv)
     result = run(args)
     if args.json:
@@ -546,7 +543,7 @@ def main(argv=None) -> int:
     if not args.quiet:
         print(format_rows(result["rows"]))
         print(summary(result))
-    return 0 if passed(result, args.allow_spills) else 1
+    return 0 if passed(result) else 1
 
 
 if __name__ == "__main__":
