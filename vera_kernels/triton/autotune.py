@@ -126,10 +126,10 @@ def set_block_shapes(nargs: dict) -> None:
 
 
 def finish_config(block_m: int, block_r: int) -> Config:
-    """The config of a rank GEMM's second stage, whose tile is the rank GEMM's (up to 128 x 128 fp32, and
-    in MODE_DT the s tile beside it): 8 warps, as 4 spill at 128 x 128 (Triton 3.6) and keep an 8-byte
-    stack frame at 32 x 64 (fp32, sm_80, Triton 3.9); but 4 at 64 x 64, where ptxas keeps that frame with
-    8. The static check compiles exactly this config, on both Tritons."""
+    """The config of a rank GEMM's second stage, whose tile is the rank GEMM's (fp32 partials, up to
+    128 x 128, and in MODE_DT the s tile beside them): 8 warps, as 4 spill at 128 x 128 (bf16, Triton 3.6)
+    and keep an 8-byte stack frame at 32 x 64 (fp32, sm_80, Triton 3.9); but 4 at 64 x 64, where ptxas
+    keeps such a frame with 8. The static check compiles exactly this config, on both Tritons."""
     return _c(4 if block_m * block_r == 64 * 64 else 8, 1)
 
 
