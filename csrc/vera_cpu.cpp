@@ -54,28 +54,36 @@ void db_rows(const LambdaGrads& p, int64_t begin, int64_t end) {
   }
 }
 
+// out[j] = Σ_i (row i's term for column j) for the columns [col_begin, col_begin + kSumColBlock), in fp32
+// over chunks of kSumRowChunk rows whose sums are added in row order (the order of the CUDA kernels' two
+// stages), then stored as O. add_row(i, width, chunk) adds row i's terms of the block's `width` columns.
+template <typename O, typename AddRow>
+void chunked_column_block(int64_t rows, int64_t cols, int64_t col_begin, void* out, AddRow&& add_row) {
+  const int64_t width = std::min(kSumColBlock, cols - col_begin);
+  float total[kSumColBlock] = {};
+  float chunk[kSumColBlock];
+  for (int64_t row_begin = 0; row_begin < rows; row_begin += kSumRowChunk) {
+    const int64_t row_end = std::min(row_begin + kSumRowChunk, rows);
+    std::fill(chunk, chunk + width, 0.0f);
+    for (int64_t i = row_begin; i < row_end; ++i) add_row(i, width, chunk);
+    for (int64_t j = 0; j < width; ++j) total[j] += chunk[j];
+  }
+  typename O::type* const dst = static_cast<typename O::type*>(out) + col_begin;
+  for (int64_t j = 0; j < width; ++j) dst[j] = O::store(total[j]);
+}
+
 // dd[k] = Σ_j b[j] B[j, k] G[j, k] for the columns [col_begin, col_begin + kSumColBlock), over chunks of
 // kSumRowChunk rows added in row order (the order of the CUDA kernels' two stages).
 template <typename E, typename D, typename B>
 void dd_block(const LambdaGrads& p, int64_t col_begin) {
   using T = typename E::type;
   const typename B::type* const b = static_cast<const typename B::type*>(p.b);
-  const int64_t width = std::min(kSumColBlock, p.cols - col_begin);
-  float total[kSumColBlock] = {};
-  float chunk[kSumColBlock];
-  for (int64_t row_begin = 0; row_begin < p.rows; row_begin += kSumRowChunk) {
-    const int64_t row_end = std::min(row_begin + kSumRowChunk, p.rows);
-    std::fill(chunk, chunk + width, 0.0f);
-    for (int64_t i = row_begin; i < row_end; ++i) {
-      const float bi = B::load(b[i]);
-      const T* const Bi = static_cast<const T*>(p.B) + i * p.cols + col_begin;
-      const float* const Gi = p.G + i * p.cols + col_begin;
-      for (int64_t j = 0; j < width; ++j) chunk[j] += bi * E::load(Bi[j]) * Gi[j];
-    }
-    for (int64_t j = 0; j < width; ++j) total[j] += chunk[j];
-  }
-  typename D::type* const dd = static_cast<typename D::type*>(p.dd) + col_begin;
-  for (int64_t j = 0; j < width; ++j) dd[j] = D::store(total[j]);
+  chunked_column_block<D>(p.rows, p.cols, col_begin, p.dd, [&](int64_t i, int64_t width, float* chunk) {
+    const float bi = B::load(b[i]);
+    const T* const Bi = static_cast<const T*>(p.B) + i * p.cols + col_begin;
+    const float* const Gi = p.G + i * p.cols + col_begin;
+    for (int64_t j = 0; j < width; ++j) chunk[j] += bi * E::load(Bi[j]) * Gi[j];
+  });
 }
 
 // kAccumulate a template parameter and the two cases in separate loops, so that each inner loop is a plain
@@ -104,56 +112,38 @@ template <typename E, typename O>
 void column_sums_block(const ColumnSums& p, int64_t col_begin) {
   using T = typename E::type;
   const T* const a = static_cast<const T*>(p.a);
-  const int64_t width = std::min(kSumColBlock, p.cols - col_begin);
-  float total[kSumColBlock] = {};
-  float chunk[kSumColBlock];
-  for (int64_t row_begin = 0; row_begin < p.rows; row_begin += kSumRowChunk) {
-    const int64_t row_end = std::min(row_begin + kSumRowChunk, p.rows);
-    std::fill(chunk, chunk + width, 0.0f);
-    for (int64_t i = row_begin; i < row_end; ++i) {
-      const T* const a_row = a + i * p.cols + col_begin;
-      for (int64_t j = 0; j < width; ++j) chunk[j] += E::load(a_row[j]);
-    }
-    for (int64_t j = 0; j < width; ++j) total[j] += chunk[j];
-  }
-  typename O::type* const out = static_cast<typename O::type*>(p.out) + col_begin;
-  for (int64_t j = 0; j < width; ++j) out[j] = O::store(total[j]);
+  chunked_column_block<O>(p.rows, p.cols, col_begin, p.out, [&](int64_t i, int64_t width, float* chunk) {
+    const T* const a_row = a + i * p.cols + col_begin;
+    for (int64_t j = 0; j < width; ++j) chunk[j] += E::load(a_row[j]);
+  });
 }
 
 }  // namespace
 
 void fold_projection_cpu(const FoldProjection& p) {
-  dispatch_dtype(p.dtype, [&](auto e) {
-    dispatch_dtype(p.d_dtype, [&](auto d) {
-      dispatch_dtype(p.b_dtype, [&](auto b) {
-        at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t begin, int64_t end) {
-          fold_rows<decltype(e), decltype(d), decltype(b)>(p, begin, end);
-        });
-      });
+  dispatch_projection_dtypes(p, [&](auto e, auto d, auto b) {
+    at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t begin, int64_t end) {
+      fold_rows<decltype(e), decltype(d), decltype(b)>(p, begin, end);
     });
   });
 }
 
 void lambda_grads_cpu(const LambdaGrads& p) {
-  dispatch_dtype(p.dtype, [&](auto e) {
-    dispatch_dtype(p.d_dtype, [&](auto d) {
-      dispatch_dtype(p.b_dtype, [&](auto b) {
-        using E = decltype(e);
-        using D = decltype(d);
-        using B = decltype(b);
-        if (p.db != nullptr) {
-          at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t begin, int64_t end) {
-            db_rows<E, D, B>(p, begin, end);
-          });
-        }
-        if (p.dd != nullptr) {
-          const int64_t blocks = (p.cols + kSumColBlock - 1) / kSumColBlock;
-          at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-            for (int64_t block = begin; block < end; ++block) dd_block<E, D, B>(p, block * kSumColBlock);
-          });
-        }
+  dispatch_projection_dtypes(p, [&](auto e, auto d, auto b) {
+    using E = decltype(e);
+    using D = decltype(d);
+    using B = decltype(b);
+    if (p.db != nullptr) {
+      at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t begin, int64_t end) {
+        db_rows<E, D, B>(p, begin, end);
       });
-    });
+    }
+    if (p.dd != nullptr) {
+      const int64_t blocks = (p.cols + kSumColBlock - 1) / kSumColBlock;
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t block = begin; block < end; ++block) dd_block<E, D, B>(p, block * kSumColBlock);
+      });
+    }
   });
 }
 

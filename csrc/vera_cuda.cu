@@ -62,25 +62,30 @@ __global__ void gather_scale_kernel(GatherScale p) {
   }
 }
 
-// Stage 1: scratch[c, j] = the fp32 sum of column j over the rows of chunk c. Consecutive threads read
-// consecutive columns of a row: coalesced.
-template <typename E>
-__global__ void column_chunk_sums_kernel(ColumnSums p, float* scratch, int64_t chunks) {
-  using T = typename E::type;
-  const T* const a = static_cast<const T*>(p.a);
+// Stage 1 of a fixed-order column sum: scratch[c, j] = Σ term(i, j) in fp32 over the rows i of chunk c.
+// Consecutive threads read consecutive columns of a row: coalesced. The terms: ColumnTerm, DdTerm.
+template <typename Term>
+__global__ void chunk_sums_kernel(Term term, int64_t rows, int64_t cols, float* scratch, int64_t chunks) {
   for (int64_t c = blockIdx.y; c < chunks; c += gridDim.y) {
     const int64_t row_begin = c * kSumRowChunk;
-    const int64_t row_end = row_begin + kSumRowChunk < p.rows ? row_begin + kSumRowChunk : p.rows;
-    for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < p.cols;
+    const int64_t row_end = row_begin + kSumRowChunk < rows ? row_begin + kSumRowChunk : rows;
+    for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < cols;
          j += int64_t(gridDim.x) * blockDim.x) {
       float sum = 0.0f;
-      for (int64_t i = row_begin; i < row_end; ++i) {
-        sum += E::load(a[i * p.cols + j]);
-      }
-      scratch[c * p.cols + j] = sum;
+      for (int64_t i = row_begin; i < row_end; ++i) sum += term(i, j);
+      scratch[c * cols + j] = sum;
     }
   }
 }
+
+// The terms of ColumnSums: a[i, j].
+template <typename E>
+struct ColumnTerm {
+  ColumnSums p;
+  __device__ float operator()(int64_t i, int64_t j) const {
+    return E::load(static_cast<const typename E::type*>(p.a)[i * p.cols + j]);
+  }
+};
 
 // Stage 2: out[j] = the chunk sums of column j added in row order.
 template <typename O>
@@ -110,24 +115,15 @@ __global__ void db_rows_kernel(LambdaGrads p) {
   }
 }
 
-// dd, stage 1: scratch[c, k] = Σ_{j in chunk c} b[j] B[j, k] G[j, k] (stage 2: column_total_kernel).
+// The terms of dd (chunk_sums_kernel, then column_total_kernel): b[j] B[j, k] G[j, k], rows j, columns k.
 template <typename E, typename B>
-__global__ void dd_chunk_sums_kernel(LambdaGrads p, float* scratch, int64_t chunks) {
-  using T = typename E::type;
-  const typename B::type* const b = static_cast<const typename B::type*>(p.b);
-  for (int64_t c = blockIdx.y; c < chunks; c += gridDim.y) {
-    const int64_t row_begin = c * kSumRowChunk;
-    const int64_t row_end = row_begin + kSumRowChunk < p.rows ? row_begin + kSumRowChunk : p.rows;
-    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < p.cols;
-         k += int64_t(gridDim.x) * blockDim.x) {
-      float sum = 0.0f;
-      for (int64_t j = row_begin; j < row_end; ++j) {
-        sum += B::load(b[j]) * E::load(static_cast<const T*>(p.B)[j * p.cols + k]) * p.G[j * p.cols + k];
-      }
-      scratch[c * p.cols + k] = sum;
-    }
+struct DdTerm {
+  LambdaGrads p;
+  __device__ float operator()(int64_t j, int64_t k) const {
+    return B::load(static_cast<const typename B::type*>(p.b)[j]) *
+           E::load(static_cast<const typename E::type*>(p.B)[j * p.cols + k]) * p.G[j * p.cols + k];
   }
-}
+};
 
 // ---------------------------------------------------------------------------------------------------
 // Decode (DecodeAdapter in vera_math.h).
@@ -243,13 +239,9 @@ const char* fold_projection_cuda(const FoldProjection& p, void* stream) {
   if (p.rows == 0 || p.cols == 0) return nullptr;  // a zero-sized grid is a launch error
   const dim3 block(kScaleThreadsX, kScaleThreadsY);
   const dim3 grid(blocks_x(p.cols, kScaleThreadsX), blocks_y(p.rows, kScaleThreadsY));
-  dispatch_dtype(p.dtype, [&](auto e) {
-    dispatch_dtype(p.d_dtype, [&](auto d) {
-      dispatch_dtype(p.b_dtype, [&](auto b) {
-        fold_projection_kernel<decltype(e), decltype(d), decltype(b)>
-            <<<grid, block, 0, static_cast<cudaStream_t>(stream)>>>(p);
-      });
-    });
+  dispatch_projection_dtypes(p, [&](auto e, auto d, auto b) {
+    fold_projection_kernel<decltype(e), decltype(d), decltype(b)>
+        <<<grid, block, 0, static_cast<cudaStream_t>(stream)>>>(p);
   });
   return last_launch_error();
 }
@@ -258,24 +250,20 @@ const char* lambda_grads_cuda(const LambdaGrads& p, float* scratch, void* stream
   if (p.cols == 0) return nullptr;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int64_t chunks = sum_chunks(p.rows);
-  dispatch_dtype(p.dtype, [&](auto e) {
-    dispatch_dtype(p.d_dtype, [&](auto d) {
-      dispatch_dtype(p.b_dtype, [&](auto b) {
-        using E = decltype(e);
-        using D = decltype(d);
-        using B = decltype(b);
-        if (p.db != nullptr && p.rows > 0) {
-          db_rows_kernel<E, D, B><<<blocks_x(p.rows, kDotWarps), kDotWarps * kWarp, 0, s>>>(p);
-        }
-        if (p.dd != nullptr) {
-          if (chunks > 0) {
-            const dim3 grid(blocks_x(p.cols, kSumThreads), blocks_y(chunks, 1));
-            dd_chunk_sums_kernel<E, B><<<grid, kSumThreads, 0, s>>>(p, scratch, chunks);
-          }
-          column_total_kernel<D><<<blocks_x(p.cols, kSumThreads), kSumThreads, 0, s>>>(p.dd, scratch, chunks, p.cols);
-        }
-      });
-    });
+  dispatch_projection_dtypes(p, [&](auto e, auto d, auto b) {
+    using E = decltype(e);
+    using D = decltype(d);
+    using B = decltype(b);
+    if (p.db != nullptr && p.rows > 0) {
+      db_rows_kernel<E, D, B><<<blocks_x(p.rows, kDotWarps), kDotWarps * kWarp, 0, s>>>(p);
+    }
+    if (p.dd != nullptr) {
+      if (chunks > 0) {
+        const dim3 grid(blocks_x(p.cols, kSumThreads), blocks_y(chunks, 1));
+        chunk_sums_kernel<<<grid, kSumThreads, 0, s>>>(DdTerm<E, B>{p}, p.rows, p.cols, scratch, chunks);
+      }
+      column_total_kernel<D><<<blocks_x(p.cols, kSumThreads), kSumThreads, 0, s>>>(p.dd, scratch, chunks, p.cols);
+    }
   });
   return last_launch_error();
 }
@@ -299,7 +287,7 @@ const char* column_sums_cuda(const ColumnSums& p, float* scratch, void* stream) 
   dispatch_dtype(p.dtype, [&](auto e) {
     if (chunks == 0) return;
     const dim3 grid(blocks_x(p.cols, kSumThreads), blocks_y(chunks, 1));
-    column_chunk_sums_kernel<decltype(e)><<<grid, kSumThreads, 0, s>>>(p, scratch, chunks);
+    chunk_sums_kernel<<<grid, kSumThreads, 0, s>>>(ColumnTerm<decltype(e)>{p}, p.rows, p.cols, scratch, chunks);
   });
   dispatch_dtype(p.out_dtype, [&](auto o) {
     column_total_kernel<decltype(o)><<<blocks_x(p.cols, kSumThreads), kSumThreads, 0, s>>>(p.out, scratch, chunks, p.cols);

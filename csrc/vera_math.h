@@ -79,6 +79,15 @@ void dispatch_dtype(Dtype d, F&& f) {
   }
 }
 
+// Calls f(E, D, B) with the element types of a projection and of the two vectors applied to it (the
+// dtype, d_dtype and b_dtype of FoldProjection and LambdaGrads).
+template <typename Params, typename F>
+void dispatch_projection_dtypes(const Params& p, F&& f) {
+  dispatch_dtype(p.dtype, [&](auto e) {
+    dispatch_dtype(p.d_dtype, [&](auto d) { dispatch_dtype(p.b_dtype, [&](auto b) { f(e, d, b); }); });
+  });
+}
+
 // a * b of two stored elements, in fp32: the one product every kernel here is made of.
 template <typename EA, typename EB>
 VERA_HD float product(typename EA::type a, typename EB::type b) {

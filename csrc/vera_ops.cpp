@@ -213,15 +213,10 @@ void column_sums(const at::Tensor& out, const at::Tensor& a) {
   column_sums_cpu(p);
 }
 
-// db and dd from G = gᵀ s (out x r, fp32); see LambdaGrads. An undefined db or dd is not computed.
-void lambda_grads(const at::Tensor& db, const at::Tensor& dd, const at::Tensor& B, const at::Tensor& G,
-                  const at::Tensor& d, const at::Tensor& b) {
-  RECORD_FUNCTION("vera::lambda_grads", std::vector<c10::IValue>({B, G, d, b}));
-  LambdaGrads p;
-  p.db = db.defined() ? db.data_ptr() : nullptr;
-  p.dd = dd.defined() ? dd.data_ptr() : nullptr;
+// The fields FoldProjection and LambdaGrads share: the projection B (rows x cols) and the vectors d, b.
+template <typename Params>
+void set_projection_and_vectors(Params& p, const at::Tensor& B, const at::Tensor& d, const at::Tensor& b) {
   p.B = B.const_data_ptr();
-  p.G = G.const_data_ptr<float>();
   p.d = d.const_data_ptr();
   p.b = b.const_data_ptr();
   p.dtype = kernel_dtype(B.scalar_type());
@@ -229,6 +224,17 @@ void lambda_grads(const at::Tensor& db, const at::Tensor& dd, const at::Tensor& 
   p.b_dtype = kernel_dtype(b.scalar_type());
   p.rows = B.size(0);
   p.cols = B.size(1);
+}
+
+// db and dd from G = gᵀ s (out x r, fp32); see LambdaGrads. An undefined db or dd is not computed.
+void lambda_grads(const at::Tensor& db, const at::Tensor& dd, const at::Tensor& B, const at::Tensor& G,
+                  const at::Tensor& d, const at::Tensor& b) {
+  RECORD_FUNCTION("vera::lambda_grads", std::vector<c10::IValue>({B, G, d, b}));
+  LambdaGrads p;
+  p.db = db.defined() ? db.data_ptr() : nullptr;
+  p.dd = dd.defined() ? dd.data_ptr() : nullptr;
+  p.G = G.const_data_ptr<float>();
+  set_projection_and_vectors(p, B, d, b);
 #ifdef VERA_WITH_CUDA
   if (B.is_cuda()) {
     const at::Tensor scratch = at::empty({sum_chunks(p.rows), p.cols}, G.options());
@@ -292,14 +298,7 @@ bool fold_projection(const at::Tensor& out, const at::Tensor& B, const at::Tenso
   RECORD_FUNCTION("vera::fold_projection", std::vector<c10::IValue>({B, d, b}));
   FoldProjection p;
   p.out = out.data_ptr();
-  p.B = B.const_data_ptr();
-  p.d = d.const_data_ptr();
-  p.b = b.const_data_ptr();
-  p.dtype = kernel_dtype(B.scalar_type());
-  p.d_dtype = kernel_dtype(d.scalar_type());
-  p.b_dtype = kernel_dtype(b.scalar_type());
-  p.rows = B.size(0);
-  p.cols = B.size(1);
+  set_projection_and_vectors(p, B, d, b);
 #ifdef VERA_WITH_CUDA
   if (out.is_cuda()) {
     check_cuda("vera fold projection", fold_projection_cuda(p, current_stream(out)));
