@@ -33,7 +33,6 @@ KERNELS = ("rank", "finish", "gemm", "fold", "sum")
 # the persistent loop (linear.INTERPRETER_SMS programs) are exercised.
 INTERPRETER_CONFIGS = {
     "rank": Config(dict(BLOCK_M=64, BLOCK_R=32, BLOCK_K=32)),
-    "finish": Config({}),
     "gemm": Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)),
     "fold": Config(dict(BLOCK_N=64, BLOCK_R=64)),
     "sum": Config(dict(BLOCK_P=16, BLOCK_N=64)),
@@ -300,14 +299,14 @@ def on_device(device: torch.device):
 def launch(kernel: str, fn, grid, args: dict, *, interpreted: bool, device: torch.device,
            config: Config | None = None) -> None:
     """The one place the package launches a Triton kernel: ``fn`` over ``grid`` (a tuple, or a callable of
-    the meta-parameters) with ``args``, on ``device`` (the tensors'), under ``config`` when given, else
-    the pinned, the interpreter's or the autotuned config of ``kernel``. While the static check captures,
-    the launch is recorded instead."""
+    the meta-parameters) with ``args``, on ``device`` (the tensors'), under the config pinned for
+    ``kernel``, else ``config`` when given, else the interpreter's or the autotuned one. While the static
+    check captures, the launch is recorded instead."""
     if _capture is not None:
         _capture.append(Launch(kernel, fn, args, device, config))
         return
     with on_device(device):
-        config = config or fixed_config(kernel, interpreted)
+        config = _pinned.get(kernel) or config or fixed_config(kernel, interpreted)
         if config is None and _untuned:
             config = candidates(kernel, arch_of(torch.cuda.get_device_capability(device)), args)[0]
         if config is not None:

@@ -442,7 +442,7 @@ def _flags(dtype: torch.dtype) -> dict:
 
 
 def _launch(kernel, fn, grid, args, device, config=None):
-    """The one launcher of every kernel of this module (``config``, else pinned, interpreter or autotuned)."""
+    """The one launcher of every kernel of this module (pinned, else ``config``, interpreter or autotuned)."""
     autotune.launch(kernel, fn, grid, args, interpreted=interpreted(), device=device, config=config)
 
 
@@ -603,9 +603,8 @@ def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, p
         finish = dict(part_ptr=part, SPLITS=splits, **{k_: v for k_, v in epilogue.items()}, M=m, R=r, MODE=mode,
                       HAS_IDS=ids is not None, OUT_KIND=_OUT_KIND[dtype], INTERPRET=interpreted(),
                       BLOCK_M=block_m, BLOCK_R=block_r)
-        config = autotune.fixed_config("finish", interpreted()) or autotune.finish_config(block_m, block_r)
         _launch("finish", _rank_finish_kernel, lambda meta: (triton.cdiv(m, block_m) * triton.cdiv(r, block_r),),
-                finish, device, config)
+                finish, device, autotune.finish_config(block_m, block_r))
     return splits
 
 
