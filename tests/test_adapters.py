@@ -245,12 +245,12 @@ def test_a_load_that_fails_building_the_layers_changes_nothing(base, saved, monk
     # Regression: when generating the projections failed (out of memory, say), the first target's weight
     # was already frozen, and the error named neither the file nor its metadata.
     _, path = saved
-    import vera_kernels.layer
+    import vera_kernels.projection_sources
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: not enough memory")
 
-    monkeypatch.setattr(vera_kernels.layer, "get_projections", out_of_memory)
+    monkeypatch.setattr(vera_kernels.projection_sources, "get_projections", out_of_memory)
     model = copy.deepcopy(base)
     before = snapshot(model)
     with pytest.raises(RuntimeError, match=f"adapter file '{path}'.*max_in=24.*not enough memory"):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vera_kernels
+import vera_kernels.routing
 from vera_kernels import FusedVeRALinear, VeRAWrapper, apply_vera, dispatch, load_adapter, ops, reference, save_adapter
 from vera_kernels.dispatch import poisoned_outputs
 
@@ -264,7 +265,7 @@ def test_model_serves_saved_adapters_in_one_batch(tmp_path):
         expected = torch.stack([(alone[r] if r else base)(x[i]) for i, r in enumerate(routing)])
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
         assert all(m._routing is None for _, m in vera_kernels.vera_layers(server))  # restored
-        assert vera_kernels.layer.ROUTES.get() is None
+        assert vera_kernels.routing.ROUTES.get() is None
         vera_kernels.set_adapter_ids(server, torch.tensor([1, 0, -1, 1, 0, -1]))  # indices: fr 0, de 1
         torch.testing.assert_close(server(x), torch.stack(
             [(alone[r] if r else base)(x[i]) for i, r in enumerate(["de", "fr", None, "de", "fr", None])]),

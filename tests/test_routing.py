@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import vera_kernels
+import vera_kernels.routing
 from vera_kernels import apply_vera, vera_layers
 
 from conftest import DEVICE, backend_params
@@ -131,7 +132,7 @@ def test_two_threads_serve_different_adapters_through_one_model(backend):
     for t in threads:
         t.join()
     assert not wrong, f"batches served with another thread's routing: {wrong[:5]} ({len(wrong)} in all)"
-    assert vera_kernels.layer.ROUTES.get() is None
+    assert vera_kernels.routing.ROUTES.get() is None
 
 
 def test_a_compiled_model_refuses_per_thread_routing():

@@ -2,7 +2,8 @@
 
 from .adapters import load_adapter, read_adapter, save_adapter
 from .dispatch import backends
-from .layer import ExplicitProjections, FusedVeRALinear, SeededProjections, VeRAWrapper
+from .layer import FusedVeRALinear, VeRAWrapper
+from .projection_sources import ExplicitProjections, SeededProjections
 from .ops import vera_delta, vera_delta_multi, vera_linear, vera_linear_multi
 from .patching import adapter_ids, apply_vera, from_peft, merge_and_unload, set_adapter_ids, to_peft, vera_layers
 from .projections import SCHEME, clear_projection_cache, generate_projections, get_projections

@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import nn
 
-from .layer import SeededProjections
+from .projection_sources import SeededProjections
 from .patching import _fusable, _shared_projections, apply_vera, find_targets, vera_layers
 from .projections import SCHEME
 

@@ -13,17 +13,10 @@ import sys
 import torch
 from torch import nn
 
-from .layer import (
-    ROUTES,
-    VERA_LAYERS,
-    ExplicitProjections,
-    FusedVeRALinear,
-    SeededProjections,
-    VeRAWrapper,
-    _check_base_dtype,
-    _conv1d_type,
-    refuse_loads_into_merged_layers,
-)
+from .layer import VERA_LAYERS, FusedVeRALinear, VeRAWrapper, _conv1d_type, refuse_loads_into_merged_layers
+from .projection_sources import ExplicitProjections, SeededProjections
+from .routing import ROUTES
+from .vera_base import _check_base_dtype
 from .projections import check_positive_int
 
 BIAS_OPTIONS = ("none", "vera_only", "all")

@@ -1,5 +1,5 @@
 // Known answers for csrc/philox.h, without torch: Random123's Philox4x32-10 vectors, sampled elements of
-// the shared projections (from shared/golden/philox_projections.json, an independent implementation) and
+// the shared projections (vera_kernels/data/philox_projections.json, from an independent implementation) and
 // hand-checked float -> half roundings.
 #include <cstdio>
 #include <cstring>

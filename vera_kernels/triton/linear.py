@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import dispatch
+from ..buffers import new_output
 from ..projections import TAG_A, TAG_B, projection_scale
 from . import autotune
 from .projection import _OUT_KIND, fp32_to_bf16_bits, fp32_to_fp16_bits, interpreted, projection_tile
@@ -612,7 +612,7 @@ def _shrink(x, A, lambda_d, seed, max_in, ids=None):
     """(s, t) with t in a workspace; with ids, lambda_d is the bank (N x r) and s is not computed (None)."""
     m, k = x.shape
     r = lambda_d.shape[-1]
-    s = None if ids is not None else dispatch.new_output(m, r, dtype=x.dtype, device=x.device)
+    s = None if ids is not None else new_output(m, r, dtype=x.dtype, device=x.device)
     stride = _aligned_stride(r, x.dtype)
     t = workspace("t", m * stride, x.dtype, x.device).view(m, stride)[:, :r]
     _rank_gemm(MODE_SHRINK, x, _strides(x), A, _strides(A, transpose=True), m, r, k, dtype=x.dtype, device=x.device,
@@ -662,7 +662,7 @@ def _fused_gemm(out, t, proj, proj_strides, scale, x, w, w_strides, bias, base_o
 
 def _sum_rows(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     p, n = part.shape
-    out = dispatch.new_output(n, dtype=dtype, device=part.device)
+    out = new_output(n, dtype=dtype, device=part.device)
     args = dict(part_ptr=part, P=p, N=n, out_ptr=out, stride_out=out.stride(0),
                 OUT_KIND=_OUT_KIND[dtype], INTERPRET=interpreted())
     _launch("sum", _sum_rows_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),), args, part.device)
@@ -677,7 +677,7 @@ def forward(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed: int, max_
     if m == 0:
         return x.new_empty(0, n), x.new_empty(0, r)
     s, t = _shrink(x, A, lambda_d, seed, max_in)
-    y = dispatch.new_output(m, n, dtype=x.dtype, device=x.device)
+    y = new_output(m, n, dtype=x.dtype, device=x.device)
     # b folded into B (one tiny launch) so the GEMM's loop has no scaling, except for decode-sized M
     # (the GEMM is bound by reading W0: scaling B's tiles in the loop is free and saves the launch) and
     # for generated projections (their tiles are made in the loop anyway).
@@ -701,7 +701,7 @@ def forward_multi(x, weight, bias, A, B, bank_d, bank_b, ids, base_out):
     if m == 0:
         return x.new_empty(0, n)
     _, t = _shrink(x, A, bank_d, 0, 0, ids=ids)
-    y = dispatch.new_output(m, n, dtype=x.dtype, device=x.device)
+    y = new_output(m, n, dtype=x.dtype, device=x.device)
     _fused_gemm(
         y, t, B, _strides(B, transpose=True), bank_b, x if weight is not None else None, weight,
         _strides(weight, transpose=True), bias, base_out, k_adapter=r, k_base=k,
@@ -724,8 +724,8 @@ def backward(g, s, weight, A, B, lambda_d, lambda_b, *, in_features: int, with_b
     b_scale = projection_scale(r) if on_the_fly else 1.0
 
     # dt = g (b ⊙ B): ds = d ⊙ dt and the dd partials (one row per row block) in the epilogue.
-    ds = dispatch.new_output(m, _aligned_stride(r, dtype), dtype=dtype, device=device)[:, :r]
-    dd_part = dispatch.new_output(triton.cdiv(m, rank_blocks(MODE_DT, m, r, on_the_fly, dtype == torch.float32)[0]), r,
+    ds = new_output(m, _aligned_stride(r, dtype), dtype=dtype, device=device)[:, :r]
+    dd_part = new_output(triton.cdiv(m, rank_blocks(MODE_DT, m, r, on_the_fly, dtype == torch.float32)[0]), r,
                                   dtype=torch.float32, device=device)
     # g ⊙ b is formed tile by tile in registers and rounded (as the reference rounds it): dd is a sum
     # that can cancel, and a different rounding order (g (b ⊙ B)) doubles its error in such cases.
@@ -739,8 +739,8 @@ def backward(g, s, weight, A, B, lambda_d, lambda_b, *, in_features: int, with_b
     block_n, block_r = rank_blocks(MODE_G, n, r, on_the_fly, dtype == torch.float32)
     rank_blocks_g = triton.cdiv(r + with_bias, block_r)
     splits, _ = split_k(triton.cdiv(n, block_n) * rank_blocks_g, m, device, autotune.m_bucket(n))
-    db_part = dispatch.new_output(splits * rank_blocks_g, n, dtype=torch.float32, device=device)
-    dbias_part = dispatch.new_output(splits, n, dtype=torch.float32, device=device) if with_bias else None
+    db_part = new_output(splits * rank_blocks_g, n, dtype=torch.float32, device=device)
+    dbias_part = new_output(splits, n, dtype=torch.float32, device=device) if with_bias else None
     _rank_gemm(MODE_G, g, _strides(g, transpose=True), s, _strides(s), n, r, m, dtype=dtype, device=device,
                d=lambda_d, red=db_part, b_mat=B, colsum=dbias_part, with_ones=with_bias, on_the_fly_b=on_the_fly,
                seed=seed, proj_scale=b_scale)
@@ -749,7 +749,7 @@ def backward(g, s, weight, A, B, lambda_d, lambda_b, *, in_features: int, with_b
 
     dx = None
     if need_dx:
-        dx = dispatch.new_output(m, in_features, dtype=dtype, device=device)
+        dx = new_output(m, in_features, dtype=dtype, device=device)
         _fused_gemm(
             dx, ds, A, _strides(A), None, g if weight is not None else None, weight, _strides(weight), None, None,
             k_adapter=r, k_base=n, seed=seed, proj_scale=projection_scale(max_in) if A is None else 1.0,

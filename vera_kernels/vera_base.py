@@ -1,0 +1,163 @@
+"""What FusedVeRALinear and VeRAWrapper share: the adapter (lambda_d, lambda_b, the projection source,
+dropout, the backend), its checks, the cached per-call plan, and the fp32 lambdas under module casts."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import dispatch, ops
+from .projection_sources import SeededProjections
+from .projections import check_positive_int
+from .routing import AdapterBank
+
+
+class _Plan(NamedTuple):
+    """What a layer's per-call path needs for one (device, dtype), checked once: the backend's implementation,
+    the projection slices, and the tensors the checks saw (a call with other tensors checks again)."""
+
+    impl: object
+    A: torch.Tensor
+    B: torch.Tensor
+    checked: tuple  # the tensors check_vera_args / check_multi_args accepted, compared by identity
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x flattened to 2-D (M, in), as the backends take it."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _backend_for(backend: str, dtype: torch.dtype) -> str:
+    """The backend a layer set to ``backend`` runs in ``dtype``: float64 (the oracle's dtype, e.g. after
+    ``model.double()``) exists on the torch backend only, so "auto" means that one there."""
+    return "torch" if backend == "auto" and dtype == torch.float64 else backend
+
+
+def _check_base_dtype(dtype: torch.dtype, backend: str) -> None:
+    allowed = ops.KERNEL_DTYPES + ((torch.float64,) if _backend_for(backend, torch.float64) == "torch" else ())
+    if dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise TypeError(f"base weight dtype {dtype} can't run on backend {backend!r}; expected one of {names}")
+
+
+class _VeRABase(AdapterBank, nn.Module):
+    """The adapter half shared by FusedVeRALinear and VeRAWrapper: lambda_d, lambda_b, the projection source,
+    dropout, the backend, the per-(device, dtype) plans; the bank and its routing come from AdapterBank."""
+
+    def _init_adapter(self, in_features, out_features, rank, *, seed, d_initial, dropout, max_in, max_out,
+                      projections, backend, device):
+        check_positive_int("rank", rank)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if backend != "auto" and backend not in dispatch.NAMES:
+            raise ValueError(f"backend must be 'auto' or one of {', '.join(dispatch.NAMES)}; got {backend!r}")
+        if projections is None:
+            max_in = in_features if max_in is None else check_positive_int("max_in", max_in)
+            max_out = out_features if max_out is None else check_positive_int("max_out", max_out)
+            # Generated up to this layer's sizes (the check below names a max_in or max_out that is too small).
+            projections = SeededProjections(seed, rank, max_in, max_out, in_features=min(in_features, max_in),
+                                            out_features=min(out_features, max_out))
+        elif max_in is not None or max_out is not None:
+            raise ValueError("max_in/max_out come from the given projections; pass one or the other")
+        if projections.rank != rank:
+            raise ValueError(f"rank {rank} differs from the projections' rank {projections.rank}")
+        if projections.in_features < in_features or projections.out_features < out_features:
+            raise ValueError(
+                f"projections of max_in={projections.max_in}, max_out={projections.max_out} (generated for layers "
+                f"up to {projections.in_features} -> {projections.out_features}) are too small for a layer of "
+                f"in_features={in_features}, out_features={out_features}"
+            )
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.projections = projections
+        self.d_initial, self.dropout = float(d_initial), float(dropout)
+        self.backend = backend
+        # fp32 whatever the base dtype: small vectors whose updates would vanish in bf16.
+        self.lambda_d = nn.Parameter(torch.full((rank,), float(d_initial), dtype=torch.float32, device=device))
+        self.lambda_b = nn.Parameter(torch.zeros(out_features, dtype=torch.float32, device=device))
+        self._init_bank(rank, out_features, device)
+        self._plans: dict = {}  # (kind, device, dtype) -> _Plan, cleared when the layer's tensors change
+
+    def _projection_slices(self, device, dtype):
+        A, B = self.projections.pair(device, dtype)
+        return A[:, : self.in_features], B[: self.out_features]
+
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            got = f"a 0-d tensor ({x.dtype})" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__}: input must be a tensor of shape (..., {self.in_features}), got {got}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: input's last dimension is {x.shape[-1]}, expected in_features={self.in_features} "
+                f"(input shape {tuple(x.shape)})"
+            )
+
+    def _prepare(self, op: str, dtype: torch.dtype) -> None:
+        """Resolve the backend and materialize the projections for the layer's device now, eagerly, so that
+        a torch.compile'd forward finds both cached and traces no dispatch logic."""
+        device = self.lambda_d.device
+        if device.type == "meta":
+            return
+        self.projections.pair(device, dtype)
+        try:
+            dispatch.lookup(op, _backend_for(self.backend, dtype), device)
+        except (RuntimeError, NotImplementedError):
+            # A layer may be built where its backend can't run (on CPU, then moved to the GPU): the forward
+            # raises the same error if it is still unavailable there.
+            pass
+
+    # Kept fp32 when the module is cast to a narrower float (.half(), .to(torch.bfloat16)): updates to these
+    # small vectors would vanish in bf16 (lambda_d = 0.1 does not move under AdamW at lr 1e-4). Widening
+    # (.double()) is exact and follows the module.
+    _FP32_TENSORS = ("lambda_d", "lambda_b", "_bank_d", "_bank_b")
+
+    def _apply(self, fn, recurse=True):
+        before = {name: (getattr(self, name), getattr(self, name).detach()) for name in self._FP32_TENSORS}
+        grads = {name: t.grad for name, (t, _) in before.items() if isinstance(t, nn.Parameter)}
+        module = super()._apply(fn, recurse)
+        for name, (_, old) in before.items():
+            now = getattr(self, name)
+            if old.dtype == torch.float32 and now.dtype in (torch.float16, torch.bfloat16):
+                with torch.no_grad():
+                    kept = old.to(device=now.device)
+                if isinstance(now, nn.Parameter):
+                    now.data = kept
+                    if grads[name] is not None:
+                        now.grad = grads[name].to(device=now.device)
+                else:
+                    self._buffers[name] = kept
+        self._plans.clear()
+        self._prepare_for_device()
+        return module
+
+    def _plan(self, kind: str, op: str, x: torch.Tensor, checked: tuple, check) -> _Plan | None:
+        """The cached plan for x's device and dtype; the checks run again only when the layer's tensors
+        (``checked``: compared by identity, so a replaced Parameter or bank counts) or x's device or dtype
+        differ from the last call's. Everything else of x (its last dimension, the ids' shape) is checked
+        on every call by the caller."""
+        if torch.compiler.is_compiling():
+            return None  # traced once: the public op's checks cost nothing at run time there
+        key = (kind, x.device, x.dtype)
+        plan = self._plans.get(key)
+        if plan is not None and len(plan.checked) == len(checked) and all(
+                a is b for a, b in zip(plan.checked, checked)):
+            return plan
+        A, B = self._projection_slices(x.device, x.dtype)
+        check(A, B)
+        plan = _Plan(dispatch.lookup(op, _backend_for(self.backend, x.dtype), x.device), A, B, checked)
+        self._plans[key] = plan
+        return plan
+
+    def _adapter_repr(self) -> str:
+        parts = [f"rank={self.rank}", self.projections.describe(), f"max_in={self.projections.max_in}",
+                 f"max_out={self.projections.max_out}", f"d_initial={self.d_initial}"]
+        if self.dropout:
+            parts.append(f"dropout={self.dropout}")
+        if self.backend != "auto":
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)
