@@ -322,11 +322,4 @@ const char* decode_adapter_cuda(const DecodeAdapter& p, void* stream) {
   return last_launch_error();
 }
 
-bool stream_is_capturing(void* stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  // An error here (no capture support) means no capture is going on.
-  return cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status) == cudaSuccess &&
-         status != cudaStreamCaptureStatusNone;
-}
-
 }  // namespace vera
