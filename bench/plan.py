@@ -10,9 +10,9 @@ in csrc/vera_ops.cpp) and every other ATen kernel that touches memory is one lau
 and conjugation checks are none. Each tensor dimension of the proxy is mapped back to its symbol and
 rescaled to the requested shape, so the FLOPs and bytes below are those of the requested shape.
 
-Passes: the inference forward (no_grad, after a first call: the C++ plan's fold of the vectors into B is
-cached), a training step's forward (the fold is redone after every backward that computed the vectors'
-gradients) and its backward.
+Passes: the inference forward (no_grad, after a first call), a training step's forward and its backward
+(the C++ plan folds the vectors into B in each forward and again in each backward: nothing is kept between
+calls).
 
 Plans:
   cpp      the C++/CUDA extension (backend "cpu" is the CPU twin of "cuda": same ATen calls, same kernels

@@ -25,10 +25,10 @@ at::Tensor philox4x32_10(const at::Tensor& counters, const at::Tensor& keys);
 // B (out, r), base_out (M, out): one dtype (float32, bfloat16 or float16), any strides; lambda_d (r) and
 // lambda_b (out): float32 or x's dtype. y (M, out) and s (M, r): x's dtype, contiguous, sharing no memory
 // with the inputs. No M x out temporary: y is written once by the adapter term s Bdbᵀ (Bdb = b ⊙ B ⊙ d, out
-// x r, folded in each call into a temporary of the call: nothing is kept between calls; see vera_ops.cpp) with
-// the bias or base_out, then the base GEMM accumulates into it (beta = 1). On CUDA at M <= 16 (decode) the adapter
-// term comes from split-K kernels instead (vera_math.h, DecodeAdapter), which read B and the vectors as
-// they are.
+// x r, folded in each call into a temporary of the call; nothing is kept between calls: see vera_ops.cpp)
+// with the bias or base_out, then the base GEMM accumulates into it (beta = 1). On CUDA at M <= 16 (decode)
+// the adapter term comes from split-K kernels instead (vera_math.h, DecodeAdapter), which read B and the
+// vectors as they are.
 void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
                    const at::Tensor& lambda_d, const at::Tensor& lambda_b,
