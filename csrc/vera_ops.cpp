@@ -338,7 +338,8 @@ at::Tensor grad_outer(const at::Tensor& g, const at::Tensor& s) {
 at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
 // The decode kernels (DecodeAdapter in vera_math.h): banks of one row for one adapter (ids undefined).
-// Scratch: (splits + 1) M r floats from the caching allocator, no device allocation after the first call.
+// Scratch: decode_scratch_floats (about (splits + 1) M r floats) from the caching allocator on the call's
+// stream, no device allocation after the first call.
 void decode_adapter(const at::Tensor& y, const at::Tensor& s, const at::Tensor& x, const at::Tensor& A,
                     const at::Tensor& B, const at::Tensor& d_bank, const at::Tensor& b_bank, const at::Tensor& ids,
                     DecodeBase base_kind, const at::Tensor& base) {

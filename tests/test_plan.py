@@ -199,3 +199,40 @@ def test_inference_forward_allocates_its_outputs_and_one_fold():
     sizes = sorted(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
     assert sizes == sorted([4 * m * r, 4 * m * o, 4 * o * r]), sizes
     assert sum(e.self_cpu_memory_usage for e in prof.events()) == y.untyped_storage().nbytes()
+
+
+def test_cuda_decode_plan_is_read_from_the_cuda_source():
+    # The launches are those decode_adapter_cuda makes (its source, in order), then the base GEMM of the glue.
+    assert plan.cuda_decode_launches() == ["decode_shrink_kernel", "decode_shrink_total_kernel", "decode_expand_kernel"]
+    shape = dict(plan.TARGET, m=1)
+    decode = plan.cuda_decode_plan(shape)
+    assert [launch.name for launch in decode.passes["forward"]] == [
+        "cuda::decode_shrink_kernel", "cuda::decode_shrink_total_kernel", "cuda::decode_expand_kernel", "addmm_"]
+    # H200, r = 256: 32 blocks of 8 rank rows, about two blocks per SM: ceil(264 / 32) = 9 splits of x.
+    assert plan.cuda_decode_splits(4096, 256) == 9
+    assert plan.cuda_decode_splits(300, 256) == 1  # at least kDecodeMinSplit = 256 columns per split
+    # A kernel added to the launcher without a byte model is an error, not a silently missing launch.
+    source = plan._cuda_source().replace("decode_expand_kernel<E, V, 1><<<", "decode_extra_kernel<E, V, 1><<<")
+    assert "decode_extra_kernel" in plan.cuda_decode_launches(source)
+    with pytest.raises(ValueError, match="decode_extra_kernel"):
+        plan.cuda_decode_plan(shape, source)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_cuda_decode_plan_reads_each_matrix_once(m):
+    shape = dict(plan.TARGET, m=m)
+    i, o, r, size = shape["in_features"], shape["out_features"], shape["rank"], 2
+    launches = {launch.name: launch for launch in plan.cuda_decode_plan(shape).passes["forward"]}
+    # A and B once each (with x, t, the vectors and the bias: small), W once by the base GEMM.
+    assert r * i * size <= launches["cuda::decode_shrink_kernel"].bytes_read <= 1.01 * (r * i * size) + m * i * size
+    assert o * r * size <= launches["cuda::decode_expand_kernel"].bytes_read <= 1.05 * o * r * size + 4 * m * r
+    assert launches["addmm_"].bytes_read >= o * i * size
+    assert sum(launch.flops for launch in launches.values()) >= 2 * m * (i * o + r * (i + o))
+    # The bench's estimate for the cuda backend's decode forward is this plan's, within the decode target
+    # (docs/DESIGN.md section 5: <= 1.3x F.linear at M = 1..16).
+    estimate = plan.estimate_seconds("vera-cuda", "forward", m, i, o, r, "bfloat16")
+    assert estimate == plan.cuda_decode_plan(shape).seconds("forward")
+    base = next(p for p in plan.build_plans(shape) if p.name == "base").seconds("forward")
+    assert estimate / base <= 1.3
+    with pytest.raises(ValueError, match="1 <= M <= 16"):
+        plan.cuda_decode_plan(dict(shape, m=17))
