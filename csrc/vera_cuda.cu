@@ -14,7 +14,7 @@ namespace {
 constexpr int kScaleThreadsX = 64;  // columns per block
 constexpr int kScaleThreadsY = 4;   // rows per block
 constexpr int kSumThreads = 256;    // columns per block of the column sums
-constexpr int kWarp = kDecodeLanes;  // (vera_math.h: the lanes the decode lanes are dealt to)
+constexpr int kWarp = kDecodeLanes;  // 32 (vera_math.h, where the decode lanes' work is)
 constexpr int kDotWarps = 8;  // rows per block of the row dots, one warp each
 // The y grid dimension is capped by CUDA at 65535; x is capped here too. Grid-stride loops cover the rest.
 constexpr int64_t kMaxBlocksY = 65535;

@@ -173,13 +173,13 @@ struct GatherScale {
 //   2. shrink, second stage: σ = Σ_c partial[c, m, k] in split order (a fixed order: the same bits in every
 //      run); s[m, k] = σ rounded to `dtype` (s null: not stored); t[m, k] = d[a_m, k] σ (fp32 scratch)
 //   3. expand, one warp per output column j: y[m, j] = base + b[a_m, j] Σ_k t[m, k] B[j, k]
-// Each lane reads A, B and x in 16-byte vectors where their rows are 16-byte aligned (decode_shrink_lane,
-// decode_expand_lane below), element by element otherwise.
 // with a_m = ids[m] for many adapters in one batch (-1: no adapter, t = 0 and y = base bit for bit) and
 // a_m = 0 for one adapter (ids null, banks of one row). The base: kBias writes y = bias (null: 0) plus the
 // term, kRows y = base_rows + the term (base_out), kAccumulate adds the term to y as it is (-1: untouched).
 // x (rows x in), A (r x in), B (out x r) have unit column strides and the given row strides; the banks
-// (N x r, N x out, `v_dtype`), base_rows, y (rows x out) and s (rows x r) are contiguous.
+// (N x r, N x out, `v_dtype`), base_rows, y (rows x out) and s (rows x r) are contiguous. Each lane reads A,
+// B, x and t in 16-byte vectors where their rows are 16-byte aligned (decode_layout, decode_shrink_lane,
+// decode_expand_lane below), element by element otherwise.
 constexpr int64_t kDecodeMaxRows = 16;
 
 enum class DecodeBase { kBias, kRows, kAccumulate };
