@@ -10,9 +10,9 @@ in csrc/vera_ops.cpp) and every other ATen kernel that touches memory is one lau
 and conjugation checks are none. Each tensor dimension of the proxy is mapped back to its symbol and
 rescaled to the requested shape, so the FLOPs and bytes below are those of the requested shape.
 
-Passes: the inference forward (no_grad, after a first call: the C++ plan's fold of the vectors into B is
-cached), a training step's forward (the fold is redone after every backward that computed the vectors'
-gradients) and its backward.
+Passes: the inference forward (no_grad, after a first call), a training step's forward and its backward
+(the C++ plan folds the vectors into B in each forward and again in each backward: nothing is kept between
+calls).
 
 Plans:
   cpp      the C++/CUDA extension (backend "cpu" is the CPU twin of "cuda": same ATen calls, same kernels
@@ -28,6 +28,12 @@ Plans:
            each kernel launch with its tensor arguments, those it wrote found by comparing them before and
            after; FLOPs inferred from the operand shapes (see describe_triton)
 
+  cuda decode  (M <= 16) the CUDA backend's split-K decode kernels (csrc/vera_cuda.cu), which cannot run
+           here: its launches are read from the launcher's source (decode_adapter_cuda, in order) and the
+           glue's (the base GEMM vera_forward_ adds after them), the split count from decode_splits_cuda's
+           formula and constants (H200: 132 SMs), the bytes from what each kernel reads and writes
+           (cuda_decode_plan). Forward only (decode is inference).
+
 Roofline per launch: max(FLOPs / peak, bytes / bandwidth), summed over the launches (no launch latency,
 no overlap between launches): what a plan's launches allow with every kernel at the hardware's rate, not
 how close a kernel's own code comes to it (cuBLAS does; a Triton kernel may not). H200: 790 TFLOP/s for GEMMs on bf16/fp16 operands (cuBLAS's rate, measured
@@ -42,6 +48,7 @@ import argparse
 import functools
 import inspect
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -443,6 +450,77 @@ def build_plans(shape: dict) -> list[Plan]:
     return plans
 
 
+# --------------------------------------------------------------------------------------------------
+# The CUDA decode plan (M <= 16), from the CUDA source: it cannot be traced without a GPU.
+
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "csrc")
+H200_SMS = 132
+DECODE_MAX_ROWS = 16
+
+
+def _cuda_source() -> str:
+    with open(os.path.join(CSRC, "vera_cuda.cu"), encoding="utf-8") as f:
+        return f.read()
+
+
+def _constant(source: str, name: str) -> int:
+    found = re.search(rf"constexpr\s+(?:int|int64_t)\s+{name}\s*=\s*(\d+)\s*;", source)
+    if found is None:
+        raise ValueError(f"csrc/vera_cuda.cu: no constant {name}")
+    return int(found.group(1))
+
+
+def cuda_decode_launches(source: str | None = None) -> list[str]:
+    """The kernels decode_adapter_cuda launches, in order (each once: a kernel launched on either side of
+    an if, its vector or its element-by-element instance, is one launch)."""
+    source = _cuda_source() if source is None else source
+    start = source.index("const char* decode_adapter_cuda(")
+    body = source[start:source.index("\n}\n", start)]
+    return list(dict.fromkeys(re.findall(r"(\w+_kernel)<[^;]*?><<<", body)))
+
+
+def cuda_decode_splits(in_features: int, rank: int, sms: int = H200_SMS, source: str | None = None) -> int:
+    """decode_splits_cuda's count of K splits (about two blocks per SM, at least kDecodeMinSplit columns each)."""
+    source = _cuda_source() if source is None else source
+    warps, min_split = _constant(source, "kDecodeWarps"), _constant(source, "kDecodeMinSplit")
+    row_blocks = -(-rank // warps)
+    wanted = -(-2 * sms // row_blocks)
+    return max(1, min(wanted, max(1, in_features // min_split)))
+
+
+def cuda_decode_plan(shape: dict, source: str | None = None) -> Plan:
+    """vera_linear on the cuda backend at M <= 16, one adapter: the decode kernels write y = bias + the adapter
+    term, then the base GEMM accumulates x W0ᵀ into y (vera_ops.cpp, vera_forward_). Each kernel's DRAM bytes:
+    A, B and W read once (x, t and the partials are re-read from L2 by the blocks, counted once); x, A, B in
+    the requested dtype, the vectors and the scratch fp32. A and B are read in 16-byte vectors per lane when
+    their rows are 16-byte aligned (every row of the shared projections at these sizes)."""
+    m, i, o, r = shape["m"], shape["in_features"], shape["out_features"], shape["rank"]
+    if not 1 <= m <= DECODE_MAX_ROWS:
+        raise ValueError(f"the CUDA decode plan is for 1 <= M <= {DECODE_MAX_ROWS}, got M = {m}")
+    size = torch.empty(0, dtype=getattr(torch, shape["dtype"])).element_size()
+    source = _cuda_source() if source is None else source
+    splits = cuda_decode_splits(i, r, source=source)
+    model = {  # name -> (shapes, FLOPs, bytes read, bytes written)
+        "decode_shrink_kernel": ([("r", "in"), ("M", "in")], 2 * m * r * i, (r * i + m * i) * size,
+                                 4 * splits * m * r),
+        "decode_shrink_total_kernel": ([(str(splits), "M", "r"), ("r",)], splits * m * r, 4 * (splits * m * r + r),
+                                       m * r * (size + 4)),
+        "decode_expand_kernel": ([("out", "r"), ("M", "r"), ("out",), ("out",)], 2 * m * r * o,
+                                 o * r * size + 4 * (m * r + o) + o * size, m * o * size),
+    }
+    launches = []
+    for name in cuda_decode_launches(source):
+        if name not in model:
+            raise ValueError(f"csrc/vera_cuda.cu launches {name} in decode_adapter_cuda: bench/plan.py has no "
+                             "model of its bytes (cuda_decode_plan)")
+        shapes, flops, read, written = model[name]
+        launches.append(Launch("cuda::" + name, shapes, flops, read, written))
+    # y += x W0ᵀ (cuBLAS): W, x and y read, y written.
+    launches.append(Launch("addmm_", [("M", "out"), ("M", "in"), ("in", "out")], 2 * m * i * o,
+                           (o * i + m * i + m * o) * size, m * o * size))
+    return Plan("cuda decode", {"forward": launches})
+
+
 # The layer benchmark's implementations (bench/harness.py) and passes, by plan.
 _BENCH_PLANS = {"base": "base", "vera-cuda": "cpp", "vera-cpu": "cpp", "vera-triton": "triton", "unfused": "unfused",
                 "peft": "peft"}
@@ -455,6 +533,8 @@ def estimate_seconds(impl: str, pass_: str, m: int, in_features: int, out_featur
     if name is None:
         return None
     shape = dict(m=m, in_features=in_features, out_features=out_features, rank=rank or PROXY["rank"], dtype=dtype)
+    if impl == "vera-cuda" and pass_ == "forward" and m <= DECODE_MAX_ROWS:
+        return cuda_decode_plan(shape).seconds("forward")
     plan = next((p for p in build_plans(shape) if p.name == name), None)
     if plan is None:
         return None
@@ -488,7 +568,8 @@ def report(shape: dict, plans: list[Plan]) -> str:
     lines = [f"Plans for M = {shape['m']}, in = {shape['in_features']}, out = {shape['out_features']}, "
              f"r = {shape['rank']}, {shape['dtype']}; roofline: H200, {PEAK_FLOPS / 1e12:.0f} TFLOP/s, "
              f"{BANDWIDTH / 1e12:.1f} TB/s (an estimate, not a measurement)", ""]
-    for plan in plans:
+    decode = [cuda_decode_plan(shape)] if shape["m"] <= DECODE_MAX_ROWS else []
+    for plan in plans + decode:
         for pass_, launches in plan.passes.items():
             if pass_ == "training forward" and [l.name for l in launches] == [l.name for l in plan.passes["forward"]]:
                 lines.append(f"{plan.name} {pass_}: as its forward")
@@ -496,12 +577,15 @@ def report(shape: dict, plans: list[Plan]) -> str:
             lines.append(f"{plan.name} {pass_}: {len(launches)} launches, {plan.seconds(pass_) * 1e6:.1f} us")
             for launch in launches:
                 shapes = " ".join("(" + ",".join(s) + ")" for s in launch.shapes)
-                lines.append(f"  {launch.name:22s} {launch.flops / 1e9:9.2f} GFLOP  read {_fmt_bytes(launch.bytes_read)}"
+                lines.append(f"  {launch.name:32s} {launch.flops / 1e9:9.2f} GFLOP  read {_fmt_bytes(launch.bytes_read)}"
                              f"  write {_fmt_bytes(launch.bytes_written)}  {launch.seconds() * 1e6:8.1f} us  {shapes}")
         lines.append("")
-    if shape["m"] <= 16:
-        lines.append("note: at M <= 16 the cuda backend runs its split-K decode kernels (csrc/vera_cuda.cu), not "
-                     "the GEMM plan traced above; the cpp rows are the CPU twin's plan")
+    if decode:
+        lines.append(f"note: at M <= {DECODE_MAX_ROWS} the cuda backend runs the cuda decode plan ({H200_SMS} SMs: "
+                     f"{cuda_decode_splits(shape['in_features'], shape['rank'])} K splits; 16-byte loads of A, B "
+                     "and x per lane where their rows are 16-byte aligned), not the GEMM plan traced above; the "
+                     "cpp rows are the CPU twin's plan")
+        lines.append(f"cuda decode forward / base fwd: {decode[0].seconds('forward') / next(p for p in plans if p.name == 'base').seconds('forward'):.3f}")
     floor = floors(shape)
     lines.append(f"Estimated time over the base layer's (arithmetic floor: forward {floor['forward']:.3f}, "
                  f"forward+backward {floor['forward+backward']:.3f}):")

@@ -14,7 +14,7 @@ namespace {
 constexpr int kScaleThreadsX = 64;  // columns per block
 constexpr int kScaleThreadsY = 4;   // rows per block
 constexpr int kSumThreads = 256;    // columns per block of the column sums
-constexpr int kWarp = 32;
+constexpr int kWarp = kDecodeLanes;  // 32 (vera_math.h, where the decode lanes' work is)
 constexpr int kDotWarps = 8;  // rows per block of the row dots, one warp each
 // The y grid dimension is capped by CUDA at 65535; x is capped here too. Grid-stride loops cover the rest.
 constexpr int64_t kMaxBlocksY = 65535;
@@ -134,29 +134,19 @@ constexpr int64_t kDecodeMinSplit = 256;  // columns of x at least per split of 
 // The adapter of row m: ids[m], or 0 for one adapter.
 __device__ int64_t adapter_of(const DecodeAdapter& p, int64_t m) { return p.ids == nullptr ? 0 : p.ids[m]; }
 
-// Stage 1: one warp per rank row k, over the columns of split c (blockIdx.y); the lanes stride the columns,
-// then a butterfly per row m.
-template <typename E>
+// Stage 1: one warp per rank row k, over the columns of split c (blockIdx.y): each lane adds its columns
+// (decode_shrink_lane: vectors of kVec elements, kVectorElems<E> when the rows are 16-byte aligned, else
+// 1), then a butterfly per row m.
+template <typename E, int kVec>
 __global__ void decode_shrink_kernel(DecodeAdapter p, int64_t split_len) {
-  using T = typename E::type;
   const int lane = threadIdx.x % kWarp;
   const int64_t k = blockIdx.x * int64_t(kDecodeWarps) + threadIdx.x / kWarp;
   if (k >= p.r) return;
   const int64_t c = blockIdx.y;
-  const int64_t begin = c * split_len;
-  const int64_t end = begin + split_len < p.in ? begin + split_len : p.in;
-  const T* const x = static_cast<const T*>(p.x);
-  const T* const a_row = static_cast<const T*>(p.A) + k * p.A_stride;
   float acc[kDecodeMaxRows];
 #pragma unroll
   for (int m = 0; m < kDecodeMaxRows; ++m) acc[m] = 0.0f;
-  for (int64_t i = begin + lane; i < end; i += kWarp) {
-    const float a = E::load(a_row[i]);
-#pragma unroll
-    for (int m = 0; m < kDecodeMaxRows; ++m) {
-      if (m < p.rows) acc[m] += E::load(x[m * p.x_stride + i]) * a;
-    }
-  }
+  decode_shrink_warp_lane<E, kVec>(acc, p, split_len, k, c, lane);
 #pragma unroll
   for (int m = 0; m < kDecodeMaxRows; ++m) {
     if (m >= p.rows) break;
@@ -170,7 +160,7 @@ __global__ void decode_shrink_kernel(DecodeAdapter p, int64_t split_len) {
 template <typename E, typename V>
 __global__ void decode_shrink_total_kernel(DecodeAdapter p) {
   const int64_t n = p.rows * p.r;
-  float* const t = p.scratch + p.splits * n;
+  float* const t = p.scratch + decode_t_offset(p.rows, p.r, p.splits);
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = idx / p.r, k = idx % p.r;
     float sigma = 0.0f;
@@ -181,25 +171,19 @@ __global__ void decode_shrink_total_kernel(DecodeAdapter p) {
   }
 }
 
-// Stage 3: one warp per output column j (grid-stride); lane m < rows writes y[m, j].
-template <typename E, typename V>
+// Stage 3: one warp per output column j (grid-stride): each lane adds its k (decode_expand_lane: vectors of
+// kVec elements of B and t when B's rows and t's are 16-byte aligned, else kVec = 1); lane m < rows writes
+// y[m, j].
+template <typename E, typename V, int kVec>
 __global__ void decode_expand_kernel(DecodeAdapter p) {
   using T = typename E::type;
   const int lane = threadIdx.x % kWarp;
-  const float* const t = p.scratch + p.splits * p.rows * p.r;
   for (int64_t j = blockIdx.x * int64_t(kDecodeWarps) + threadIdx.x / kWarp; j < p.out;
        j += int64_t(gridDim.x) * kDecodeWarps) {
-    const T* const b_row = static_cast<const T*>(p.B) + j * p.B_stride;
     float acc[kDecodeMaxRows];
 #pragma unroll
     for (int m = 0; m < kDecodeMaxRows; ++m) acc[m] = 0.0f;
-    for (int64_t k = lane; k < p.r; k += kWarp) {
-      const float bjk = E::load(b_row[k]);
-#pragma unroll
-      for (int m = 0; m < kDecodeMaxRows; ++m) {
-        if (m < p.rows) acc[m] += t[m * p.r + k] * bjk;
-      }
-    }
+    decode_expand_warp_lane<E, kVec>(acc, p, j, lane);
     float mine = 0.0f;  // lane m keeps the sum of row m
 #pragma unroll
     for (int m = 0; m < kDecodeMaxRows; ++m) {
@@ -307,26 +291,26 @@ int64_t decode_splits_cuda(int64_t in, int64_t r, int device) {
 const char* decode_adapter_cuda(const DecodeAdapter& p, void* stream) {
   if (p.rows == 0 || p.out == 0) return nullptr;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  // Each split a multiple of the warp width, so that the lanes' loads of a row stay aligned.
-  const int64_t split_len = ceil_div(ceil_div(p.in, p.splits), kWarp) * kWarp;
   dispatch_dtype(p.dtype, [&](auto e) {
     dispatch_dtype(p.v_dtype, [&](auto v) {
       using E = decltype(e);
       using V = decltype(v);
+      const DecodeLayout layout = decode_layout(p, kVectorElems<E>, sizeof(typename E::type));
       const dim3 shrink_grid(unsigned(ceil_div(p.r, kDecodeWarps)), unsigned(p.splits));
-      decode_shrink_kernel<E><<<shrink_grid, kDecodeWarps * kWarp, 0, s>>>(p, split_len);
+      if (layout.shrink_vec > 1) {
+        decode_shrink_kernel<E, kVectorElems<E>><<<shrink_grid, kDecodeWarps * kWarp, 0, s>>>(p, layout.split_len);
+      } else {
+        decode_shrink_kernel<E, 1><<<shrink_grid, kDecodeWarps * kWarp, 0, s>>>(p, layout.split_len);
+      }
       decode_shrink_total_kernel<E, V><<<blocks_x(p.rows * p.r, kSumThreads), kSumThreads, 0, s>>>(p);
-      decode_expand_kernel<E, V><<<blocks_x(p.out, kDecodeWarps), kDecodeWarps * kWarp, 0, s>>>(p);
+      if (layout.expand_vec > 1) {
+        decode_expand_kernel<E, V, kVectorElems<E>><<<blocks_x(p.out, kDecodeWarps), kDecodeWarps * kWarp, 0, s>>>(p);
+      } else {
+        decode_expand_kernel<E, V, 1><<<blocks_x(p.out, kDecodeWarps), kDecodeWarps * kWarp, 0, s>>>(p);
+      }
     });
   });
   return last_launch_error();
-}
-
-bool stream_is_capturing(void* stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  // An error here (no capture support) means no capture is going on.
-  return cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status) == cudaSuccess &&
-         status != cudaStreamCaptureStatusNone;
 }
 
 }  // namespace vera

@@ -177,7 +177,9 @@ struct GatherScale {
 // a_m = 0 for one adapter (ids null, banks of one row). The base: kBias writes y = bias (null: 0) plus the
 // term, kRows y = base_rows + the term (base_out), kAccumulate adds the term to y as it is (-1: untouched).
 // x (rows x in), A (r x in), B (out x r) have unit column strides and the given row strides; the banks
-// (N x r, N x out, `v_dtype`), base_rows, y (rows x out) and s (rows x r) are contiguous.
+// (N x r, N x out, `v_dtype`), base_rows, y (rows x out) and s (rows x r) are contiguous. Each lane reads A,
+// B, x and t in 16-byte vectors where their rows are 16-byte aligned (decode_layout, decode_shrink_lane,
+// decode_expand_lane below), element by element otherwise.
 constexpr int64_t kDecodeMaxRows = 16;
 
 enum class DecodeBase { kBias, kRows, kAccumulate };
@@ -200,9 +202,198 @@ struct DecodeAdapter {
   float* scratch;  // decode_scratch_floats(rows, r, splits) floats
 };
 
-VERA_HD int64_t decode_scratch_floats(int64_t rows, int64_t r, int64_t splits) { return (splits + 1) * rows * r; }
+// The scratch: the partials (splits x rows x r floats), then t (rows x r floats) from a 16-byte boundary, so
+// that t's rows are 16-byte aligned when r is a multiple of 4 (the scratch itself comes from an allocator
+// that aligns far more).
+VERA_HD int64_t decode_t_offset(int64_t rows, int64_t r, int64_t splits) { return (splits * rows * r + 3) / 4 * 4; }
 
-void fold_projection_cpu(const FoldProjection& p);
+VERA_HD int64_t decode_scratch_floats(int64_t rows, int64_t r, int64_t splits) {
+  return decode_t_offset(rows, r, splits) + rows * r;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// What one lane of a decode kernel reads and adds: shared by the CUDA kernels (vera_cuda.cu) and the CPU
+// unit test that runs every lane of a warp (tests/cpp/test_decode.cpp), so that the vector indexing is
+// checked without a GPU.
+
+#if defined(__CUDACC__)
+#define VERA_UNROLL _Pragma("unroll")
+#else
+#define VERA_UNROLL
+#endif
+
+constexpr int kDecodeLanes = 32;  // a warp
+
+// Elements of E's storage type in 16 bytes: the decode kernels' vector width (8 for bf16/fp16, 4 for fp32).
+template <typename E>
+constexpr int kVectorElems = int(16 / sizeof(typename E::type));
+
+template <typename T, int V>
+struct Pack {
+  T v[V];
+};
+
+struct alignas(16) Bytes16 {
+  uint32_t w[4];
+};
+
+// A hook for the CPU unit test (tests/cpp/test_decode.cpp), which checks that every vector load is 16-byte
+// aligned; nothing in the kernels.
+#ifndef VERA_DECODE_CHECK_ALIGNED
+#define VERA_DECODE_CHECK_ALIGNED(p)
+#endif
+
+// V elements from p. When V * sizeof(T) is a multiple of 16: in 16-byte pieces, each one 16-byte load on
+// the GPU (p must then be 16-byte aligned: the launcher checks, decode_layout); otherwise element by element.
+template <typename T, int V>
+VERA_HD Pack<T, V> load_pack(const T* p) {
+  Pack<T, V> out;
+  if constexpr (V * sizeof(T) % 16 == 0) {
+    VERA_DECODE_CHECK_ALIGNED(p);
+    VERA_UNROLL
+    for (int i = 0; i < int(V * sizeof(T) / 16); ++i) {
+#ifdef __CUDA_ARCH__
+      const Bytes16 raw = reinterpret_cast<const Bytes16*>(p)[i];
+#else
+      Bytes16 raw;
+      memcpy(&raw, reinterpret_cast<const unsigned char*>(p) + 16 * i, 16);
+#endif
+      memcpy(reinterpret_cast<unsigned char*>(out.v) + 16 * i, raw.w, 16);
+    }
+  } else {
+    VERA_UNROLL
+    for (int i = 0; i < V; ++i) out.v[i] = p[i];
+  }
+  return out;
+}
+
+// Whether a matrix (its first element at `base`, `rows` rows `row_stride` elements apart, `elem_size` bytes
+// each) can be read in 16-byte vectors from the start of any row: base and every row start 16-byte aligned.
+inline bool rows_16_byte_aligned(const void* base, int64_t rows, int64_t row_stride, int64_t elem_size) {
+  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && (rows <= 1 || (row_stride * elem_size) % 16 == 0);
+}
+
+// How a lane's columns of [0, n) are dealt (both decode kernels): in chunks of V consecutive columns,
+// chunk c = [c V, c V + V) to lane c mod kDecodeLanes, two chunks per trip of the loop (their loads in
+// flight together), then the n mod V columns past the last whole chunk one each to lanes 0, 1, ...: every
+// column to exactly one lane. Calls chunk(first column) for the lane's chunks and single(column) for its
+// tail columns, in a fixed order.
+template <int V, typename Chunk, typename Single>
+VERA_HD void for_lane_columns(int64_t n, int lane, Chunk&& chunk, Single&& single) {
+  const int64_t chunks = n > 0 ? n / V : 0;
+  int64_t c = lane;
+  for (; c + kDecodeLanes < chunks; c += 2 * kDecodeLanes) {
+    chunk(c * V);
+    chunk((c + kDecodeLanes) * V);
+  }
+  if (c < chunks) chunk(c * V);
+  for (int64_t i = chunks * V + lane; i < n; i += kDecodeLanes) single(i);
+}
+
+// Shrink, one lane of the warp of rank row k over the columns [begin, end) of split c: acc[m] += x[m, i]
+// A[k, i] over the lane's columns i (for_lane_columns, offset by begin), m < rows, in fp32. x_rows points
+// at x[0, begin], a_row at A[k, begin]. V > 1: both 16-byte aligned, and x's rows too (begin a multiple of
+// V and rows_16_byte_aligned for x and A); V = 1 reads element by element, any layout.
+template <typename E, int V>
+VERA_HD void decode_shrink_lane(float (&acc)[kDecodeMaxRows], const typename E::type* x_rows, int64_t x_stride,
+                                int64_t rows, const typename E::type* a_row, int64_t n, int lane) {
+  using T = typename E::type;
+  for_lane_columns<V>(
+      n, lane,
+      [&](int64_t i) {
+        const Pack<T, V> a = load_pack<T, V>(a_row + i);
+        VERA_UNROLL
+        for (int m = 0; m < kDecodeMaxRows; ++m) {
+          if (m < rows) {
+            const Pack<T, V> xm = load_pack<T, V>(x_rows + m * x_stride + i);
+            VERA_UNROLL
+            for (int v = 0; v < V; ++v) acc[m] += E::load(xm.v[v]) * E::load(a.v[v]);
+          }
+        }
+      },
+      [&](int64_t i) {
+        const float a = E::load(a_row[i]);
+        VERA_UNROLL
+        for (int m = 0; m < kDecodeMaxRows; ++m) {
+          if (m < rows) acc[m] += E::load(x_rows[m * x_stride + i]) * a;
+        }
+      });
+}
+
+// Expand, one lane of the warp of output column j: acc[m] += t[m, k] B[j, k] over the lane's k of [0, r)
+// (for_lane_columns), m < rows, in fp32. t: rows x r floats, contiguous; b_row: B[j, :]. V > 1: b_row and
+// t's rows 16-byte aligned (rows_16_byte_aligned for B, r a multiple of 4, decode_t_offset); V = 1 reads
+// element by element, any layout.
+template <typename E, int V>
+VERA_HD void decode_expand_lane(float (&acc)[kDecodeMaxRows], const float* t, int64_t rows, int64_t r,
+                                const typename E::type* b_row, int lane) {
+  using T = typename E::type;
+  for_lane_columns<V>(
+      r, lane,
+      [&](int64_t k) {
+        const Pack<T, V> b = load_pack<T, V>(b_row + k);
+        VERA_UNROLL
+        for (int m = 0; m < kDecodeMaxRows; ++m) {
+          if (m < rows) {
+            const Pack<float, V> tm = load_pack<float, V>(t + m * r + k);
+            VERA_UNROLL
+            for (int v = 0; v < V; ++v) acc[m] += tm.v[v] * E::load(b.v[v]);
+          }
+        }
+      },
+      [&](int64_t k) {
+        const float b = E::load(b_row[k]);
+        VERA_UNROLL
+        for (int m = 0; m < kDecodeMaxRows; ++m) {
+          if (m < rows) acc[m] += t[m * r + k] * b;
+        }
+      });
+}
+
+// Which path each decode kernel takes for these tensors (vec: kVectorElems of the dtype, elem_size its
+// bytes): 16-byte loads where every row they start in is 16-byte aligned, element by element otherwise; and
+// the columns of x per split, a multiple of the warp's columns per trip so that every split starts on a
+// vector (the last splits may be empty).
+struct DecodeLayout {
+  int shrink_vec, expand_vec;  // elements per load: vec or 1
+  int64_t split_len;
+};
+
+inline DecodeLayout decode_layout(const DecodeAdapter& p, int vec, int64_t elem_size) {
+  DecodeLayout l;
+  const bool shrink = rows_16_byte_aligned(p.x, p.rows, p.x_stride, elem_size) &&
+                      rows_16_byte_aligned(p.A, p.r, p.A_stride, elem_size);
+  const bool expand = rows_16_byte_aligned(p.B, p.out, p.B_stride, elem_size) && p.r % 4 == 0 &&
+                      rows_16_byte_aligned(p.scratch + decode_t_offset(p.rows, p.r, p.splits), 1, 0, 4);
+  l.shrink_vec = shrink ? vec : 1;
+  l.expand_vec = expand ? vec : 1;
+  const int64_t per_trip = int64_t(kDecodeLanes) * l.shrink_vec;
+  l.split_len = ((p.in + p.splits - 1) / p.splits + per_trip - 1) / per_trip * per_trip;
+  return l;
+}
+
+// Lane `lane` of the shrink's warp for rank row k and split c: its partial sums of x[m, :] A[k, :] over the
+// split's columns (decode_shrink_lane), into acc.
+template <typename E, int V>
+VERA_HD void decode_shrink_warp_lane(float (&acc)[kDecodeMaxRows], const DecodeAdapter& p, int64_t split_len,
+                                     int64_t k, int64_t c, int lane) {
+  using T = typename E::type;
+  const int64_t begin = c * split_len;
+  if (begin >= p.in) return;  // an empty split (its sums are 0)
+  const int64_t end = begin + split_len < p.in ? begin + split_len : p.in;
+  decode_shrink_lane<E, V>(acc, static_cast<const T*>(p.x) + begin, p.x_stride, p.rows,
+                           static_cast<const T*>(p.A) + k * p.A_stride + begin, end - begin, lane);
+}
+
+// Lane `lane` of the expand's warp for output column j: its partial sums of t[m, :] B[j, :] (decode_expand_lane).
+template <typename E, int V>
+VERA_HD void decode_expand_warp_lane(float (&acc)[kDecodeMaxRows], const DecodeAdapter& p, int64_t j, int lane) {
+  decode_expand_lane<E, V>(acc, p.scratch + decode_t_offset(p.rows, p.r, p.splits), p.rows, p.r,
+                           static_cast<const typename E::type*>(p.B) + j * p.B_stride, lane);
+}
+
+// Returns whether every b[j] is finite (see vera_ops.cpp, Folded).
+bool fold_projection_cpu(const FoldProjection& p);
 void lambda_grads_cpu(const LambdaGrads& p);
 void gather_scale_cpu(const GatherScale& p);
 void column_sums_cpu(const ColumnSums& p);
@@ -218,7 +409,5 @@ const char* column_sums_cuda(const ColumnSums& p, float* scratch, void* stream);
 // of x per split.
 int64_t decode_splits_cuda(int64_t in, int64_t r, int device);
 const char* decode_adapter_cuda(const DecodeAdapter& p, void* stream);
-// Whether `stream` is being captured into a CUDA graph (work issued now runs again at every replay).
-bool stream_is_capturing(void* stream);
 
 }  // namespace vera

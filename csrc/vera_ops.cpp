@@ -7,7 +7,6 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/logical_and.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/record_function.h>
@@ -17,9 +16,6 @@
 
 #include <algorithm>
 #include <initializer_list>
-#include <iterator>
-#include <map>
-#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -276,131 +272,44 @@ constexpr int64_t kMultiBlockElements = int64_t(1) << 17;
 constexpr int64_t kMultiBlockElementsCuda = int64_t(1) << 24;
 
 // ---------------------------------------------------------------------------------------------------
-// The folded projection Bdb = b[:, None] * B * d[None, :] (out x r, x's dtype) and its cache.
+// The folded projection Bdb = b[:, None] * B * d[None, :] (out x r, x's dtype).
 //
 // One GEMM with Bdb applies both vectors: the forward's adapter term is s Bdbᵀ and the backward's d ⊙ dt is
-// g Bdb, so no pass over an M-sized tensor scales anything. Inference calls a layer again and again with
-// the same B and vectors, so the fold is kept and reused while B, lambda_d and lambda_b are the same tensors
-// with the same contents. "The same" is checked without reading them: each is watched through a weak
-// reference to its storage (the address of a storage cannot be reused while the reference lives), its data
-// pointer, sizes, strides, dtype and its version counter, which every in-place op increments (optimizer
-// steps under no_grad, load_state_dict's copy_, the init functions).
-// Two kinds of writes escape the version counter: writes through `.data` or another detached alias (it
-// has a counter of its own), and torch's fused optimizers (torch._fused_adam_ does not bump it, torch
-// 2.13). The second is covered by forgetting the entry in every backward that computes dd or db: an
-// optimizer changes only vectors that received gradients, so the forward after a training step folds
-// anew. Never cached: inference tensors (no version counter) and calls under CUDA graph capture (a replay
-// must rerun the fold, which then sees the vectors of that moment). The fold is written on the stream of
-// the call that made it; calls on other streams follow the usual rule for tensors shared across streams.
-
-// Writes Bdb into out; returns whether b is finite (see Folded).
-bool fold_projection(const at::Tensor& out, const at::Tensor& B, const at::Tensor& d, const at::Tensor& b) {
-  RECORD_FUNCTION("vera::fold_projection", std::vector<c10::IValue>({B, d, b}));
-  FoldProjection p;
-  p.out = out.data_ptr();
-  set_projection_and_vectors(p, B, d, b);
-#ifdef VERA_WITH_CUDA
-  if (out.is_cuda()) {
-    check_cuda("vera fold projection", fold_projection_cuda(p, current_stream(out)));
-    return true;
-  }
-#endif
-  fold_projection_cpu(p);
-  return at::isfinite(b).all().item<bool>();
-}
-
-// What identifies a tensor's contents without reading them (see above).
-struct Watched {
-  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
-  const void* data = nullptr;
-  std::vector<int64_t> sizes, strides;
-  at::ScalarType dtype = at::kFloat;
-  int64_t version = 0;
-
-  explicit Watched(const at::Tensor& t)
-      : storage(t.storage().getWeakStorageImpl()),
-        data(t.const_data_ptr()),
-        sizes(t.sizes().vec()),
-        strides(t.strides().vec()),
-        dtype(t.scalar_type()),
-        version(t._version()) {}
-
-  bool matches(const at::Tensor& t) const {
-    // The weak reference keeps the StorageImpl's address reserved: equal addresses are the same storage.
-    return !storage.expired() && storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() &&
-           data == t.const_data_ptr() && t.sizes() == at::IntArrayRef(sizes) &&
-           t.strides() == at::IntArrayRef(strides) && dtype == t.scalar_type() && version == t._version();
-  }
-};
+// g Bdb, so no pass over an M-sized tensor scales anything. It is folded anew in every call that needs it,
+// from the vectors as they are at that moment, into a temporary that the call owns and drops when it
+// returns (on CUDA from the caching allocator on the call's stream, which is the stream every launch of
+// the call runs on: the memory goes back to that stream's pool and is reused there only after this call's
+// launches, in stream order). Nothing is kept between calls: a cache would need a signal that the vectors
+// changed, and none is reliable (version counters miss writes through `.data` or detached aliases, torch's
+// fused optimizers, another process writing shared memory), and it would hold one out x r fold per layer.
+// The cost is one out x r element-wise pass per call (the GEMMs around it are M x out x r and more). At
+// most one fold is alive per call: memory for folds does not grow with the number of layers.
 
 // Bdb, and whether folding b keeps the formula: Σ_k s_k (b_j B_jk d_k) equals b_j Σ_k t_k B_jk only for a
 // finite b_j (an infinite one times entries of both signs sums to inf - inf = NaN where the formula gives
-// ±inf). Checked on CPU tensors, where no device has to be waited for; assumed on CUDA.
+// ±inf). Checked on CPU tensors by the fold itself, where no device has to be waited for; assumed on CUDA.
 struct Folded {
   at::Tensor Bdb;
   bool b_finite = true;
 };
 
-struct FoldedEntry {
-  Watched B, d, b;
-  Folded folded;
-};
-
-// Keyed by the three data pointers and the dtype of the fold; the entry's Watched fields decide.
-using FoldKey = std::tuple<const void*, const void*, const void*, at::ScalarType>;
-
-std::mutex fold_cache_mutex;
-std::map<FoldKey, FoldedEntry>& fold_cache() {
-  static auto* cache = new std::map<FoldKey, FoldedEntry>();  // never destroyed: no order problem at exit
-  return *cache;
-}
-
-FoldKey fold_key(const at::Tensor& B, const at::Tensor& d, const at::Tensor& b, at::ScalarType dtype) {
-  return {B.const_data_ptr(), d.const_data_ptr(), b.const_data_ptr(), dtype};
-}
-
-bool cacheable(std::initializer_list<const at::Tensor*> tensors) {
-  for (const at::Tensor* t : tensors) {
-    if (t->is_inference() || !t->has_storage()) return false;
-  }
-#ifdef VERA_WITH_CUDA
-  if (tensors.begin()[0]->is_cuda() && stream_is_capturing(current_stream(*tensors.begin()[0]))) return false;
-#endif
-  return true;
-}
-
-// Bdb for these B, lambda_d, lambda_b in B's dtype, contiguous: the cached one, or folded now.
+// Bdb for these B, lambda_d, lambda_b in B's dtype, contiguous, folded now into memory the caller owns.
 Folded folded_projection(const at::Tensor& B, const at::Tensor& lambda_d, const at::Tensor& lambda_b) {
-  const bool use_cache = cacheable({&B, &lambda_d, &lambda_b});
-  const FoldKey key = fold_key(B, lambda_d, lambda_b, B.scalar_type());
-  if (use_cache) {
-    const std::lock_guard<std::mutex> lock(fold_cache_mutex);
-    const auto found = fold_cache().find(key);
-    if (found != fold_cache().end()) {
-      const FoldedEntry& e = found->second;
-      if (e.B.matches(B) && e.d.matches(lambda_d) && e.b.matches(lambda_b)) return e.folded;
-    }
-  }
+  RECORD_FUNCTION("vera::fold_projection", std::vector<c10::IValue>({B, lambda_d, lambda_b}));
   Folded folded;
   folded.Bdb = at::empty({B.size(0), B.size(1)}, B.options().memory_format(at::MemoryFormat::Contiguous));
-  folded.b_finite = fold_projection(folded.Bdb, B.contiguous(), lambda_d.contiguous(), lambda_b.contiguous());
-  if (use_cache) {
-    const std::lock_guard<std::mutex> lock(fold_cache_mutex);
-    auto& cache = fold_cache();
-    // Entries of tensors that no longer exist go first: the cache holds one fold per live layer and dtype.
-    for (auto it = cache.begin(); it != cache.end();) {
-      const FoldedEntry& e = it->second;
-      it = e.B.storage.expired() || e.d.storage.expired() || e.b.storage.expired() ? cache.erase(it) : std::next(it);
-    }
-    cache.insert_or_assign(key, FoldedEntry{Watched(B), Watched(lambda_d), Watched(lambda_b), folded});
+  const at::Tensor B_c = B.contiguous(), d = lambda_d.contiguous(), b = lambda_b.contiguous();
+  FoldProjection p;
+  p.out = folded.Bdb.data_ptr();
+  set_projection_and_vectors(p, B_c, d, b);
+#ifdef VERA_WITH_CUDA
+  if (B.is_cuda()) {
+    check_cuda("vera fold projection", fold_projection_cuda(p, current_stream(B)));
+    return folded;
   }
+#endif
+  folded.b_finite = fold_projection_cpu(p);
   return folded;
-}
-
-// Drops the fold of these tensors: their gradients were just computed, an optimizer step may follow.
-void forget_folded_projection(const at::Tensor& B, const at::Tensor& lambda_d, const at::Tensor& lambda_b) {
-  const std::lock_guard<std::mutex> lock(fold_cache_mutex);
-  fold_cache().erase(fold_key(B, lambda_d, lambda_b, B.scalar_type()));
 }
 
 // Rows of g widened to fp32 at a time by grad_outer on CPU (a temporary of kWidenRows x out floats).
@@ -429,7 +338,8 @@ at::Tensor grad_outer(const at::Tensor& g, const at::Tensor& s) {
 at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
 // The decode kernels (DecodeAdapter in vera_math.h): banks of one row for one adapter (ids undefined).
-// Scratch: (splits + 1) M r floats from the caching allocator, no device allocation after the first call.
+// Scratch: decode_scratch_floats (about (splits + 1) M r floats) from the caching allocator on the call's
+// stream, no device allocation after the first call.
 void decode_adapter(const at::Tensor& y, const at::Tensor& s, const at::Tensor& x, const at::Tensor& A,
                     const at::Tensor& B, const at::Tensor& d_bank, const at::Tensor& b_bank, const at::Tensor& ids,
                     DecodeBase base_kind, const at::Tensor& base) {
@@ -766,7 +676,6 @@ void vera_backward_(const std::optional<at::Tensor>& dx, const std::optional<at:
     at::mm_out(dx_out, at::mm(grad_out, folded_projection(B, lambda_d, lambda_b).Bdb), A);
     if (weight) dx_out.addmm_(grad_out, *weight);
   }
-  if (dd || db) forget_folded_projection(B, lambda_d, lambda_b);
 }
 
 bool built_with_cuda() {

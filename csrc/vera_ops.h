@@ -25,10 +25,10 @@ at::Tensor philox4x32_10(const at::Tensor& counters, const at::Tensor& keys);
 // B (out, r), base_out (M, out): one dtype (float32, bfloat16 or float16), any strides; lambda_d (r) and
 // lambda_b (out): float32 or x's dtype. y (M, out) and s (M, r): x's dtype, contiguous, sharing no memory
 // with the inputs. No M x out temporary: y is written once by the adapter term s Bdbᵀ (Bdb = b ⊙ B ⊙ d, out
-// x r, folded once and cached while B and the vectors are unchanged; see vera_ops.cpp) with the bias or
-// base_out, then the base GEMM accumulates into it (beta = 1). On CUDA at M <= 16 (decode) the adapter
-// term comes from split-K kernels instead (vera_math.h, DecodeAdapter), which read B and the vectors as
-// they are.
+// x r, folded in each call into a temporary of the call; nothing is kept between calls: see vera_ops.cpp)
+// with the bias or base_out, then the base GEMM accumulates into it (beta = 1). On CUDA at M <= 16 (decode)
+// the adapter term comes from split-K kernels instead (vera_math.h, DecodeAdapter), which read B and the
+// vectors as they are.
 void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
                    const at::Tensor& lambda_d, const at::Tensor& lambda_b,
@@ -57,8 +57,8 @@ void vera_forward_multi_(at::Tensor y, const at::Tensor& x, const std::optional<
 //   dbias (out)  = Σ_m g                  in grad_out's dtype
 // G accumulates and is stored in fp32 (its sums over M overflow fp16); d ⊙ dt = g Bdb, then dx is written
 // once by (d ⊙ dt) A and g W0 accumulates into it. Reductions in fp32 in a fixed order; no M x out
-// temporary. Outputs are contiguous and share no memory with the inputs or each other. Computing dd or db
-// drops the cached fold of these vectors (an optimizer step may follow).
+// temporary. Outputs are contiguous and share no memory with the inputs or each other. Bdb is folded
+// again here, from the vectors as they are now (nothing is kept from the forward).
 void vera_backward_(const std::optional<at::Tensor>& dx, const std::optional<at::Tensor>& dd,
                     const std::optional<at::Tensor>& db, const std::optional<at::Tensor>& dbias,
                     const at::Tensor& grad_out, const at::Tensor& s, const std::optional<at::Tensor>& weight,

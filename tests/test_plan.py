@@ -2,7 +2,7 @@
 makes (counted by bench/plan.py from the profiler, so the description cannot drift from the code), that
 no M x out tensor is allocated besides the output (forward) and dx (backward), the roofline estimate of
 the target shape against the arithmetic floor, the fp32 sums of the vector gradients in fp16, and the
-cache of the folded projection (b ⊙ B ⊙ d) against in-place updates and optimizers."""
+folded projection (b ⊙ B ⊙ d), made in every call, against in-place updates and optimizers."""
 
 import os
 import sys
@@ -33,13 +33,14 @@ def _cpp_launches():
 
 def test_launches():
     names = _cpp_launches()
-    # Inference: s = x Aᵀ, y = bias + s Bdbᵀ, y += x W0ᵀ; the fold Bdb = b ⊙ B ⊙ d comes from the cache.
-    assert names["forward"] == ["aten::mm", "aten::addmm", "aten::addmm_"]
-    # Training: the fold is redone once per step (the backward that computed db and dd dropped it).
-    assert names["training forward"] == ["vera::fold_projection", "aten::mm", "aten::addmm", "aten::addmm_"]
-    # G = gᵀ s, db and dd from it in one kernel, d ⊙ dt = g Bdb, dx = (d ⊙ dt) A, dx += g W0 (the bias is
-    # frozen, as the base layer's).
-    assert names["backward"] == ["aten::mm", "vera::lambda_grads", "aten::mm", "aten::mm", "aten::addmm_"]
+    # Inference: the fold Bdb = b ⊙ B ⊙ d (made in every call: nothing is kept between calls), s = x Aᵀ,
+    # y = bias + s Bdbᵀ, y += x W0ᵀ. Training runs the same forward.
+    assert names["forward"] == ["vera::fold_projection", "aten::mm", "aten::addmm", "aten::addmm_"]
+    assert names["training forward"] == names["forward"]
+    # G = gᵀ s, db and dd from it in one kernel, the fold again, d ⊙ dt = g Bdb, dx = (d ⊙ dt) A, dx += g W0
+    # (the bias is frozen, as the base layer's).
+    assert names["backward"] == ["aten::mm", "vera::lambda_grads", "vera::fold_projection", "aten::mm", "aten::mm",
+                                 "aten::addmm_"]
 
 
 def test_target_shape_estimate_is_within_5_percent_of_the_floor():
@@ -145,7 +146,7 @@ def test_folded_projection_follows_every_update(update):
     with torch.no_grad():
         layer.lambda_b.normal_()
     x = torch.randn(5, 24)
-    _layer_outputs(layer, x)  # folds and caches
+    _layer_outputs(layer, x)
     if update == "inplace":
         with torch.no_grad():
             layer.lambda_d.mul_(3.0)
@@ -162,13 +163,12 @@ def test_folded_projection_follows_every_update(update):
     ref.load_state_dict(layer.state_dict())
     got, want = _layer_outputs(layer, x), _layer_outputs(ref, x)
     assert verify.relative_error(got, want) < 1e-5
-    # And again from the cache: the same bits as the fold it keeps.
+    # Folded again for the next call: the same bits.
     assert torch.equal(_layer_outputs(layer, x), got)
 
 
 def test_folded_projection_of_a_new_tensor_at_a_reused_address():
-    # A fresh vector each call (as a per-call cast would make) may land where the last one was freed, with
-    # the same version; the cache must not mistake it for the old one.
+    # A fresh vector each call (as a per-call cast would make) may land where the last one was freed.
     torch.manual_seed(0)
     A, B = vera_kernels.generate_projections(0, 4, 6, 5)
     x, weight = torch.randn(3, 6), torch.randn(5, 6)
@@ -181,17 +181,58 @@ def test_folded_projection_of_a_new_tensor_at_a_reused_address():
         del b
 
 
-def test_inference_forward_allocates_only_its_outputs_once_folded():
-    # The C++ path used to allocate a scaled copy of B per call; with the fold cached, a decode step
-    # allocates y and s (the op's outputs) and nothing else.
-    p = verify.random_problem(1, 29, 23, 7)
-    p = {k: v.float() for k, v in p.items()}
+def test_inference_forward_allocates_its_outputs_and_one_fold():
+    # A decode step allocates y and s (the op's outputs) and the out x r fold, which it drops when it
+    # returns: every allocation the CPU allocator sees, with its size, by the profiler.
+    from torch.profiler import ProfilerActivity, profile
+
+    m, i, o, r = 1, 29, 23, 7
+    p = {k: v.float() for k, v in verify.random_problem(m, i, o, r).items()}
 
     def forward():
         with torch.no_grad():
-            vera_kernels.vera_linear(**p, backend="cpu")
+            return vera_kernels.vera_linear(**p, backend="cpu")
 
     forward()
-    with _Allocations() as allocations:
-        forward()
-    assert sorted(allocations.shapes) == [(1, 7), (1, 23)], allocations.shapes
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y = forward()
+    sizes = sorted(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+    assert sizes == sorted([4 * m * r, 4 * m * o, 4 * o * r]), sizes
+    assert sum(e.self_cpu_memory_usage for e in prof.events()) == y.untyped_storage().nbytes()
+
+
+def test_cuda_decode_plan_is_read_from_the_cuda_source():
+    # The launches are those decode_adapter_cuda makes (its source, in order), then the base GEMM of the glue.
+    assert plan.cuda_decode_launches() == ["decode_shrink_kernel", "decode_shrink_total_kernel", "decode_expand_kernel"]
+    shape = dict(plan.TARGET, m=1)
+    decode = plan.cuda_decode_plan(shape)
+    assert [launch.name for launch in decode.passes["forward"]] == [
+        "cuda::decode_shrink_kernel", "cuda::decode_shrink_total_kernel", "cuda::decode_expand_kernel", "addmm_"]
+    # H200, r = 256: 32 blocks of 8 rank rows, about two blocks per SM: ceil(264 / 32) = 9 splits of x.
+    assert plan.cuda_decode_splits(4096, 256) == 9
+    assert plan.cuda_decode_splits(300, 256) == 1  # at least kDecodeMinSplit = 256 columns per split
+    # A kernel added to the launcher without a byte model is an error, not a silently missing launch.
+    source = plan._cuda_source().replace("decode_expand_kernel<E, V, 1><<<", "decode_extra_kernel<E, V, 1><<<")
+    assert "decode_extra_kernel" in plan.cuda_decode_launches(source)
+    with pytest.raises(ValueError, match="decode_extra_kernel"):
+        plan.cuda_decode_plan(shape, source)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_cuda_decode_plan_reads_each_matrix_once(m):
+    shape = dict(plan.TARGET, m=m)
+    i, o, r, size = shape["in_features"], shape["out_features"], shape["rank"], 2
+    launches = {launch.name: launch for launch in plan.cuda_decode_plan(shape).passes["forward"]}
+    # A and B once each (with x, t, the vectors and the bias: small), W once by the base GEMM.
+    assert r * i * size <= launches["cuda::decode_shrink_kernel"].bytes_read <= 1.01 * (r * i * size) + m * i * size
+    assert o * r * size <= launches["cuda::decode_expand_kernel"].bytes_read <= 1.05 * o * r * size + 4 * m * r
+    assert launches["addmm_"].bytes_read >= o * i * size
+    assert sum(launch.flops for launch in launches.values()) >= 2 * m * (i * o + r * (i + o))
+    # The bench's estimate for the cuda backend's decode forward is this plan's, within the decode target
+    # (docs/DESIGN.md section 5: <= 1.3x F.linear at M = 1..16).
+    estimate = plan.estimate_seconds("vera-cuda", "forward", m, i, o, r, "bfloat16")
+    assert estimate == plan.cuda_decode_plan(shape).seconds("forward")
+    base = next(p for p in plan.build_plans(shape) if p.name == "base").seconds("forward")
+    assert estimate / base <= 1.3
+    with pytest.raises(ValueError, match="1 <= M <= 16"):
+        plan.cuda_decode_plan(dict(shape, m=17))
