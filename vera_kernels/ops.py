@@ -109,12 +109,12 @@ def check_backward_args(grad, s, weight, A, B, lambda_d, lambda_b, in_features, 
                            ("weight", weight, (out_features, in_features))):
         if isinstance(t, torch.Tensor) and tuple(t.shape) != shape:
             _fail(name, f"shape {shape} (s's rank, grad's out_features, in_features)", _describe(t))
+    x = torch.empty((), dtype=grad.dtype, device=grad.device).expand(m, in_features)
+    check_vera_args(x, weight, None, A, B, lambda_d, lambda_b, grad, backend=backend, x_name="grad")
     if s.dtype != grad.dtype:
         raise TypeError(f"s: expected dtype {grad.dtype} (grad's dtype), got {s.dtype}")
     if s.device != grad.device:
         raise ValueError(f"s: expected device {grad.device} (grad's device), got {s.device}")
-    x = torch.empty((), dtype=grad.dtype, device=grad.device).expand(m, in_features)
-    check_vera_args(x, weight, None, A, B, lambda_d, lambda_b, grad, backend=backend, x_name="grad")
 
 
 # Argument lists check_vera_args accepted, by what it looks at (layout, shape, dtype, device, requires_grad of each
