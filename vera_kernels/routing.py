@@ -150,8 +150,8 @@ class AdapterBank:
         else:
             blocks = ROUTES.get()
             routing = (blocks and _block_routing(blocks, self)) or self._routing
-        if routing is None:
-            return None
+        if routing is None or routing.ids is None:
+            return None  # the layer's own adapter: no bank slot to go stale
         if routing.generation != self._bank_generation:
             raise RuntimeError(
                 f"{type(self).__name__}: the adapter routing was set before an adapter was removed from the bank "
