@@ -335,3 +335,21 @@ def test_a_task_started_inside_a_block_inherits_it():
             return await asyncio.create_task(child())
 
     torch.testing.assert_close(asyncio.run(main()), _alone(model, adapters, "de", x), rtol=1e-5, atol=1e-6)
+
+
+def test_routing_a_compiled_model_again_needs_no_recompilation():
+    # set_adapter_ids writes new ids of the same shape into the routing's own tensor, which the compiled
+    # model reads (the way to change a compiled or graph-captured model's routing between steps).
+    model, adapters = _server(backend="torch")
+    x = torch.randn(3, DIM, device=DEVICE)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        vera_kernels.set_adapter_ids(model, [0, 1, -1])
+        model(x)  # eager first: the plans
+        compiled = torch.compile(model, backend="eager")
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for names in (["fr", "de", None], ["de", "de", "fr"], [None, "fr", "fr"]):
+                vera_kernels.set_adapter_ids(model, torch.tensor([-1 if n is None else model.q.adapters[n] for n in names],
+                                                                 device=DEVICE))
+                want = torch.stack([_alone(model, adapters, name, x[i]) for i, name in enumerate(names)])
+                torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-6)
