@@ -115,6 +115,15 @@ def routing_ids(ids, caller: str = "set_adapter_ids") -> list | None:
     return list(ids)
 
 
+def _device_ids(values: list, device: torch.device) -> torch.Tensor:
+    """A new int64 tensor of ``values`` on ``device``; to a GPU through pinned memory, so that routing from
+    ids the host holds never waits for the GPU's queue (a pageable copy would)."""
+    ids = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return ids.pin_memory().to(device, non_blocking=True)
+    return ids.to(device)
+
+
 def _check_serving(x, *others):
     """The bank serves, it does not train: refuse inputs that require grad (ops.check_multi_args' rule, per
     call because requires_grad and the grad mode change without the tensors changing)."""
@@ -186,7 +195,7 @@ class AdapterBank:
                     f"{caller}: ids must be in [-1, {n}) (-1: the base alone; the bank holds {n} slots), got {value}")
             if value >= 0 and self._bank_names[value] is None:
                 raise ValueError(f"{caller}: id {value} routes rows to a removed adapter (a free slot)")
-        return Routing(torch.tensor(values, dtype=torch.int64, device=self.lambda_d.device), self._bank_generation)
+        return Routing(_device_ids(values, self.lambda_d.device), self._bank_generation)
 
     # ---- the adapter bank -------------------------------------------------------------------------
 
