@@ -105,12 +105,13 @@ def check_backward_args(grad, s, weight, A, B, lambda_d, lambda_b, in_features, 
     if s.dim() != 2 or s.shape[0] != m or s.shape[1] < 1:
         _fail("s", f"shape ({m}, rank) with rank >= 1 (grad's rows)", _describe(s))
     rank = s.shape[1]
-    for name, t, shape in (("A", A, (rank, in_features)), ("B", B, (out_features, rank)),
-                           ("weight", weight, (out_features, in_features))):
+    for name, t, shape, why in (("A", A, (rank, in_features), "s's columns, in_features"),
+                                ("B", B, (out_features, rank), "grad's columns, s's columns"),
+                                ("weight", weight, (out_features, in_features), "grad's columns, in_features")):
         if isinstance(t, torch.Tensor) and tuple(t.shape) != shape:
-            _fail(name, f"shape {shape} (s's rank, grad's out_features, in_features)", _describe(t))
+            _fail(name, f"shape {shape} ({why})", _describe(t))
     x = torch.empty((), dtype=grad.dtype, device=grad.device).expand(m, in_features)
-    check_vera_args(x, weight, None, A, B, lambda_d, lambda_b, grad, backend=backend, x_name="grad")
+    check_vera_args_cached(x, weight, None, A, B, lambda_d, lambda_b, grad, backend=backend, x_name="grad")
     if s.dtype != grad.dtype:
         raise TypeError(f"s: expected dtype {grad.dtype} (grad's dtype), got {s.dtype}")
     if s.device != grad.device:
@@ -127,18 +128,18 @@ def _metadata(t):
     return None if t is None else (type(t), t.layout, t.shape, t.dtype, t.device, t.requires_grad)
 
 
-def check_vera_args_cached(x, weight, bias, A, B, lambda_d, lambda_b, base_out=None, *, backend="auto"):
+def check_vera_args_cached(x, weight, bias, A, B, lambda_d, lambda_b, base_out=None, *, backend="auto", x_name="x"):
     """check_vera_args, remembered by the tensors' metadata (its checks read nothing else)."""
     tensors = (x, weight, bias, A, B, lambda_d, lambda_b, base_out)
     if torch.compiler.is_compiling():
-        return check_vera_args(*tensors, backend=backend)  # traced once: free at run time
+        return check_vera_args(*tensors, backend=backend, x_name=x_name)  # traced once: free at run time
     try:
-        key = (backend, *map(_metadata, tensors))
+        key = (backend, x_name, *map(_metadata, tensors))
     except AttributeError:  # not a tensor: the checks say which
-        return check_vera_args(*tensors, backend=backend)
+        return check_vera_args(*tensors, backend=backend, x_name=x_name)
     found = _accepted.get(key)
     if found is None:
-        found = check_vera_args(*tensors, backend=backend)
+        found = check_vera_args(*tensors, backend=backend, x_name=x_name)
         if len(_accepted) >= _ACCEPTED_MAX:
             _accepted.clear()
         _accepted[key] = found
