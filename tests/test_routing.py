@@ -309,6 +309,10 @@ def test_wrapped_and_nested_blocks():
                 want = torch.cat([_alone(model, adapters, "de", x[:1]), _alone(model, adapters, None, x[1:])])
                 torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(model(x), _alone(model, adapters, "fr", x), rtol=1e-5, atol=1e-6)
+        with vera_kernels.adapter_ids(model, ["de", "de"]):
+            with serving("fr"):  # a wrapper nested in a block: entered later from the same frame, it wins
+                torch.testing.assert_close(model(x), _alone(model, adapters, "fr", x), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(model(x), _alone(model, adapters, "de", x), rtol=1e-5, atol=1e-6)
         with contextlib.ExitStack() as stack:
             stack.enter_context(vera_kernels.adapter_ids(model, ["de", "de"]))
             torch.testing.assert_close(model(x), _alone(model, adapters, "de", x), rtol=1e-5, atol=1e-6)

@@ -93,10 +93,11 @@ def adapter_ids(model: nn.Module, ids):
     """``with vera_kernels.adapter_ids(model, ids): model(x)``: route the block's forwards as set_adapter_ids
     would, for this thread (and asyncio task) only: other threads serving through the same model keep their
     own routing. Blocks nest (the inner one routes the layers it names). A generator that yields inside its
-    block keeps its routing: each call is routed by the block its own call stack entered (two generators,
-    each in its own block, interleaved, each serve their own adapters); code that runs while a generator is
-    suspended inside a block (its consumer) and is in no block of its own is routed by that block, as it
-    would be by a context manager that wraps this one.
+    block keeps its routing: each call is routed by the block entered nearest to it on its own call stack
+    (two generators, each in its own block, interleaved, each serve their own adapters). A block entered in
+    a generator that is suspended inside it (a context manager wrapping this one, or a generator the caller
+    is consuming) routes the caller's calls as if the caller had entered it there: among the blocks entered
+    from the same frame, the latest wins.
 
     Eager only: torch.compile cannot trace per-thread state, so a model that is compiled or holds a compiled
     module (``torch.compile(model)``, ``model.compile()``) is refused; route it with set_adapter_ids, or
