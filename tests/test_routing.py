@@ -157,7 +157,8 @@ def test_a_model_compiled_in_place_refuses_per_thread_routing():
     model.o.compile()  # one compiled submodule is enough to serve it unrouted
     with pytest.raises(TypeError, match="its module 'o' is compiled"):
         vera_kernels.adapter_ids(model, ["fr"])
-    model.o = torch.compile(vera_layers(model)[1][1])  # an OptimizedModule inside the model
+    model, _ = _server()
+    model.o = torch.compile(model.o)  # an OptimizedModule inside the model
     with pytest.raises(TypeError, match="its module 'o' is compiled"):
         vera_kernels.adapter_ids(model, ["fr"])
     assert vera_kernels.routing.ROUTES.get() is None
