@@ -137,3 +137,190 @@ def test_ops_match_float64_on_random_problems(backend):
         _check(backend, p)
 
     check()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The adapter bank and its routing: random sequences of add, remove, route (set_adapter_ids, an
+# adapter_ids block, ids given to the call, the caller's tensor edited after routing) and forward, against a
+# dict model of the bank (name -> (lambda_d, lambda_b)). Every output is compared with the formula in
+# float64 for each row's adapter taken from the dict model; every refusal must leave the layer as it was.
+
+ROUTING_EXAMPLES = {"torch": 30, "cpu": 30, "triton": 6, "cuda": 30}
+NAMES = ("fr", "de", "es")
+
+
+@st.composite
+def bank_programs(draw):
+    """Rounds of: changes to the bank (add, remove), a routing (set_adapter_ids with names or a tensor of
+    indices, an adapter_ids block, ids given to the call), maybe an edit of the caller's ids tensor, then a
+    forward under the default routing; flattened into steps."""
+    names = st.lists(st.one_of(st.none(), st.sampled_from(NAMES)), min_size=1, max_size=5)
+    change = st.one_of(
+        st.tuples(st.just("add"), st.sampled_from(NAMES), st.integers(0, 2**16)),
+        st.tuples(st.just("remove"), st.sampled_from(NAMES)),
+    )
+    route = st.one_of(
+        st.tuples(st.just("set"), st.one_of(st.none(), names), st.booleans()),  # (names, as a tensor of indices)
+        st.tuples(st.just("block"), names),
+        st.tuples(st.just("call"), names, st.integers(-3, 6)),  # ids given to the call; the first replaced
+    )
+    # the caller's ids tensor edited after routing: in range, a removed slot, below -1, far out of range
+    edit = st.one_of(st.integers(-6, 6), st.integers(-2**40, 2**40))
+    steps = [("add", "fr", draw(st.integers(0, 2**16))), ("add", "de", draw(st.integers(0, 2**16)))]
+    for _ in range(draw(st.integers(1, 6))):
+        steps += draw(st.lists(change, max_size=2))
+        steps.append(draw(route))
+        if draw(st.booleans()):
+            steps.append(("edit", draw(edit)))
+        steps.append(("forward", draw(st.integers(1, 5)), draw(st.booleans())))  # (rows, 3-D input)
+    return dict(in_features=draw(st.integers(1, 24)), out_features=draw(st.integers(1, 24)),
+                rank=draw(st.integers(1, 12)), steps=steps, seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def _formula(layer, x, rows):
+    """float64: x W0ᵀ + bias + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ) row by row, (d, b) = rows[i] (None: the base alone)."""
+    A, B = (t.double() for t in layer._projection_slices(x.device, x.dtype))
+    x = x.double().reshape(-1, layer.in_features)
+    base = x @ layer.weight.double().t() + layer.bias.double()
+    per_row = len(rows)
+    repeat = x.shape[0] // per_row
+    out = []
+    for i, vectors in enumerate(rows):
+        xi, yi = x[i * repeat:(i + 1) * repeat], base[i * repeat:(i + 1) * repeat]
+        if vectors is not None:
+            d, b = (t.double() for t in vectors)
+            yi = yi + b * (((xi @ A.t()) * d) @ B.t())
+        out.append(yi)
+    return torch.cat(out)
+
+
+def _run_bank_program(backend, p):
+    from vera_kernels import FusedVeRALinear
+
+    g = torch.Generator().manual_seed(p["seed"])
+    torch.manual_seed(p["seed"])
+    layer = FusedVeRALinear(p["in_features"], p["out_features"], p["rank"], backend=backend).to(DEVICE).eval()
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.lambda_b.normal_()
+    bank: dict = {}  # the dict model: name -> (lambda_d, lambda_b)
+    index: dict = {}  # name -> its index while banked (stable: a removal changes no other)
+    routing = None  # the default routing as the dict model sees it: (names, stale)
+    caller_ids = None  # the tensor given to set_adapter_ids, which the caller may edit afterwards
+
+    def expect_rows(names):
+        return [None if name is None else bank[name] for name in names]
+
+    def check(y, x, rows):
+        want = _formula(layer, x, rows)
+        torch.testing.assert_close(y.double().reshape(want.shape), want, rtol=2e-4, atol=2e-4)
+
+    def snapshot():
+        return (dict(layer.adapters), layer._routing, layer._bank_generation)
+
+    with torch.no_grad():
+        for step in p["steps"]:
+            kind = step[0]
+            if kind == "add":
+                _, name, seed = step
+                gen = torch.Generator().manual_seed(seed)
+                d, b = torch.randn(p["rank"], generator=gen), torch.randn(p["out_features"], generator=gen)
+                if name in bank:
+                    before = snapshot()
+                    with pytest.raises(ValueError, match="already in the bank"):
+                        layer.add_adapter(name, d, b)
+                    assert snapshot() == before
+                    continue
+                i = layer.add_adapter(name, d, b)
+                assert i not in index.values() and i == layer.adapters[name]
+                bank[name], index[name] = (d, b), i
+            elif kind == "remove":
+                name = step[1]
+                if name not in bank:
+                    before = snapshot()
+                    with pytest.raises(KeyError):
+                        layer.remove_adapter(name)
+                    assert snapshot() == before
+                    continue
+                layer.remove_adapter(name)
+                del bank[name], index[name]
+                if routing is not None:
+                    routing = (routing[0], True)  # made before the removal: stale
+            elif kind == "set":
+                _, names, as_tensor = step
+                if names is not None and any(name is not None and name not in bank for name in names):
+                    before = snapshot()
+                    with pytest.raises(KeyError, match="no adapter named"):
+                        vera_kernels_set(layer, names)
+                    assert snapshot() == before
+                    continue
+                if names is not None and as_tensor:
+                    caller_ids = torch.tensor([-1 if n is None else index[n] for n in names], device=DEVICE)
+                    vera_kernels_set(layer, caller_ids)
+                else:
+                    vera_kernels_set(layer, names)
+                routing = None if names is None else (names, False)
+            elif kind == "edit":
+                if caller_ids is not None:
+                    caller_ids[0] = step[1]  # owned by the routing: changes nothing
+            elif kind == "forward":
+                _, rows, three_d = step
+                if routing is not None:
+                    rows = len(routing[0])
+                x = torch.randn((rows, 3, p["in_features"]) if three_d else (rows, p["in_features"]), generator=g)
+                x = x.to(DEVICE)
+                if routing is not None and routing[1]:
+                    with pytest.raises(RuntimeError, match="routing was set before an adapter was removed"):
+                        layer(x)
+                    continue
+                names = routing[0] if routing is not None else None
+                rows_vectors = ([(layer.lambda_d, layer.lambda_b)] * rows if names is None else expect_rows(names))
+                check(layer(x), x, rows_vectors)
+            elif kind == "block":
+                names = step[1]
+                x = torch.randn(len(names), p["in_features"], generator=g).to(DEVICE)
+                if any(name is not None and name not in bank for name in names):
+                    with pytest.raises(KeyError, match="no adapter named"):
+                        with vera_kernels_block(layer, names):
+                            pass
+                    continue
+                with vera_kernels_block(layer, names):
+                    check(layer(x), x, expect_rows(names))
+            elif kind == "call":
+                _, names, replacement = step
+                ids = [index.get(name, -1) if name is not None else -1 for name in names]
+                names = [name if name in bank else None for name in names]
+                valid = -1 <= replacement < len(layer._bank_names) and (
+                    replacement == -1 or layer._bank_names[replacement] is not None)
+                ids[0] = replacement
+                x = torch.randn(len(ids), p["in_features"], generator=g).to(DEVICE)
+                if not valid:  # out of range or a removed slot: refused (checked on the device, no read-back)
+                    with pytest.raises(RuntimeError, match="adapter_ids must be in"):
+                        layer(x, adapter_ids=torch.tensor(ids, device=DEVICE))
+                    continue
+                names[0] = None if replacement == -1 else layer._bank_names[replacement]
+                check(layer(x, adapter_ids=torch.tensor(ids, device=DEVICE)), x, expect_rows(names))
+        assert layer.adapters == index
+
+
+def vera_kernels_set(layer, ids):
+    import vera_kernels
+
+    vera_kernels.set_adapter_ids(layer, ids)
+
+
+def vera_kernels_block(layer, ids):
+    import vera_kernels
+
+    return vera_kernels.adapter_ids(layer, ids)
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cpu", "triton"))
+def test_bank_and_routing_follow_a_dict_model(backend):
+    @settings(max_examples=int(os.environ.get("VERA_HYPOTHESIS_EXAMPLES") or ROUTING_EXAMPLES[backend]),
+              deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(bank_programs())
+    def check(p):
+        _run_bank_program(backend, p)
+
+    check()

@@ -36,12 +36,16 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
 
 
-def check_vera_args(x, weight, bias, A, B, lambda_d, lambda_b, base_out=None, *, backend="auto"):
-    """Validate everything before any kernel runs; errors name the argument and what was expected."""
+def check_vera_args(x, weight, bias, A, B, lambda_d, lambda_b, base_out=None, *, backend="auto", x_name="x"):
+    """Validate everything before any kernel runs; errors name the argument and what was expected.
+    ``x_name``: what fixes the dtype and device of the others, as the errors call it (the backward's
+    checks pass a stand-in for x with the gradient's dtype and device)."""
     named = dict(x=x, weight=weight, bias=bias, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b, base_out=base_out)
     for name, t in named.items():
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t is not None and t.layout != torch.strided:
+            raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
     if x.dim() < 1 or x.shape[-1] < 1:
         _fail("x", "a tensor of shape (..., in_features) with in_features >= 1", _describe(x))
     in_features = x.shape[-1]
@@ -65,17 +69,17 @@ def check_vera_args(x, weight, bias, A, B, lambda_d, lambda_b, base_out=None, *,
     allowed = KERNEL_DTYPES + ((torch.float64,) if backend == "torch" else ())
     if x.dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
-        raise TypeError(f"x: expected dtype in ({names}) for backend {backend!r}, got {x.dtype}")
+        raise TypeError(f"{x_name}: expected dtype in ({names}) for backend {backend!r}, got {x.dtype}")
     for name in ("weight", "bias", "A", "B", "base_out"):
         t = named[name]
         if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (x's dtype), got {t.dtype}")
+            raise TypeError(f"{name}: expected dtype {x.dtype} ({x_name}'s dtype), got {t.dtype}")
     for name in ("lambda_d", "lambda_b"):
         if named[name].dtype not in (torch.float32, x.dtype):
-            raise TypeError(f"{name}: expected dtype torch.float32 or {x.dtype} (x's dtype), got {named[name].dtype}")
+            raise TypeError(f"{name}: expected dtype torch.float32 or {x.dtype} ({x_name}'s dtype), got {named[name].dtype}")
     for name, t in named.items():
         if t is not None and t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (x's device), got {t.device}")
+            raise ValueError(f"{name}: expected device {x.device} ({x_name}'s device), got {t.device}")
     for name in ("weight", "A", "B"):
         t = named[name]
         if t is not None and t.requires_grad:
@@ -83,28 +87,59 @@ def check_vera_args(x, weight, bias, A, B, lambda_d, lambda_b, base_out=None, *,
     return in_features, out_features, rank
 
 
-# Argument lists check_vera_args accepted, by what it looks at (shape, dtype, device, requires_grad of each
+def check_backward_args(grad, s, weight, A, B, lambda_d, lambda_b, in_features, *, backend="auto"):
+    """The backward's arguments (a backend's backward op: grad = dL/dy (M, out), s = x Aᵀ saved (M, r), x's
+    in_features), checked as the forward's: check_vera_args with a stand-in for x, (M, in_features) in
+    grad's dtype and on its device, and grad in base_out's place. A and B are the pair (or stand-ins for
+    a generated one)."""
+    for name, t in dict(grad=grad, s=s).items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
+    if grad.dim() != 2 or grad.shape[1] < 1:
+        _fail("grad", "a 2-D tensor (M, out_features) with out_features >= 1", _describe(grad))
+    m, out_features = grad.shape
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+        raise ValueError(f"in_features: expected an int >= 1 (x's last dimension), got {in_features!r}")
+    if s.dim() != 2 or s.shape[0] != m or s.shape[1] < 1:
+        _fail("s", f"shape ({m}, rank) with rank >= 1 (grad's rows)", _describe(s))
+    rank = s.shape[1]
+    for name, t, shape, why in (("A", A, (rank, in_features), "s's columns, in_features"),
+                                ("B", B, (out_features, rank), "grad's columns, s's columns"),
+                                ("weight", weight, (out_features, in_features), "grad's columns, in_features")):
+        if isinstance(t, torch.Tensor) and tuple(t.shape) != shape:
+            _fail(name, f"shape {shape} ({why})", _describe(t))
+    x = torch.empty((), dtype=grad.dtype, device=grad.device).expand(m, in_features)
+    check_vera_args_cached(x, weight, None, A, B, lambda_d, lambda_b, grad, backend=backend, x_name="grad")
+    if s.dtype != grad.dtype:
+        raise TypeError(f"s: expected dtype {grad.dtype} (grad's dtype), got {s.dtype}")
+    if s.device != grad.device:
+        raise ValueError(f"s: expected device {grad.device} (grad's device), got {s.device}")
+
+
+# Argument lists check_vera_args accepted, by what it looks at (layout, shape, dtype, device, requires_grad of each
 # tensor): a call like an earlier one costs a dictionary lookup instead of the checks. Bounded: cleared when full.
 _accepted: dict[tuple, tuple[int, int, int]] = {}
 _ACCEPTED_MAX = 4096
 
 
 def _metadata(t):
-    return None if t is None else (type(t), t.shape, t.dtype, t.device, t.requires_grad)
+    return None if t is None else (type(t), t.layout, t.shape, t.dtype, t.device, t.requires_grad)
 
 
-def check_vera_args_cached(x, weight, bias, A, B, lambda_d, lambda_b, base_out=None, *, backend="auto"):
+def check_vera_args_cached(x, weight, bias, A, B, lambda_d, lambda_b, base_out=None, *, backend="auto", x_name="x"):
     """check_vera_args, remembered by the tensors' metadata (its checks read nothing else)."""
     tensors = (x, weight, bias, A, B, lambda_d, lambda_b, base_out)
     if torch.compiler.is_compiling():
-        return check_vera_args(*tensors, backend=backend)  # traced once: free at run time
+        return check_vera_args(*tensors, backend=backend, x_name=x_name)  # traced once: free at run time
     try:
-        key = (backend, *map(_metadata, tensors))
+        key = (backend, x_name, *map(_metadata, tensors))
     except AttributeError:  # not a tensor: the checks say which
-        return check_vera_args(*tensors, backend=backend)
+        return check_vera_args(*tensors, backend=backend, x_name=x_name)
     found = _accepted.get(key)
     if found is None:
-        found = check_vera_args(*tensors, backend=backend)
+        found = check_vera_args(*tensors, backend=backend, x_name=x_name)
         if len(_accepted) >= _ACCEPTED_MAX:
             _accepted.clear()
         _accepted[key] = found
@@ -140,6 +175,8 @@ def check_multi_args(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapte
     for name, t in dict(lambda_d_bank=lambda_d_bank, lambda_b_bank=lambda_b_bank, adapter_ids=adapter_ids).items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
     for name, t in dict(lambda_d_bank=lambda_d_bank, lambda_b_bank=lambda_b_bank).items():
         if t.dim() != 2:
             _fail(name, "a 2-D bank (adapters, size)", _describe(t))
@@ -155,7 +192,7 @@ def check_multi_args(x, weight, bias, A, B, lambda_d_bank, lambda_b_bank, adapte
         if t.dtype not in (torch.float32, x.dtype):
             raise TypeError(f"{name}: expected dtype torch.float32 or {x.dtype} (x's dtype), got {t.dtype}")
     # The per-vector checks of the single-adapter op on one row of each bank: shapes, dtypes, device.
-    in_features, out_features, rank = check_vera_args(
+    in_features, out_features, rank = check_vera_args_cached(
         x, weight, bias, A, B, lambda_d_bank[0] if n_adapters else lambda_d_bank.new_empty(lambda_d_bank.shape[1]),
         lambda_b_bank[0] if n_adapters else lambda_b_bank.new_empty(lambda_b_bank.shape[1]), base_out, backend=backend,
     )

@@ -6,7 +6,6 @@ ends with "." + it; a single string is a regular expression that must match the 
 
 from __future__ import annotations
 
-import contextlib
 import re
 import sys
 
@@ -15,7 +14,7 @@ from torch import nn
 
 from .layer import VERA_LAYERS, FusedVeRALinear, VeRAWrapper, _conv1d_type, refuse_loads_into_merged_layers
 from .projection_sources import ExplicitProjections, SeededProjections
-from .routing import ROUTES
+from .routing import RoutingBlock, routing_ids
 from .vera_base import _check_base_dtype
 from .projections import check_positive_int
 
@@ -57,37 +56,64 @@ def vera_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def set_adapter_ids(model: nn.Module, ids) -> None:
     """Route the model's next batches: row (2-D inputs) or sequence (3-D inputs) m of every VeRA layer's input
     uses adapter ids[m] of that layer's bank; -1 or None: the base model. ids: an int64 tensor, or a sequence
-    of indices, names and None (names are looked up per layer, now). ``None`` clears the routing (each layer's
-    own adapter again). Every id is checked here, before any layer changes (a tensor's values are read back
-    once, here: the forward never synchronizes). This routing is the model's default, shared by every
-    thread; :func:`adapter_ids` routes one thread's block. Removing an adapter from a layer makes the
-    routings made before it stale: the next forward raises until the model is routed again."""
+    (or iterator, read once) of indices, names and None (names are looked up per layer, now); a dict or a
+    set is refused (no row order). ``None`` clears the routing (each layer's own adapter again). Every id is
+    checked here, before any layer changes, and the routing keeps its own copy of what was checked (a
+    tensor's values are read back once, here: the forward never synchronizes, and a later edit of the
+    caller's tensor changes nothing). Routing again with as many ids writes them into the tensor the layers
+    already route by, so a captured CUDA graph replays with the new ids. This routing is the model's
+    default, shared by every thread; :func:`adapter_ids` routes one thread's block. Removing an adapter
+    from a layer makes the routings made before it stale: the next forward raises until the model is
+    routed again."""
     layers = vera_layers(model)
     if not layers:
         raise ValueError("set_adapter_ids: the model has no VeRA layer")
+    ids = routing_ids(ids)
     resolved = [(module, module.make_routing(ids)) for _, module in layers]
     for module, routing in resolved:
+        current = module._routing
+        if (routing.ids is not None and current is not None and current.ids is not None
+                and current.ids.shape == routing.ids.shape and current.ids.device == routing.ids.device):
+            current.ids.copy_(routing.ids)
+            routing = routing._replace(ids=current.ids)
         module._routing = routing
 
 
-@contextlib.contextmanager
+def _compiled_module(model: nn.Module) -> str | None:
+    """The name of a module of ``model`` (itself: "") that runs compiled: torch.compile(module) (an
+    OptimizedModule) or module.compile() (nn.Module's in-place compile, which sets _compiled_call_impl)."""
+    optimized = torch._dynamo.eval_frame.OptimizedModule if "torch._dynamo" in sys.modules else ()
+    for name, module in model.named_modules():
+        if isinstance(module, optimized) or getattr(module, "_compiled_call_impl", None) is not None:
+            return name
+    return None
+
+
 def adapter_ids(model: nn.Module, ids):
     """``with vera_kernels.adapter_ids(model, ids): model(x)``: route the block's forwards as set_adapter_ids
     would, for this thread (and asyncio task) only: other threads serving through the same model keep their
-    own routing. Eager only (torch.compile cannot trace per-thread state): route a compiled model with
-    set_adapter_ids, or pass adapter_ids to the layers."""
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) if "torch._dynamo" in sys.modules else False:
-        raise TypeError("adapter_ids: a torch.compile'd model cannot see per-thread routing; use set_adapter_ids")
+    own routing. Blocks nest (the inner one routes the layers it names). A generator that yields inside its
+    block keeps its routing: each call is routed by the block entered nearest to it on its own call stack
+    (two generators, each in its own block, interleaved, each serve their own adapters). A block entered in
+    a generator that is suspended inside it (a context manager wrapping this one, or a generator the caller
+    is consuming) routes the caller's calls as if the caller had entered it there: among the blocks entered
+    from the same frame, the latest wins.
+
+    Eager only: torch.compile cannot trace per-thread state, so a model that is compiled or holds a compiled
+    module (``torch.compile(model)``, ``model.compile()``) is refused; route it with set_adapter_ids, or
+    pass adapter_ids to the layers. Only the model given and its submodules are checked: call the model you
+    passed, not a compiled module around it."""
+    compiled = _compiled_module(model)
+    if compiled is not None:
+        where = "the model" if compiled == "" else f"its module {compiled!r}"
+        raise TypeError(
+            f"adapter_ids: {where} is compiled (torch.compile or Module.compile), and compiled code cannot see "
+            "per-thread routing; use vera_kernels.set_adapter_ids")
     layers = vera_layers(model)
     if not layers:
         raise ValueError("adapter_ids: the model has no VeRA layer")
-    routes = dict(ROUTES.get() or {})
-    routes.update((module, module.make_routing(ids)) for _, module in layers)
-    token = ROUTES.set(routes)
-    try:
-        yield model
-    finally:
-        ROUTES.reset(token)
+    ids = routing_ids(ids, "adapter_ids")
+    return RoutingBlock({module: module.make_routing(ids, "adapter_ids") for _, module in layers}, model)
 
 
 def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module, tuple[int, int]]]:

@@ -4,7 +4,10 @@ which provides ``rank``, ``out_features``, ``lambda_d`` (for the device) and ``_
 
 from __future__ import annotations
 
+import collections.abc
 import contextvars
+import numbers
+import sys
 from typing import NamedTuple
 
 import torch
@@ -19,10 +22,106 @@ class Routing(NamedTuple):
     generation: int
 
 
-# Routing set by ``vera_kernels.adapter_ids(model, ids)``: layer -> Routing, per thread and per asyncio task
-# (a ContextVar), so two threads serving different adapters through one model never see each other's.
+# The open ``vera_kernels.adapter_ids`` blocks, innermost last (None: none), per thread and per asyncio task (a
+# ContextVar): two threads serving different adapters through one model never see each other's, and a task
+# or a thread started with a copy of the context inherits the blocks open where it was started.
 # ``set_adapter_ids`` (no block) sets the layer's own default instead, shared by every thread.
-ROUTES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vera_kernels_routes", default=None)
+ROUTES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("vera_kernels_routes", default=None)
+
+
+class RoutingBlock:
+    """One ``with vera_kernels.adapter_ids(model, ids):`` block: the Routing of each of the model's layers.
+
+    A context is shared by every generator of its thread, so the innermost block of the context is not
+    always the one a call runs in: two generators, each inside its own block, interleaved, would serve each
+    other's adapters. A block therefore remembers the call stack it was entered from (its frames), and a
+    call is routed by the block whose entry shares the nearest frame with the call's own stack (the
+    innermost such block on a tie): a generator that runs inside its block finds its own frame there. A
+    call that shares no frame with any block (a thread or task started inside a block) takes the innermost.
+    The frames are held while the block is open (a generator suspended inside it keeps them alive)."""
+
+    def __init__(self, routes: dict, model):
+        self.routes = routes  # layer -> Routing
+        self.model = model
+        self.frame_ids: frozenset = frozenset()
+        self._frames: tuple = ()
+        self._entered = False
+
+    def __enter__(self):
+        if self._entered:
+            raise RuntimeError("adapter_ids: a block can be entered once; call vera_kernels.adapter_ids again")
+        self._entered = True
+        frames, frame = [], sys._getframe(1)
+        while frame is not None:
+            frames.append(frame)
+            frame = frame.f_back
+        self._frames = tuple(frames)  # held, so that no other frame takes one of their ids while the block is open
+        self.frame_ids = frozenset(map(id, frames))
+        ROUTES.set((*(ROUTES.get() or ()), self))
+        return self.model
+
+    def __exit__(self, *exc_info):
+        # Removed by identity, not by resetting the context to what it was at __enter__: blocks of
+        # interleaved generators close in any order, and each must leave the others open.
+        blocks = ROUTES.get() or ()
+        if any(block is self for block in blocks):
+            rest = tuple(block for block in blocks if block is not self)
+            ROUTES.set(rest or None)
+        # Released: a copy of the context (a task started inside the block) may still hold the block, and
+        # then routes by it only where no other block shares a frame with the call.
+        self._frames, self.frame_ids = (), frozenset()
+        return False
+
+
+def _block_routing(blocks: tuple, layer):
+    """The Routing the open ``blocks`` give ``layer`` for the current call (see RoutingBlock), or None."""
+    candidates = [block for block in blocks if layer in block.routes]
+    if not candidates:
+        return None
+    if len(candidates) > 1:
+        frame = sys._getframe(1)
+        while frame is not None:
+            key = id(frame)
+            for block in reversed(candidates):
+                if key in block.frame_ids:
+                    return block.routes[layer]
+            frame = frame.f_back
+    return candidates[-1].routes[layer]
+
+
+def routing_ids(ids, caller: str = "set_adapter_ids") -> list | None:
+    """The ids argument of set_adapter_ids / adapter_ids as a list, read once (a tensor's values are read
+    back here; an iterator is consumed here, so that every layer routes by the same ids), or None; what
+    can't be ids is refused, naming the argument."""
+    if ids is None:
+        return None
+    if isinstance(ids, torch.Tensor):
+        if ids.device.type == "meta":
+            raise ValueError(f"{caller}: ids are on the meta device, which holds no values to route by; "
+                             "give ids on the CPU or the model's device")
+        if ids.layout != torch.strided:
+            raise TypeError(f"{caller}: ids must be a dense (strided) tensor, got layout {ids.layout}")
+        if ids.dtype != torch.int64:
+            raise TypeError(f"{caller}: ids must be int64, got {ids.dtype}")
+        if ids.dim() != 1:
+            raise ValueError(f"{caller}: ids must be 1-D (one per row or sequence), got shape {tuple(ids.shape)}")
+        return ids.tolist()
+    # A mapping or a set iterates in no row order of the caller's: its keys would route the rows.
+    if (isinstance(ids, (str, bytes, collections.abc.Mapping, collections.abc.Set))
+            or not isinstance(ids, collections.abc.Iterable)):
+        raise TypeError(
+            f"{caller}: ids must be an int64 tensor or a sequence (list, tuple, iterator) of ids, names and "
+            f"None, one per row or sequence, got {type(ids).__name__}")
+    return list(ids)
+
+
+def _device_ids(values: list, device: torch.device) -> torch.Tensor:
+    """A new int64 tensor of ``values`` on ``device``; to a GPU through pinned memory, so that routing from
+    ids the host holds never waits for the GPU's queue (a pageable copy would)."""
+    ids = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return ids.pin_memory().to(device, non_blocking=True)
+    return ids.to(device)
 
 
 def _check_serving(x, *others):
@@ -58,10 +157,10 @@ class AdapterBank:
             # it guards on) or by ids given to the call; vera_kernels.adapter_ids refuses compiled models.
             routing = self._routing
         else:
-            routes = ROUTES.get()
-            routing = routes.get(self, self._routing) if routes is not None else self._routing
-        if routing is None:
-            return None
+            blocks = ROUTES.get()
+            routing = (blocks and _block_routing(blocks, self)) or self._routing
+        if routing is None or routing.ids is None:
+            return None  # the layer's own adapter: no bank slot to go stale
         if routing.generation != self._bank_generation:
             raise RuntimeError(
                 f"{type(self).__name__}: the adapter routing was set before an adapter was removed from the bank "
@@ -70,45 +169,33 @@ class AdapterBank:
             )
         return routing.ids
 
-    def make_routing(self, ids) -> Routing:
+    def make_routing(self, ids, caller: str = "set_adapter_ids") -> Routing:
         """A Routing of this layer for ``ids``: None (the layer's own adapter), an int64 tensor, or a sequence
         of indices, names (looked up in the bank now) and None (-1: the base alone). Everything is checked
-        here, once (a tensor's values are read back here, never per call): the range, and that no id names a
-        removed adapter."""
+        here, once: the range, and that no id names a removed adapter. The Routing owns what was checked: a
+        tensor's values are read back once and the routing's ids are a new tensor on this layer's device,
+        built from those values (a later edit of the caller's tensor changes nothing)."""
+        ids = routing_ids(ids, caller)
         if ids is None:
             return Routing(None, self._bank_generation)
-        if isinstance(ids, torch.Tensor):
-            if ids.dtype != torch.int64:
-                raise TypeError(f"set_adapter_ids: ids must be int64, got {ids.dtype}")
-            if ids.dim() != 1:
-                raise ValueError(f"set_adapter_ids: ids must be 1-D (one per row or sequence), got shape {tuple(ids.shape)}")
-            values = ids.tolist()
-            tensor = ids
-        else:
-            if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-                raise TypeError(
-                    f"set_adapter_ids: expected an int64 tensor or a sequence of ids/names, got {type(ids).__name__}")
-            values = []
-            for item in ids:
-                if item is None:
-                    values.append(-1)
-                elif isinstance(item, str):
-                    values.append(self.adapter_index(item))
-                elif isinstance(item, int) and not isinstance(item, bool):
-                    values.append(item)
-                else:
-                    raise TypeError(f"set_adapter_ids: each id must be an int, a name or None, got {item!r}")
-            tensor = None
+        values = []
+        for item in ids:
+            if item is None:
+                values.append(-1)
+            elif isinstance(item, str):
+                values.append(self.adapter_index(item))
+            elif isinstance(item, numbers.Integral) and not isinstance(item, bool):
+                values.append(int(item))
+            else:
+                raise TypeError(f"{caller}: each id must be an int, a name or None, got {item!r}")
         n = len(self._bank_names)
         for value in values:
             if not -1 <= value < n:
                 raise ValueError(
-                    f"set_adapter_ids: ids must be in [-1, {n}) (-1: the base alone; the bank holds {n} slots), got {value}")
+                    f"{caller}: ids must be in [-1, {n}) (-1: the base alone; the bank holds {n} slots), got {value}")
             if value >= 0 and self._bank_names[value] is None:
-                raise ValueError(f"set_adapter_ids: id {value} routes rows to a removed adapter (a free slot)")
-        if tensor is None:
-            tensor = torch.tensor(values, dtype=torch.int64, device=self.lambda_d.device)
-        return Routing(tensor, self._bank_generation)
+                raise ValueError(f"{caller}: id {value} routes rows to a removed adapter (a free slot)")
+        return Routing(_device_ids(values, self.lambda_d.device), self._bank_generation)
 
     # ---- the adapter bank -------------------------------------------------------------------------
 
@@ -196,6 +283,10 @@ class AdapterBank:
                 f"3-D input: shape ({x.shape[0] if x.dim() >= 2 else '?'},) for input {tuple(x.shape)}, got {tuple(ids.shape)}"
             )
         if ids.device != x.device:
+            if checked:
+                raise ValueError(
+                    f"{type(self).__name__}: the routing's ids are on {ids.device} (the layer's device when it was "
+                    f"routed), the input on {x.device}; route again (set_adapter_ids, adapter_ids) after moving the model")
             raise ValueError(f"{type(self).__name__}: adapter_ids are on {ids.device}, the input on {x.device}")
         if not checked and ids.numel():
             slots = len(self._bank_names)
