@@ -6,10 +6,13 @@ Part 1 (1 thread): M = 1, in = out = 64, r = 16, fp32 on CPU, where the GEMMs co
 time per call is the Python and dispatch work around them. Each round times N calls of every
 implementation in turn (interleaved); the figure is the median over rounds of the per-call time, measured
 as the thread's CPU time (time.thread_time: what a call costs the host, unaffected by other processes on a
-busy machine), and the ratio is to nn.Linear's median in the same run. Two passes:
-  inference      y = layer(x) under torch.no_grad()
-  training step  y = layer(x); y.backward(g)   (nn.Linear: weight and bias trained; VeRA: lambda_d, lambda_b)
-Target (issue 12): FusedVeRALinear (backend auto) within 2x of nn.Linear for both.
+busy machine), and the ratio is to the nn.Linear row's median in the same run. Three passes:
+  inference                  y = layer(x) under torch.no_grad()
+  training step              y = layer(x); y.backward(g), x without grad (nn.Linear: weight and bias
+                             trained; VeRA: lambda_d, lambda_b)
+  training step, x needs grad  the same with x requiring grad, against a frozen nn.Linear (only dx): what a
+                             VeRA layer replaces when a model is fine-tuned
+Target: FusedVeRALinear (backend auto) within 2x of nn.Linear in each.
 
 Part 2: the ``cpu`` backend against the ``torch`` backend over M, at 64x64 r = 16 and 1024x1024 r = 64,
 inference; the C++ path must never be the slower one. On 1 thread (thread CPU time: the work done), then on
@@ -56,6 +59,8 @@ def layers(in_features=64, out_features=64, rank=16):
     out = {}
     linear = nn.Linear(in_features, out_features)
     out["nn.Linear"] = (linear, list(linear.parameters()))
+    frozen = nn.Linear(in_features, out_features).requires_grad_(False)
+    out["nn.Linear frozen"] = (frozen, [])
     for backend in ("auto", "cpu", "torch"):
         status = vk.backends().get(backend)
         if backend != "auto" and not (status.available and "cpu" in status.devices):
@@ -98,27 +103,40 @@ def _inference(module, x):
 def _training(module, x, params):
     def step():
         module(x).backward(g)
+        x.grad = None
         for p in params:
             p.grad = None
     g = torch.randn(x.shape[0], module(x).shape[-1])
     return step
 
 
+# pass -> (the nn.Linear row every ratio divides by, the rows timed: None for all but the other nn.Linear).
+PASSES = {"inference": ("nn.Linear", None), "training step": ("nn.Linear", None),
+          "training step, x needs grad": ("nn.Linear frozen", "nn.Linear")}
+
+
 def part1() -> dict:
     torch.set_num_threads(1)
-    x = torch.randn(1, 64)
+    x, x_grad = torch.randn(1, 64), torch.randn(1, 64, requires_grad=True)
     built = layers()
     results = {}
-    for pass_, make in (("inference", lambda m, p: _inference(m, x)), ("training step", lambda m, p: _training(m, x, p))):
+    for pass_, (base_name, left_out) in PASSES.items():
+        if pass_ == "inference":
+            steps = {name: _inference(module, x) for name, (module, _) in built.items()}
+        else:
+            x_pass = x_grad if "x needs grad" in pass_ else x
+            # A frozen nn.Linear with an input that needs no grad has no backward at all.
+            steps = {name: _training(module, x_pass, params) for name, (module, params) in built.items()
+                     if x_pass.requires_grad or params}
+        steps = {name: step for name, step in steps.items() if name != left_out}
         # One thread: its CPU time is the host time a call costs, whatever else the machine runs.
-        times = interleaved({name: make(module, params) for name, (module, params) in built.items()},
-                            clock=time.thread_time)
-        base = times["nn.Linear"]
+        times = interleaved(steps, clock=time.thread_time)
+        base = times[base_name]
         print(f"\n{pass_}: M = 1, 64x64, r = 16, fp32, 1 thread; thread CPU time, median of {ROUNDS} rounds x "
               f"{CALLS} calls")
-        print(f"{'implementation':<16}{'us/call':>10}{'x nn.Linear':>13}")
+        print(f"{'implementation':<18}{'us/call':>10}{'x ' + base_name:>20}")
         for name, seconds in times.items():
-            print(f"{name:<16}{seconds * 1e6:>10.1f}{seconds / base:>13.2f}")
+            print(f"{name:<18}{seconds * 1e6:>10.1f}{seconds / base:>20.2f}")
         results[pass_] = times
     return results
 

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "vera_math.h"
 
@@ -120,12 +121,19 @@ void column_sums_block(const ColumnSums& p, int64_t col_begin) {
 
 }  // namespace
 
-void fold_projection_cpu(const FoldProjection& p) {
+bool fold_projection_cpu(const FoldProjection& p) {
+  bool b_finite = true;
   dispatch_projection_dtypes(p, [&](auto e, auto d, auto b) {
     at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t begin, int64_t end) {
       fold_rows<decltype(e), decltype(d), decltype(b)>(p, begin, end);
     });
+    // One pass over b (out elements, read once more from the cache): a plain loop, where at::isfinite's
+    // composite (abs, ne, eq, all, item) costs more than the whole fold at decode sizes.
+    using Bv = decltype(b);
+    const auto* const bv = static_cast<const typename Bv::type*>(p.b);
+    for (int64_t j = 0; j < p.rows; ++j) b_finite &= std::isfinite(Bv::load(bv[j]));
   });
+  return b_finite;
 }
 
 void lambda_grads_cpu(const LambdaGrads& p) {

@@ -202,7 +202,8 @@ struct DecodeAdapter {
 
 VERA_HD int64_t decode_scratch_floats(int64_t rows, int64_t r, int64_t splits) { return (splits + 1) * rows * r; }
 
-void fold_projection_cpu(const FoldProjection& p);
+// Returns whether every b[j] is finite (see vera_ops.cpp, Folded).
+bool fold_projection_cpu(const FoldProjection& p);
 void lambda_grads_cpu(const LambdaGrads& p);
 void gather_scale_cpu(const GatherScale& p);
 void column_sums_cpu(const ColumnSums& p);
