@@ -1,7 +1,8 @@
 """Serving many VeRA adapters at once: tokens/s of a decode loop over a small model, each row of the batch
 (one request) routed to its own adapter, K = 1, 16, 256, 4096 adapters in the bank.
 
-    .venv/bin/python -m bench.serving            # VERA_BENCH_QUICK=1: a smaller model, fewer steps (CI)
+    .venv/bin/python -m bench.serving     VERA_BENCH_QUICK=1: a smaller model, fewer steps (CI)
+                                          VERA_BENCH_THREADS=N: run on N threads (1: the thread's CPU time)
 
 The model: a residual stack of blocks, each with the six projections of a transformer block (q, k, v, o,
 up, down; attention left out: its cost does not depend on the adapters), every one adapted. A decode step
@@ -27,9 +28,10 @@ import torch
 from torch import nn
 
 import vera_kernels as vk
+from bench.bench_common import parser, quick
 from vera_kernels.verify import device_name
 
-QUICK = os.environ.get("VERA_BENCH_QUICK") == "1"
+QUICK = quick()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KS = (1, 16, 256, 4096)
 if DEVICE == "cuda":
@@ -131,7 +133,8 @@ def _peft_loop(model, x0, ids):
     return loop
 
 
-def main():
+def main(argv=None):
+    parser("python -m bench.serving", __doc__).parse_args(argv)  # no options: --help, and nothing unknown
     threads = os.environ.get("VERA_BENCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
