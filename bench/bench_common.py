@@ -53,8 +53,10 @@ def deadline_passed() -> bool:
 
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """The parser of a ``python -m bench.<tool>``: its whole docstring as the help's description."""
-    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The parser of a ``python -m bench.<tool>``: its whole docstring as the help's description (without
+    reST's double back-quotes)."""
+    return argparse.ArgumentParser(prog=prog, description=doc.replace("``", ""),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -537,7 +537,7 @@ def report(shape: dict, plans: list[Plan]) -> str:
 def main(argv=None):
     if not torch.cuda.is_available():  # Triton's kernels run on CPU only under its interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    parser = argparse.ArgumentParser(prog="python -m bench.plan", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.plan", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--m", type=int, default=TARGET["m"], help="tokens, the rows of x (default: %(default)s)")
     parser.add_argument("--in-features", type=int, default=TARGET["in_features"],

@@ -266,7 +266,7 @@ def _ratios(info: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", nargs="?", default=None, metavar="RESULTS.json",
                         help=f"the records (default: {default_path()}, from VERA_BENCH_JSON if set)")
