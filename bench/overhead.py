@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import vera_kernels as vk
-from bench.bench_common import parser, quick
+from bench.bench_common import LoadProbe, dispersion, parser, quick
 from vera_kernels.verify import device_name
 
 QUICK = quick()
@@ -83,15 +83,20 @@ def _time(step, calls, clock) -> float:
     return (clock() - start) / calls
 
 
-def interleaved(steps: dict, rounds=ROUNDS, calls=CALLS, clock=time.perf_counter) -> dict[str, float]:
-    """Median per-call seconds of each step, the steps timed in turn within every round."""
+def interleaved_samples(steps: dict, rounds=ROUNDS, calls=CALLS, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Per-call seconds of each step in every round, the steps timed in turn within every round."""
     for step in steps.values():
         _time(step, max(5, calls // 10), clock)  # warm up: first-call caches, allocator
     samples = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             samples[name].append(_time(step, calls, clock))
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def interleaved(steps: dict, rounds=ROUNDS, calls=CALLS, clock=time.perf_counter) -> dict[str, float]:
+    """Median per-call seconds of each step, the steps timed in turn within every round."""
+    return {name: statistics.median(s) for name, s in interleaved_samples(steps, rounds, calls, clock).items()}
 
 
 def _inference(module, x):
@@ -131,13 +136,15 @@ def part1() -> dict:
                      if x_pass.requires_grad or params}
         steps = {name: step for name, step in steps.items() if name != left_out}
         # One thread: its CPU time is the host time a call costs, whatever else the machine runs.
-        times = interleaved(steps, clock=time.thread_time)
+        samples = interleaved_samples(steps, clock=time.thread_time)
+        times = {name: statistics.median(s) for name, s in samples.items()}
         base = times[base_name]
         print(f"\n{pass_}: M = 1, 64x64, r = 16, fp32, 1 thread; thread CPU time, median of {ROUNDS} rounds x "
-              f"{CALLS} calls")
-        print(f"{'implementation':<18}{'us/call':>10}{'x ' + base_name:>20}")
+              f"{CALLS} calls (IQR: the interquartile range of the rounds over the median)")
+        print(f"{'implementation':<18}{'us/call':>10}{'IQR':>6}{'x ' + base_name:>20}")
         for name, seconds in times.items():
-            print(f"{name:<18}{seconds * 1e6:>10.1f}{seconds / base:>20.2f}")
+            spread = dispersion(samples[name])["iqr"] / seconds
+            print(f"{name:<18}{seconds * 1e6:>10.1f}{spread:>6.0%}{seconds / base:>20.2f}")
         results[pass_] = times
     return results
 
@@ -150,7 +157,8 @@ def part2(threads: int, clock=time.perf_counter) -> dict:
     results = {}
     shapes = [(64, 64, 16, (1, 16, 256, 4096)), (1024, 1024, 64, (1, 16, 256) if QUICK else (1, 16, 256, 2048))]
     what = "thread CPU time" if clock is time.thread_time else "wall time"
-    print(f"\ncpu backend vs torch backend, inference, fp32, {threads} thread(s) ({what}, median us per call)")
+    print(f"\ncpu backend vs torch backend, inference, fp32, {threads} thread{'' if threads == 1 else 's'} ({what}, "
+          "median us per call)")
     print(f"{'in x out, r':<16}{'M':>6}{'torch':>10}{'cpu':>10}{'cpu/torch':>11}")
     for in_f, out_f, rank, ms in shapes:
         torch.manual_seed(0)
@@ -174,10 +182,20 @@ def main(argv=None):
     threads = torch.get_num_threads()
     print(f"bench.overhead on {device_name('cpu')} (default), torch {torch.__version__}"
           f"{', quick' if QUICK else ''}")
+    probe = LoadProbe()
     part1()
     part2(1, time.thread_time)  # the work each backend does, unaffected by other processes
     if threads > 1:
         part2(threads)  # threading included: wall time, as noisy as the machine is busy
+    print(load_line(probe.result()))
+
+
+def load_line(load: dict) -> str:
+    """The machine's load while the benchmark ran (thread CPU times hardly depend on it; wall times do)."""
+    others = "-" if load["others_busy"] is None else f"{load['others_busy']:.0%}"
+    average = "-" if load["load_avg_1min"] is None else f"{load['load_avg_1min']:.1f}"
+    return (f"\nmachine load: 1-min load average {average} at the end on {load['cpus']} CPUs; other processes kept "
+            f"{others} of the CPUs busy meanwhile")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import vera_kernels as vk
-from bench.bench_common import parser, quick
+from bench.bench_common import LoadProbe, dispersion, parser, quick
 from vera_kernels.verify import device_name
 
 QUICK = quick()
@@ -156,9 +156,14 @@ def main(argv=None):
     # One CPU thread: that thread's CPU time is the work a loop costs, whatever else the machine runs.
     clock = time.thread_time if DEVICE == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
     print(f"clock: {clock.__name__}")
-    seconds = interleaved(loops, clock)
+    probe = LoadProbe()
+    samples = interleaved_samples(loops, clock)
+    seconds = {key: statistics.median(s) for key, s in samples.items()}
+    spread = {key: dispersion(s)["iqr"] / seconds[key] for key, s in samples.items()}
     tokens = BATCH * STEPS
     base = seconds[("base", 0)]
+    print(f"base: IQR {spread[('base', 0)]:.0%} of the median; vera bank IQR: "
+          + ", ".join(f"K = {k} {spread[('vera', k)]:.0%}" for k in KS))
     print(f"\n{'K':>6}{'base tok/s':>12}{'vera bank tok/s':>17}{'x base':>8}{'peft loop tok/s':>20}{'x base':>8}")
     per_adapter = None
     for k in KS:
@@ -172,11 +177,16 @@ def main(argv=None):
             peft_text, peft_ratio = f"~{tokens / extrapolated:.0f} (extrap.)", f"{base / extrapolated:.3f}"
         print(f"{k:>6}{tokens / base:>12.0f}{tokens / bank:>17.0f}{base / bank:>8.2f}{peft_text:>20}{peft_ratio:>8}")
     print("(x base: tokens/s as a fraction of the base model's; K > batch: only batch-many adapters are in use)")
+    load = probe.result()
+    others = "-" if load["others_busy"] is None else f"{load['others_busy']:.0%}"
+    average = "-" if load["load_avg_1min"] is None else f"{load['load_avg_1min']:.1f}"
+    print(f"machine load while timing: 1-min load average {average} at the end on {load['cpus']} CPUs; other "
+          f"processes kept {others} of the CPUs busy")
 
 
-def interleaved(loops: dict, clock=time.perf_counter) -> dict:
-    """Median seconds of each loop, every loop timed once per round, in turn (a noisy neighbour slows them
-    alike)."""
+def interleaved_samples(loops: dict, clock=time.perf_counter) -> dict:
+    """Seconds of each loop in every round, every loop timed once per round, in turn (a noisy neighbour slows
+    them alike)."""
     for loop in loops.values():
         loop()  # warm-up: first-call caches, thread pools, allocator
     samples = {key: [] for key in loops}
@@ -187,7 +197,7 @@ def interleaved(loops: dict, clock=time.perf_counter) -> dict:
             loop()
             _synchronize()
             samples[key].append(clock() - start)
-    return {key: statistics.median(s) for key, s in samples.items()}
+    return samples
 
 
 if __name__ == "__main__":
