@@ -234,7 +234,7 @@ def suite_tables(rows: list[dict]) -> list[str]:
     """One block per suite of the records' "suites" rows: a title, its load line, the table and its flags."""
     blocks = []
     for suite in dict.fromkeys(r["suite"] for r in rows):
-        here = [dict(r, flags=_suite_flags(r)) for r in rows if r["suite"] == suite]
+        here = [dict(r, flags=_flags(r, None)) for r in rows if r["suite"] == suite]  # no base: spread alone
         header = ["benchmark", "time", "min", "IQR", "rounds", "recorded ratios", "flags"]
         body = [[r["name"], _seconds(r["seconds"]), _seconds(r.get("min_seconds")), _iqr_percent(r),
                  str(r.get("rounds", "-")), _ratios(r.get("extra_info") or {}), ",".join(r["flags"])] for r in here]
@@ -244,16 +244,6 @@ def suite_tables(rows: list[dict]) -> list[str]:
         lines.insert(1, "  ".join("-" * w for w in widths))
         blocks.append("\n".join([f"suite: {suite}", load_note(here), *lines, flag_summary(here)]))
     return blocks
-
-
-def _suite_flags(r) -> list[str]:
-    flags = []
-    if r.get("rounds") is not None and 0 < r["rounds"] < 4:
-        flags.append("few-rounds")
-    spread = _spread(r)
-    if spread is not None and spread > NOISE:
-        flags.append("noisy")
-    return flags
 
 
 def _ratios(info: dict) -> str:
