@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: one call on a lent GPU machine (H200: torch 2.11, Triton 3.6, nvcc 13, no network) that
-# brings back every number in under 8 minutes all told, the most important first:
+# The GPU check: one call on a GPU machine (written for an H200 with torch 2.11, Triton 3.6, nvcc 13 and no
+# network) that brings back every number in under 8 minutes all told, the most important first:
 #   CUDA_HOME -> build the extension with its CUDA kernels -> the full verify on cuda (bf16 first, its JSON
 #   rewritten after every group) -> the benchmarks, most important rows first, until the budget is spent
 #   -> the summary and the report.

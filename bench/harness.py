@@ -22,8 +22,9 @@ parameters, buffers and x excluded) and on a GPU the peak memory a step adds (to
 on CPU: not measured). Ratios to the base and to the floor are computed by bench/report.py.
 
 Settings come from the environment (the suite runs under plain ``pytest bench/ --benchmark-only``):
-  VERA_BENCH_QUICK=1      the smallest shapes, one round each (CI)
-  VERA_BENCH_JSON=PATH    where the records go (default .benchmarks/vera-layers-<device>.json)
+  VERA_BENCH_QUICK=1      the smallest shapes, one round each (CI), as in every benchmark file (bench_common)
+  VERA_BENCH_JSON=PATH    where the records go (default .benchmarks/vera-layers-<device>.json): this suite's
+                          rows, and every other suite's (bench/conftest.py) under "suites"
   VERA_BENCH_DEADLINE=T   skip the cases left after Unix time T (a GPU session's budget; bench/conftest.py)
   VERA_BENCH_DRY_RUN=1    tiny shapes, one round (bench/gpu_check.sh --dry-run: the plumbing, no figures)
 """
@@ -35,12 +36,13 @@ import functools
 import json
 import os
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+import bench_common
+from bench_common import LoadProbe, dispersion  # noqa: F401  (LoadProbe: used from here by the suite)
 from vera_kernels.measure import saved_activation_bytes  # noqa: F401  (bench/test_bench_cpu.py uses it from here)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,7 +76,7 @@ class Case:
 
 
 def settings(device: str = DEVICE, quick: bool | None = None, dry_run: bool | None = None) -> dict:
-    quick = os.environ.get("VERA_BENCH_QUICK") == "1" if quick is None else quick
+    quick = bench_common.quick() if quick is None else quick
     dry_run = os.environ.get("VERA_BENCH_DRY_RUN") == "1" if dry_run is None else dry_run
     s = dict(DRY_RUN if dry_run else GPU if device == "cuda" else CPU, quick=quick, dry_run=dry_run)
     if quick:  # the first layer and rank, the smallest training M and the smallest decode M, one round
@@ -326,19 +328,38 @@ def environment(device: str = DEVICE) -> dict:
 
 class Records:
     """The records of this session, rewritten to the file after every case, so a run stopped by a time
-    limit keeps what it measured."""
+    limit keeps what it measured: the layer suite's rows under "results", every other suite's (one row per
+    benchmark, from bench/conftest.py) under "suites"."""
 
     def __init__(self, device: str = DEVICE):
-        self.device, self.path, self.rows = device, results_path(device), []
+        self.device, self.path, self.rows, self.suite_rows = device, results_path(device), [], []
         self.header = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            environment=environment(device), settings=_jsonable(settings(device)))
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
+        self._write()
+
+    def add_suite_row(self, row: dict) -> None:
+        self.suite_rows.append(row)
+        self._write()
+
+    def _write(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path + ".tmp", "w") as f:
-            json.dump(dict(self.header, results=self.rows), f, indent=1)
+            json.dump(dict(self.header, results=self.rows, suites=self.suite_rows), f, indent=1, default=str)
         os.replace(self.path + ".tmp", self.path)
+
+
+_session = None
+
+
+def session_records() -> Records:
+    """One records file per pytest session, created by the first case that runs (collecting writes nothing)."""
+    global _session
+    if _session is None:
+        _session = Records()
+    return _session
 
 
 def _jsonable(s: dict) -> dict:
@@ -350,20 +371,7 @@ def median(values: list[float]) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Dispersion and machine load: what tells a reader whether a row's figures can be compared at all.
-
-
-def dispersion(times: list[float]) -> dict:
-    """min, median, first and third quartiles and IQR of one case's round times (seconds). With fewer
-    than 4 rounds the quartiles are the extremes (a range, not an IQR: the report flags the row)."""
-    if not times:
-        return dict(min=None, median=None, q1=None, q3=None, iqr=None)
-    ordered = sorted(times)
-    if len(ordered) >= 4:
-        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
-    else:
-        q1, q3 = ordered[0], ordered[-1]
-    return dict(min=ordered[0], median=statistics.median(ordered), q1=q1, q3=q3, iqr=q3 - q1)
+# Timing records (dispersion and the load probe: bench_common).
 
 
 def timing(benchmark, runner: "Runner") -> dict:
@@ -378,32 +386,3 @@ def timing(benchmark, runner: "Runner") -> dict:
     stats = dispersion(times)
     return dict(seconds=stats.pop("median"), **{f"{k}_seconds": v for k, v in stats.items()}, rounds=len(times),
                 timer=timer)
-
-
-def _busy_cpu_seconds() -> float | None:
-    """CPU seconds every process of the machine has spent since boot (Linux /proc/stat), None elsewhere."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-class LoadProbe:
-    """The machine's load around one case: the 1-minute load average at its end and the share of all CPUs
-    that other processes kept busy while it ran (this process's own CPU time subtracted)."""
-
-    def __init__(self):
-        self.wall, self.busy, self.own = time.perf_counter(), _busy_cpu_seconds(), time.process_time()
-
-    def result(self) -> dict:
-        wall = time.perf_counter() - self.wall
-        busy, own = _busy_cpu_seconds(), time.process_time() - self.own
-        cpus = os.cpu_count() or 1
-        others = None
-        if busy is not None and self.busy is not None and wall > 0:
-            others = min(1.0, max(0.0, (busy - self.busy - own) / (wall * cpus)))
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        return dict(load_avg_1min=load, cpus=cpus, others_busy=others)

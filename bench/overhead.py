@@ -1,15 +1,19 @@
 """Per-call host overhead of one adapted layer at decode size, against nn.Linear in the same run.
 
-    .venv/bin/python -m bench.overhead            # VERA_BENCH_QUICK=1: fewer rounds (CI)
+    .venv/bin/python -m bench.overhead     VERA_BENCH_QUICK=1: 5 rounds of 50 calls instead of 21 of 200, the
+                                           1024x1024 layer up to M = 256 (CI)
 
 Part 1 (1 thread): M = 1, in = out = 64, r = 16, fp32 on CPU, where the GEMMs cost almost nothing and the
 time per call is the Python and dispatch work around them. Each round times N calls of every
 implementation in turn (interleaved); the figure is the median over rounds of the per-call time, measured
 as the thread's CPU time (time.thread_time: what a call costs the host, unaffected by other processes on a
-busy machine), and the ratio is to nn.Linear's median in the same run. Two passes:
-  inference      y = layer(x) under torch.no_grad()
-  training step  y = layer(x); y.backward(g)   (nn.Linear: weight and bias trained; VeRA: lambda_d, lambda_b)
-Target (issue 12): FusedVeRALinear (backend auto) within 2x of nn.Linear for both.
+busy machine), and the ratio is to the nn.Linear row's median in the same run. Three passes:
+  inference                  y = layer(x) under torch.no_grad()
+  training step              y = layer(x); y.backward(g), x without grad (nn.Linear: weight and bias
+                             trained; VeRA: lambda_d, lambda_b)
+  training step, x needs grad  the same with x requiring grad, against a frozen nn.Linear (only dx): what a
+                             VeRA layer replaces when a model is fine-tuned
+Target: FusedVeRALinear (backend auto) within 2x of nn.Linear in each.
 
 Part 2: the ``cpu`` backend against the ``torch`` backend over M, at 64x64 r = 16 and 1024x1024 r = 64,
 inference; the C++ path must never be the slower one. On 1 thread (thread CPU time: the work done), then on
@@ -18,7 +22,6 @@ the machine's default thread count (wall time: threading included, noisy on a bu
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
@@ -26,9 +29,10 @@ import torch
 from torch import nn
 
 import vera_kernels as vk
+from bench.bench_common import LoadProbe, dispersion, parser, quick
 from vera_kernels.verify import device_name
 
-QUICK = os.environ.get("VERA_BENCH_QUICK") == "1"
+QUICK = quick()
 ROUNDS, CALLS = (5, 50) if QUICK else (21, 200)
 
 
@@ -56,6 +60,8 @@ def layers(in_features=64, out_features=64, rank=16):
     out = {}
     linear = nn.Linear(in_features, out_features)
     out["nn.Linear"] = (linear, list(linear.parameters()))
+    frozen = nn.Linear(in_features, out_features).requires_grad_(False)
+    out["nn.Linear frozen"] = (frozen, [])
     for backend in ("auto", "cpu", "torch"):
         status = vk.backends().get(backend)
         if backend != "auto" and not (status.available and "cpu" in status.devices):
@@ -77,15 +83,20 @@ def _time(step, calls, clock) -> float:
     return (clock() - start) / calls
 
 
-def interleaved(steps: dict, rounds=ROUNDS, calls=CALLS, clock=time.perf_counter) -> dict[str, float]:
-    """Median per-call seconds of each step, the steps timed in turn within every round."""
+def interleaved_samples(steps: dict, rounds=ROUNDS, calls=CALLS, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Per-call seconds of each step in every round, the steps timed in turn within every round."""
     for step in steps.values():
         _time(step, max(5, calls // 10), clock)  # warm up: first-call caches, allocator
     samples = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             samples[name].append(_time(step, calls, clock))
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def interleaved(steps: dict, rounds=ROUNDS, calls=CALLS, clock=time.perf_counter) -> dict[str, float]:
+    """Median per-call seconds of each step, the steps timed in turn within every round."""
+    return {name: statistics.median(s) for name, s in interleaved_samples(steps, rounds, calls, clock).items()}
 
 
 def _inference(module, x):
@@ -98,27 +109,42 @@ def _inference(module, x):
 def _training(module, x, params):
     def step():
         module(x).backward(g)
+        x.grad = None
         for p in params:
             p.grad = None
     g = torch.randn(x.shape[0], module(x).shape[-1])
     return step
 
 
+# pass -> (the nn.Linear row every ratio divides by, the rows timed: None for all but the other nn.Linear).
+PASSES = {"inference": ("nn.Linear", None), "training step": ("nn.Linear", None),
+          "training step, x needs grad": ("nn.Linear frozen", "nn.Linear")}
+
+
 def part1() -> dict:
     torch.set_num_threads(1)
-    x = torch.randn(1, 64)
+    x, x_grad = torch.randn(1, 64), torch.randn(1, 64, requires_grad=True)
     built = layers()
     results = {}
-    for pass_, make in (("inference", lambda m, p: _inference(m, x)), ("training step", lambda m, p: _training(m, x, p))):
+    for pass_, (base_name, left_out) in PASSES.items():
+        if pass_ == "inference":
+            steps = {name: _inference(module, x) for name, (module, _) in built.items()}
+        else:
+            x_pass = x_grad if "x needs grad" in pass_ else x
+            # A frozen nn.Linear with an input that needs no grad has no backward at all.
+            steps = {name: _training(module, x_pass, params) for name, (module, params) in built.items()
+                     if x_pass.requires_grad or params}
+        steps = {name: step for name, step in steps.items() if name != left_out}
         # One thread: its CPU time is the host time a call costs, whatever else the machine runs.
-        times = interleaved({name: make(module, params) for name, (module, params) in built.items()},
-                            clock=time.thread_time)
-        base = times["nn.Linear"]
+        samples = interleaved_samples(steps, clock=time.thread_time)
+        times = {name: statistics.median(s) for name, s in samples.items()}
+        base = times[base_name]
         print(f"\n{pass_}: M = 1, 64x64, r = 16, fp32, 1 thread; thread CPU time, median of {ROUNDS} rounds x "
-              f"{CALLS} calls")
-        print(f"{'implementation':<16}{'us/call':>10}{'x nn.Linear':>13}")
+              f"{CALLS} calls (IQR: the interquartile range of the rounds over the median)")
+        print(f"{'implementation':<18}{'us/call':>10}{'IQR':>6}{'x ' + base_name:>20}")
         for name, seconds in times.items():
-            print(f"{name:<16}{seconds * 1e6:>10.1f}{seconds / base:>13.2f}")
+            spread = dispersion(samples[name])["iqr"] / seconds
+            print(f"{name:<18}{seconds * 1e6:>10.1f}{spread:>6.0%}{seconds / base:>20.2f}")
         results[pass_] = times
     return results
 
@@ -131,7 +157,8 @@ def part2(threads: int, clock=time.perf_counter) -> dict:
     results = {}
     shapes = [(64, 64, 16, (1, 16, 256, 4096)), (1024, 1024, 64, (1, 16, 256) if QUICK else (1, 16, 256, 2048))]
     what = "thread CPU time" if clock is time.thread_time else "wall time"
-    print(f"\ncpu backend vs torch backend, inference, fp32, {threads} thread(s) ({what}, median us per call)")
+    print(f"\ncpu backend vs torch backend, inference, fp32, {threads} thread{'' if threads == 1 else 's'} ({what}, "
+          "median us per call)")
     print(f"{'in x out, r':<16}{'M':>6}{'torch':>10}{'cpu':>10}{'cpu/torch':>11}")
     for in_f, out_f, rank, ms in shapes:
         torch.manual_seed(0)
@@ -150,14 +177,25 @@ def part2(threads: int, clock=time.perf_counter) -> dict:
     return results
 
 
-def main():
+def main(argv=None):
+    parser("python -m bench.overhead", __doc__).parse_args(argv)  # no options: --help, and nothing unknown
     threads = torch.get_num_threads()
     print(f"bench.overhead on {device_name('cpu')} (default), torch {torch.__version__}"
           f"{', quick' if QUICK else ''}")
+    probe = LoadProbe()
     part1()
     part2(1, time.thread_time)  # the work each backend does, unaffected by other processes
     if threads > 1:
         part2(threads)  # threading included: wall time, as noisy as the machine is busy
+    print(load_line(probe.result()))
+
+
+def load_line(load: dict) -> str:
+    """The machine's load while the benchmark ran (thread CPU times hardly depend on it; wall times do)."""
+    others = "-" if load["others_busy"] is None else f"{load['others_busy']:.0%}"
+    average = "-" if load["load_avg_1min"] is None else f"{load['load_avg_1min']:.1f}"
+    return (f"\nmachine load: 1-min load average {average} at the end on {load['cpus']} CPUs; other processes kept "
+            f"{others} of the CPUs busy meanwhile")
 
 
 if __name__ == "__main__":

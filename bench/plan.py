@@ -45,10 +45,13 @@ forward+backward (dx, dd, db) (2 in out + r (2 in + 3 out)) / (2 in out) times b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import os
 import re
+import sys
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -133,11 +136,31 @@ def _is_trivial(e) -> bool:
     return not any(len(shape) for shape in e.input_shapes)
 
 
+@contextlib.contextmanager
+def _without_profiler_log():
+    """Drops the profiler's own log lines ("USDT:... profiler_start", written by its C++ side straight to
+    file descriptor 2) and passes every other line written to stderr meanwhile through."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not line.startswith("USDT:")]
+            sys.stderr.write("".join(kept))
+
+
 def trace(fn):
     """The launches fn() makes, as profiler events (CPU)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with _without_profiler_log(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         with record_function("bench.plan"):
             fn()
     return _top_launches(prof.events())
@@ -598,12 +621,16 @@ def report(shape: dict, plans: list[Plan]) -> str:
 def main(argv=None):
     if not torch.cuda.is_available():  # Triton's kernels run on CPU only under its interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--m", type=int, default=TARGET["m"])
-    parser.add_argument("--in-features", type=int, default=TARGET["in_features"])
-    parser.add_argument("--out-features", type=int, default=TARGET["out_features"])
-    parser.add_argument("--rank", type=int, default=TARGET["rank"])
-    parser.add_argument("--dtype", default=TARGET["dtype"], choices=["float32", "bfloat16", "float16"])
+    parser = argparse.ArgumentParser(prog="python -m bench.plan", description=__doc__.replace("``", ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--m", type=int, default=TARGET["m"], help="tokens, the rows of x (default: %(default)s)")
+    parser.add_argument("--in-features", type=int, default=TARGET["in_features"],
+                        help="the layer's input size (default: %(default)s)")
+    parser.add_argument("--out-features", type=int, default=TARGET["out_features"],
+                        help="the layer's output size (default: %(default)s)")
+    parser.add_argument("--rank", type=int, default=TARGET["rank"], help="VeRA's r (default: %(default)s)")
+    parser.add_argument("--dtype", default=TARGET["dtype"], choices=["float32", "bfloat16", "float16"],
+                        help="the dtype of x, the weights and the projections (default: %(default)s)")
     shape = vars(parser.parse_args(argv))
     print(report(shape, build_plans(shape)))
 

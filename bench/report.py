@@ -1,18 +1,24 @@
-"""The layer benchmark's summary: a table with the median time and its dispersion (min, IQR), TFLOP/s, the
-ratios to the base layer and to the floor, the saved-activation bytes, the peak memory and flags on rows
-whose figures cannot be trusted; a line on the machine's load while the suite ran; and a plot of time
-against M per implementation (where matplotlib is installed).
+"""The benchmarks' summary: one table per suite, each row with its median time and dispersion, flags on
+the rows whose figures cannot be trusted, and a line per suite on the machine's load while it ran.
 
     python -m bench.report [RESULTS.json] [--plot PATH.png] [--markdown]
 
-RESULTS.json defaults to the file the suite just wrote (VERA_BENCH_JSON, else .benchmarks/vera-layers-<device>.json).
-x base: the time over the base nn.Linear's, same pass and M. x floor: the time over the floor of
-docs/DESIGN.md section 5, the base's time scaled by the implementation's minimal FLOPs over the base's (VeRA
-forward at in = out = 4096, r = 256: 1.125 x base; merged: 1.00 x).
+RESULTS.json: the records that a run of pytest bench/ --benchmark-only wrote (default: VERA_BENCH_JSON if
+set, else .benchmarks/vera-layers-<device>.json, the file the suites write by default).
 
-Flags (see FLAGS): a row is flagged when its spread, or its base's, makes its ratios meaningless, or when
-it contradicts another row in a way only a change of load explains (a smaller M slower than a larger one,
-forward+backward faster than the forward alone).
+The layer suite (bench/test_bench_layers.py): time (the median), min (the fastest round), IQR (over the
+median), TFLOP/s, the ratios to the base layer and to the floor, the saved-activation bytes, the peak
+memory, and a plot of time against M per implementation (where matplotlib is installed). x base: the time
+over the base nn.Linear's, same pass and M. x floor: the time over the floor of docs/DESIGN.md section 5,
+the base's time scaled by the implementation's minimal FLOPs over the base's (VeRA forward at
+in = out = 4096, r = 256: 1.125 x base; merged: 1.00 x).
+
+Every other suite (multi-adapter, projections, CPU): each benchmark's median, min, IQR and rounds, and the
+ratios it recorded itself (extra_info), e.g. a K's time over K = 1's.
+
+Flags (see FLAGS): a row is flagged when its spread, or its base's, makes its ratios meaningless, when it
+ran too few rounds to show a spread, or when it contradicts another row in a way only a change of load
+explains (a smaller M slower than a larger one, forward+backward faster than the forward alone).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ FLAGS = {
     "base-noisy": f"the base row this ratio divides by has an IQR above {NOISE:.0%} of its median",
     "~base": "the ratio's interquartile interval (q1/q3 of the base .. q3/q1 of the base) contains 1: not "
              "distinguishable from the base",
-    "few-rounds": "fewer than 4 rounds: no IQR (the spread shown is the range)",
+    "few-rounds": "fewer than 4 rounds: no IQR (the IQR column shows the range of 2 or 3 rounds, - for 1)",
     "M-order": "slower than the same implementation at a larger M: the load changed during the run",
     "fb<fwd": "forward+backward faster than the forward alone: the load changed during the run",
 }
@@ -224,11 +230,39 @@ def plot(rows: list[dict], path: str) -> bool:
     return True
 
 
+def suite_tables(rows: list[dict]) -> list[str]:
+    """One block per suite of the records' "suites" rows: a title, its load line, the table and its flags."""
+    blocks = []
+    for suite in dict.fromkeys(r["suite"] for r in rows):
+        here = [dict(r, flags=_flags(r, None)) for r in rows if r["suite"] == suite]  # no base: spread alone
+        header = ["benchmark", "time", "min", "IQR", "rounds", "recorded ratios", "flags"]
+        body = [[r["name"], _seconds(r["seconds"]), _seconds(r.get("min_seconds")), _iqr_percent(r),
+                 str(r.get("rounds", "-")), _ratios(r.get("extra_info") or {}), ",".join(r["flags"])] for r in here]
+        widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+        lines = ["  ".join(c.rjust(w) if i in (1, 2, 3, 4) else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+                 for line in [header] + body]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        blocks.append("\n".join([f"suite: {suite}", load_note(here), *lines, flag_summary(here)]))
+    return blocks
+
+
+def _ratios(info: dict) -> str:
+    """The ratios a benchmark recorded (extra_info keys with "ratio"), compactly."""
+    parts = []
+    for key, value in info.items():
+        if "ratio" in key and isinstance(value, (int, float)):
+            parts.append(f"{key.replace('_ratio', '').replace('ratio_', '').replace('time_', '')}={value:.3g}")
+    return " ".join(parts) or "-"
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
-    parser.add_argument("path", nargs="?", default=None, help="the suite's records (default: %(default)s)")
-    parser.add_argument("--plot", metavar="PNG", help="where the plot goes (default: beside the records)")
-    parser.add_argument("--markdown", action="store_true", help="the table as Markdown (for bench/RESULTS.md)")
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.replace("``", ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", nargs="?", default=None, metavar="RESULTS.json",
+                        help=f"the records (default: {default_path()}, from VERA_BENCH_JSON if set)")
+    parser.add_argument("--plot", metavar="PNG", help="where the layer suite's plot goes (default: beside the "
+                                                      "records, RESULTS.png)")
+    parser.add_argument("--markdown", action="store_true", help="the layer table as Markdown (for bench/RESULTS.md)")
     args = parser.parse_args(argv)
     path = args.path or default_path()
     if not os.path.exists(path):
@@ -238,15 +272,19 @@ def main(argv=None) -> int:
         data = json.load(f)
     env = data["environment"]
     print(f"{data['date']}  " + ", ".join(f"{k} {v}" for k, v in env.items()))
-    s = data["settings"]
-    print(f"dtype {s['dtype']}, {s['rounds']} rounds after {s['warmup']} warm-up" + (" (quick)" if s["quick"] else "")
-          + "; time: the median, min: the fastest round, IQR: the interquartile range over the median")
-    rows = with_ratios(data["results"])
-    print(load_note(data["results"]))
-    print(table(rows, args.markdown))
-    print(flag_summary(rows))
-    png = args.plot or os.path.splitext(path)[0] + ".png"
-    print(f"plot: {png}" if plot(rows, png) else "plot: skipped (matplotlib is not installed)")
+    if data["results"]:
+        s = data["settings"]
+        print(f"\nsuite: layers; dtype {s['dtype']}, {s['rounds']} rounds after {s['warmup']} warm-up"
+              + (" (quick)" if s["quick"] else "")
+              + "; time: the median, min: the fastest round, IQR: the interquartile range over the median")
+        rows = with_ratios(data["results"])
+        print(load_note(data["results"]))
+        print(table(rows, args.markdown))
+        print(flag_summary(rows))
+        png = args.plot or os.path.splitext(path)[0] + ".png"
+        print(f"plot: {png}" if plot(rows, png) else "plot: skipped (matplotlib is not installed)")
+    for block in suite_tables(data.get("suites", [])):
+        print("\n" + block)
     return 0
 
 

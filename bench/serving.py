@@ -1,7 +1,8 @@
 """Serving many VeRA adapters at once: tokens/s of a decode loop over a small model, each row of the batch
 (one request) routed to its own adapter, K = 1, 16, 256, 4096 adapters in the bank.
 
-    .venv/bin/python -m bench.serving            # VERA_BENCH_QUICK=1: a smaller model, fewer steps (CI)
+    .venv/bin/python -m bench.serving     VERA_BENCH_QUICK=1: a smaller model, fewer steps (CI)
+                                          VERA_BENCH_THREADS=N: run on N threads (1: the thread's CPU time)
 
 The model: a residual stack of blocks, each with the six projections of a transformer block (q, k, v, o,
 up, down; attention left out: its cost does not depend on the adapters), every one adapted. A decode step
@@ -27,9 +28,10 @@ import torch
 from torch import nn
 
 import vera_kernels as vk
+from bench.bench_common import LoadProbe, dispersion, parser, quick
 from vera_kernels.verify import device_name
 
-QUICK = os.environ.get("VERA_BENCH_QUICK") == "1"
+QUICK = quick()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KS = (1, 16, 256, 4096)
 if DEVICE == "cuda":
@@ -131,7 +133,8 @@ def _peft_loop(model, x0, ids):
     return loop
 
 
-def main():
+def main(argv=None):
+    parser("python -m bench.serving", __doc__).parse_args(argv)  # no options: --help, and nothing unknown
     threads = os.environ.get("VERA_BENCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
@@ -153,9 +156,14 @@ def main():
     # One CPU thread: that thread's CPU time is the work a loop costs, whatever else the machine runs.
     clock = time.thread_time if DEVICE == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
     print(f"clock: {clock.__name__}")
-    seconds = interleaved(loops, clock)
+    probe = LoadProbe()
+    samples = interleaved_samples(loops, clock)
+    seconds = {key: statistics.median(s) for key, s in samples.items()}
+    spread = {key: dispersion(s)["iqr"] / seconds[key] for key, s in samples.items()}
     tokens = BATCH * STEPS
     base = seconds[("base", 0)]
+    print(f"base: IQR {spread[('base', 0)]:.0%} of the median; vera bank IQR: "
+          + ", ".join(f"K = {k} {spread[('vera', k)]:.0%}" for k in KS))
     print(f"\n{'K':>6}{'base tok/s':>12}{'vera bank tok/s':>17}{'x base':>8}{'peft loop tok/s':>20}{'x base':>8}")
     per_adapter = None
     for k in KS:
@@ -169,11 +177,16 @@ def main():
             peft_text, peft_ratio = f"~{tokens / extrapolated:.0f} (extrap.)", f"{base / extrapolated:.3f}"
         print(f"{k:>6}{tokens / base:>12.0f}{tokens / bank:>17.0f}{base / bank:>8.2f}{peft_text:>20}{peft_ratio:>8}")
     print("(x base: tokens/s as a fraction of the base model's; K > batch: only batch-many adapters are in use)")
+    load = probe.result()
+    others = "-" if load["others_busy"] is None else f"{load['others_busy']:.0%}"
+    average = "-" if load["load_avg_1min"] is None else f"{load['load_avg_1min']:.1f}"
+    print(f"machine load while timing: 1-min load average {average} at the end on {load['cpus']} CPUs; other "
+          f"processes kept {others} of the CPUs busy")
 
 
-def interleaved(loops: dict, clock=time.perf_counter) -> dict:
-    """Median seconds of each loop, every loop timed once per round, in turn (a noisy neighbour slows them
-    alike)."""
+def interleaved_samples(loops: dict, clock=time.perf_counter) -> dict:
+    """Seconds of each loop in every round, every loop timed once per round, in turn (a noisy neighbour slows
+    them alike)."""
     for loop in loops.values():
         loop()  # warm-up: first-call caches, thread pools, allocator
     samples = {key: [] for key in loops}
@@ -184,7 +197,7 @@ def interleaved(loops: dict, clock=time.perf_counter) -> dict:
             loop()
             _synchronize()
             samples[key].append(clock() - start)
-    return {key: statistics.median(s) for key, s in samples.items()}
+    return samples
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 VeRA with and without its saved projections, and PEFT's LoRA at r = 8 and 64. Every figure is the size of
 a real safetensors file, written to a temporary folder and read back with os.path.getsize.
 
-    python -m bench.storage [--quick]
+    python -m bench.storage [--quick]     (VERA_BENCH_QUICK=1: as --quick)
 
 No weights: the base layers are nn.Linear modules on the meta device (PEFT adapts them and, seeing meta
 weights, puts its adapter tensors there too; those are then given real CPU storage, random values: a
@@ -14,7 +14,6 @@ up, down). --quick (CI): the 7B model, and no LoRA r = 64 file (hundreds of MB).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import warnings
 
 import torch
 from torch import nn
+
+from bench.bench_common import parser, quick
 
 MODELS = {  # hidden, intermediate, layers (the Llama configs)
     "llama-7b": (4096, 11008, 32),
@@ -150,10 +151,11 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.storage", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the 7B model only, no LoRA r=64 file (CI)")
-    args = parser.parse_args(argv)
-    print(table(measure(args.quick)))
+    cli = parser("python -m bench.storage", __doc__)
+    cli.add_argument("--quick", action="store_true",
+                     help="the 7B model only, no LoRA r = 64 file (CI); VERA_BENCH_QUICK=1 does the same")
+    args = cli.parse_args(argv)
+    print(table(measure(args.quick or quick())))
     return 0
 
 

@@ -1,7 +1,7 @@
 """Forward + backward on CPU, fp32: the extension's ``cpu`` backend against PEFT's own VeRA layer and against
 the frozen base ``nn.Linear`` alone (forward + backward for dx), with the activation bytes autograd saves.
 
-    pytest bench/test_bench_cpu.py --benchmark-only
+    pytest bench/test_bench_cpu.py --benchmark-only     VERA_BENCH_QUICK=1: the smaller shape, one round
 
 Each step is y = layer(x); y.backward(g) with x requiring grad, W0 and its bias frozen, and (VeRA) the
 trained lambda_d, lambda_b. extra_info holds the saved-activation bytes (tensors autograd saves that are
@@ -21,14 +21,17 @@ import torch
 
 import harness
 import vera_kernels
+from bench_common import QUICK, rounds, run
 
 peft = pytest.importorskip("peft")
-# On a lent GPU machine the minutes go to the GPU checks; this suite is for CPU-only machines.
+# On a GPU machine the GPU suites matter; this suite is for CPU-only machines.
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU benchmark runs on CPU-only machines")
 
 RANK = 256
 SHAPES = [(512, 4096, 4096), (2048, 1024, 1024)]  # (M, in, out)
-INTERLEAVED_ROUNDS = 5
+if QUICK:
+    SHAPES = SHAPES[1:]  # the smaller (2048 x 1024 x 1024: a quarter of the other's work)
+INTERLEAVED_ROUNDS = rounds(5)
 # Medians (s) of the runs so far, by (variant, shape): the ratios need the base (and PEFT) first.
 _medians: dict[tuple[str, tuple], float] = {}
 
@@ -123,7 +126,7 @@ def test_forward_backward(benchmark, variant, shape):
     x, grad = make_inputs(m, in_features, out_features)
     step = training_step(layer, x, grad)
     step()  # warm-up: first-call allocations, PEFT's projection copies
-    benchmark(step)
+    run(benchmark, step)
 
     info = dict(
         device="cpu", threads=torch.get_num_threads(), dtype="float32", M=m, in_features=in_features,

@@ -20,15 +20,6 @@ from bench import plan  # noqa: E402
 
 pytest.importorskip("peft")
 SETTINGS = harness.settings()
-_records = None
-
-
-def _session_records():
-    # One file per session, created by the first case that runs (collecting alone writes nothing).
-    global _records
-    if _records is None:
-        _records = harness.Records()
-    return _records
 
 
 def _estimate(case, dtype):
@@ -59,4 +50,4 @@ def test_layer(benchmark, case):
                # H200: the measured time of each plan side by side with what its launches allow.
                h200_estimate_seconds=_estimate(case, row_dtype))
     benchmark.extra_info.update(row)
-    _session_records().add(row)
+    harness.session_records().add(row)

@@ -19,6 +19,7 @@ model (32 layers x q, k, v, o, gate, up, down) fit in 1 GiB, computed from shape
 
 Shapes: GPU bf16, M = 8192, in = out = 4096, r = 256 (triton backend; skipped without a GPU). CPU fp32,
 scaled down to M = 4096, in = out = 1024, r = 64 (the same r / in as the GPU shape), cpu backend.
+Rounds: 20 on a GPU, 3 on CPU; one under VERA_BENCH_QUICK=1 (bench_common).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pytest
 import torch
 
 import vera_kernels
-from bench_common import DEVICE, DRY_RUN, synchronize
+from bench_common import DEVICE, DRY_RUN, rounds, synchronize
 
 KS = (1, 16, 256, 4096)
 ON_GPU = DEVICE == "cuda"
@@ -67,7 +68,7 @@ def _run(benchmark, fn, key):
         synchronize()
         return out
 
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=rounds(ROUNDS), iterations=1, warmup_rounds=1)
     _times[key] = _median(benchmark)
 
 

@@ -1,17 +1,19 @@
 """Time to materialize the shared pair from the seed, per backend (once per model, device and dtype).
 
-    pytest bench/ --benchmark-only
+    pytest bench/ --benchmark-only        VERA_BENCH_QUICK=1: the smallest shape, one round (bench_common)
 """
 
 import pytest
 import torch
 
 import vera_kernels
-from bench_common import DEVICE, DRY_RUN, synchronize
+from bench_common import DEVICE, DRY_RUN, QUICK, run, synchronize
 
 SHAPES = {"cpu": [(256, 4096, 4096)], "cuda": [(256, 4096, 4096), (1024, 11008, 11008)]}[DEVICE]
 if DRY_RUN:
     SHAPES = [(16, 256, 256)]
+elif QUICK:
+    SHAPES = SHAPES[:1]
 
 
 def _runnable(name):
@@ -32,7 +34,7 @@ def test_generate_projections(benchmark, backend, dtype, rank, max_in, max_out):
         synchronize()
         return pair
 
-    A, B = benchmark(generate)
+    A, B = run(benchmark, generate)
     elements = A.numel() + B.numel()
     benchmark.extra_info.update(device=DEVICE, elements=elements, hardware=_hardware())
     assert torch.isfinite(A).all() and torch.isfinite(B).all()

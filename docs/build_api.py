@@ -43,6 +43,8 @@ def _markdown(doc: str | None) -> str:
             text = " ".join(line.strip() for line in lines)
             text = re.sub(r"``([^`]+)``", r"`\1`", text)
             text = re.sub(r":(?:func|class|meth|mod|attr):`~?([^`]+)`", r"`\1`", text)
+            # A docstring's pointer into the design document becomes a link (this page sits beside it).
+            text = re.sub(r"docs/DESIGN\.md(#[a-z0-9-]+)?", r"[docs/DESIGN.md\1](DESIGN.md\1)", text)
             out.append(_escape_outside_code(text))
     return "\n\n".join(out)
 

@@ -214,6 +214,11 @@ class VeraFunction : public torch::autograd::Function<VeraFunction> {
     const Tensor grad = grads[0].contiguous();
     Tensor dx, dd, db, dbias;
     if (need_dx || need_dbias || need_dd || need_db) {
+      // Without create_graph nothing here is recorded: go straight to the kernel, past the Autograd key's
+      // boxed not-implemented fallback (which only redispatches then, and costs more than the kernel at
+      // decode sizes). With create_graph the fallback stays: its outputs refuse a double backward.
+      std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+      if (!at::GradMode::is_enabled()) below_autograd.emplace();
       std::tie(dx, dd, db, dbias) = backward_op().call(
           grad, saved[0], optional(saved[1]), optional(saved[2]), optional(saved[3]), saved[4], saved[5],
           ctx->saved_data["in_features"].toInt(), need_dx, need_dd, need_db, need_dbias,

@@ -1,7 +1,11 @@
 """The benchmark harness without timing anything: its FLOP counts (docs/DESIGN.md section 5), its case list and
 the saved-activation bytes it measures. (No timed assertions: timings belong to bench/.)"""
 
+import importlib
+import json
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -106,3 +110,108 @@ def test_load_note():
     assert "quiet enough" in report.load_note(quiet)
     assert "BUSY" in report.load_note(busy) and "70%" in report.load_note(busy)
     assert "not recorded" in report.load_note([{}])
+
+
+# --------------------------------------------------------------------------------------------------
+# The tools: VERA_BENCH_QUICK alike in every file, every suite in the records and the report, --help texts.
+
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+BENCH = os.path.join(ROOT, "bench")
+
+
+def test_vera_bench_quick_is_read_in_one_place():
+    # Each file read it its own way (three of seven at all): now bench_common.quick() is the only reader.
+    readers = []
+    for name in sorted(os.listdir(BENCH)):
+        if name.endswith((".py", ".sh")) and name != "bench_common.py":
+            with open(os.path.join(BENCH, name), encoding="utf-8") as f:
+                text = f.read()
+            if re.search(r"environ(\.get\(|\[)[\"']VERA_BENCH_QUICK", text):
+                readers.append(name)
+    assert readers == []
+
+
+def test_vera_bench_quick_means_one_round_of_the_smallest_shapes_in_every_suite():
+    # Imported with the variable set, as pytest bench/ imports them: every suite's settings are quick ones.
+    code = (
+        "import harness, bench_common, test_bench_projections as p, test_bench_multi_adapter as m, "
+        "test_bench_cpu as c\n"
+        "s = harness.settings('cpu')\n"
+        "print(s['rounds'], len(s['layers']), len(s['ranks']), bench_common.rounds(m.ROUNDS), len(p.SHAPES), "
+        "len(c.SHAPES), c.INTERLEAVED_ROUNDS)\n"
+    )
+    env = dict(os.environ, VERA_BENCH_QUICK="1", PYTHONPATH=os.pathsep.join([BENCH, ROOT]))
+    env.pop("VERA_BENCH_DRY_RUN", None)
+    pytest.importorskip("peft")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-7:] == ["1"] * 7
+
+
+def test_every_suite_is_recorded_and_reported_one_table_each(tmp_path):
+    # A real quick run of one small suite case: its row lands in the records under "suites" with its
+    # dispersion and load, and bench.report prints a table for that suite with the row flagged few-rounds.
+    records = tmp_path / "records.json"
+    env = dict(os.environ, VERA_BENCH_QUICK="1", VERA_BENCH_DRY_RUN="1", VERA_BENCH_JSON=str(records))
+    done = subprocess.run([sys.executable, "-m", "pytest", "bench/test_bench_projections.py", "-k", "torch-torch.float32",
+                           "--benchmark-only", "-q", "-p", "no:cacheprovider"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    data = json.loads(records.read_text())
+    (row,) = data["suites"]
+    assert row["suite"] == "projections" and row["rounds"] == 1 and row["seconds"] > 0
+    assert {"min_seconds", "iqr_seconds", "load_avg_1min", "others_busy", "extra_info"} <= set(row)
+    out = subprocess.run([sys.executable, "-m", "bench.report", str(records)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300).stdout
+    assert "suite: projections" in out and "few-rounds" in out and "test_generate_projections[" in out
+    assert "machine load while timing" in out.split("suite: projections")[1]
+
+
+def test_report_flags_a_noisy_suite_row():
+    rows = [dict(suite="multi_adapter", name="test_vera_multi[1]", seconds=1.0, min_seconds=0.5, q1_seconds=0.8,
+                 q3_seconds=1.3, iqr_seconds=0.5, rounds=5, extra_info=dict(k=1, ratio_to_base=1.2)),
+            dict(suite="multi_adapter", name="test_vera_multi[16]", seconds=1.0, min_seconds=0.99, q1_seconds=0.99,
+                 q3_seconds=1.01, iqr_seconds=0.02, rounds=5, extra_info={})]
+    (block,) = report.suite_tables(rows)
+    noisy, quiet = [line for line in block.splitlines() if line.startswith("test_vera_multi")]
+    assert noisy.endswith("noisy") and "to_base=1.2" in noisy and not quiet.endswith("noisy")
+    assert "1 of 2 rows" in block
+
+
+COMMANDS = ["bench.report", "bench.plan", "bench.overhead", "bench.serving", "bench.storage", "vera_kernels.verify",
+            "vera_kernels.demo"]
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_help_is_complete(module, capsys):
+    sys.path.insert(0, ROOT)
+    try:
+        main = importlib.import_module(module).main
+    finally:
+        sys.path.remove(ROOT)
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m {module} ")
+    assert "``" not in out and "default: None" not in out
+    description, options = out.split("\noptions:\n")
+    assert description.rstrip()[-1] in ".)", f"the description is cut off: ...{description.rstrip()[-80:]!r}"
+    lines = options.splitlines()
+    for i, line in enumerate(lines):  # every option has a help text, on its line or the next
+        if line.startswith("  -"):
+            has_help = re.match(r"  \S.*?\s{2,}\S", line) or (i + 1 < len(lines) and lines[i + 1].startswith(" " * 10))
+            assert has_help, f"{module}: no help for {line.strip()!r}"
+
+
+def test_cpu_name_counts_threads_in_words():
+    from vera_kernels.verify import device_name
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert device_name("cpu").endswith(", 1 thread")
+        torch.set_num_threads(2)
+        assert device_name("cpu").endswith(", 2 threads")
+    finally:
+        torch.set_num_threads(threads)

@@ -352,3 +352,48 @@ def test_infinite_lambda_b_gives_the_formulas_infinities(form):
     assert torch.equal(y[:, [2, 4]], ref[:, [2, 4]])
     finite = [0, 1, 3, 5, 6]
     assert verify.relative_error(y[:, finite], ref[:, finite]) < 1e-5
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_a_nonfinite_lambda_b_written_after_a_cached_fold_is_seen(dtype, value):
+    # The fold of B, d and b is cached between calls, and whether b is finite is decided when it is folded
+    # (in every lambda dtype the op takes: fp32 or x's). An infinite or NaN b_j written in place afterwards
+    # must reach y as the formula's inf / NaN in column j, never a NaN spread by the fold, nor a stale fold.
+    p = problem(m=5, in_features=12, out_features=9, rank=4, dtype=dtype)
+    p["lambda_b"] = p["lambda_b"].to(dtype)
+    exact = {k: v.double() for k, v in p.items()}
+    before = vera_kernels.vera_linear(**p, backend=BACKEND)  # folds with a finite b, and caches it
+    assert torch.isfinite(before).all()
+    with torch.no_grad():
+        p["lambda_b"][3] = value
+    exact["lambda_b"][3] = value
+    y = vera_kernels.vera_linear(**p, backend=BACKEND).double().cpu()
+    ref = vera_kernels.vera_linear(**exact, backend="torch").cpu()
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    assert torch.equal(y[:, 3][torch.isinf(ref[:, 3])], ref[:, 3][torch.isinf(ref[:, 3])])
+    others = [j for j in range(9) if j != 3]
+    assert verify.relative_error(y[:, others], ref[:, others]) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_create_graph_is_refused_with_an_error():
+    # The backward calls its kernel straight, past the Autograd key, only when it records nothing. Under
+    # create_graph nothing changes: the kernel's GEMMs refuse to record (a RuntimeError, no crash and no
+    # silently wrong second derivative), as before.
+    p = problem(m=3, in_features=8, out_features=6, rank=2)
+    x = p["x"].detach().requires_grad_(True)
+    d = p["lambda_d"].detach().requires_grad_(True)
+
+    def loss():
+        return vera_kernels.vera_linear(x, p["weight"], p["bias"], p["A"], p["B"], d, p["lambda_b"],
+                                        backend=BACKEND).square().sum()
+
+    with pytest.raises(RuntimeError, match="automatic differentiation|not implemented"):
+        torch.autograd.grad(loss(), x, create_graph=True)
+    dx, dd = torch.autograd.grad(loss(), (x, d))
+    exact = {k: v.double() for k, v in p.items()}
+    xr, dr = exact["x"].requires_grad_(True), exact["lambda_d"].requires_grad_(True)
+    ref = vera_kernels.vera_linear(xr, exact["weight"], exact["bias"], exact["A"], exact["B"], dr, exact["lambda_b"],
+                                   backend="torch").square().sum()
+    dx_ref, dd_ref = torch.autograd.grad(ref, (xr, dr))
+    assert verify.relative_error(dx, dx_ref) < 1e-5 and verify.relative_error(dd, dd_ref) < 1e-5

@@ -1,6 +1,6 @@
-"""python -m vera_kernels.verify: the levels and their shape sets, the flash-attention criterion, inputs shared by
-the backends, failed rows instead of crashes, the table, the JSON written after every group and the exit
-status (the checks themselves are exercised by test_backend_ops and test_projections)."""
+"""python -m vera_kernels.verify: the levels and their shape sets, the pass criterion
+(docs/DESIGN.md#the-pass-criterion), inputs shared by the backends, failed rows instead of crashes, the
+table, the JSON written after every group and the exit status (the checks themselves are exercised by test_backend_ops and test_projections)."""
 
 import json
 

@@ -1,7 +1,7 @@
 """``python -m vera_kernels.demo``: fine-tune a tiny GPT-2 with VeRA on CPU, in well under two minutes.
 
 ``python -m vera_kernels.demo --compare``: the same fine-tuning task with this package's layers, with PEFT's
-VeRA and with PEFT's LoRA, side by side (see :func:`compare`).
+VeRA and with PEFT's LoRA, side by side (see the function compare).
 
 The default demo:
 1. Pre-train a 2-layer GPT-2 (built from a config, byte-level vocabulary) on text in one style that this
@@ -250,12 +250,16 @@ def run_compare(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m vera_kernels.demo", description=__doc__.replace("``", ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", action="store_true",
                         help="this package's VeRA, PEFT's VeRA and PEFT's LoRA side by side on one task")
     parser.add_argument("--width", type=int, default=None, help="GPT-2 hidden size (default 96; --compare: 256)")
-    parser.add_argument("--layers", type=int, default=2, help="GPT-2 blocks (--compare)")
-    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--layers", type=int, default=2,
+                        help="GPT-2 blocks (default: %(default)s)")
+    parser.add_argument("--pretrain-steps", type=int, default=300,
+                        help="pre-training steps of the default demo's base model (default: %(default)s; "
+                        "--compare starts from a random init)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 200; --compare: 40)")
     parser.add_argument("--rank", type=int, default=None,
                         help="VeRA's r (default 256; --compare: 64, a quarter of the width as 256 is of 1024)")
@@ -281,7 +285,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     start = time.perf_counter()
     length, batch = 64, 16
-    model = _gpt2(args.width, 2, length)
+    model = _gpt2(args.width, args.layers, length)
     base_text, task_text = corpus(base_style, 4000, seed=1), corpus(target_style, 4000, seed=2)
     held_out = corpus(target_style, 500, seed=3)
 

@@ -3,7 +3,8 @@
 The checks: every backend that runs here in bfloat16, float16 and float32 (in that order: the dtype that
 matters most first) on three shape sets (odd sizes, decode M = 1 and language-model shapes scaled to the
 device), the outputs y, dx, dd, db, dbias of vera_linear and vera_delta's result, each against float64 on
-the same rounded inputs and judged by the flash-attention criterion; the projection scheme against known
+the same rounded inputs and judged by the pass criterion (docs/DESIGN.md#the-pass-criterion: the dtype's
+tolerance, or the output's conditioning-aware bound); the projection scheme against known
 answers and bit for bit across backends; the float64 reference against autograd. A progress line and the
 rows of each group as it finishes: backend, check, error (differing elements for the projection scheme,
 relative error against float64 for the math), the limit and pass/fail. Exit status 1 on any failure.
@@ -488,10 +489,10 @@ def error_limit(baseline: float, dtype: torch.dtype, bound: float | None = None)
 
 
 def op_passed(errors: dict, baseline: dict, dtype: torch.dtype, bounds: dict | None = None) -> bool:
-    """Each output passes when its relative error is under the dtype's tolerance or under its conditioning-
-    aware bound (``bounds``, from conditioning_bounds), which depends on the inputs alone; an output without
-    a bound is held to twice the error of PyTorch's own computation in the same dtype on the same inputs
-    (the flash-attention criterion). NaN or inf never passes."""
+    """The pass criterion (docs/DESIGN.md#the-pass-criterion): each output passes when its relative error is under
+    the dtype's tolerance or under its conditioning-aware bound (``bounds``, from conditioning_bounds), which
+    depends on the inputs alone; an output without a bound is held to twice the error of PyTorch's own
+    computation in the same dtype on the same inputs (``baseline``). NaN or inf never passes."""
     bounds = bounds or {}
     return all(err < float("inf") and err <= error_limit(baseline[k], dtype, bounds.get(k))
                for k, err in errors.items())
@@ -653,8 +654,8 @@ def _implements(backend: str, op: str) -> bool:
 
 
 def format_table(rows: list[Row], header: bool = True) -> str:
-    """One line per row: the error (the output nearest its limit, for the ops) and the limit it is held to:
-    the dtype's tolerance or twice PyTorch's own error in that dtype, whichever is larger."""
+    """One line per row: the error (the output nearest its limit, for the ops) and the limit it is held to
+    (error_limit: docs/DESIGN.md#the-pass-criterion)."""
     titles = ("backend", "check", "error", "limit", "result")
 
     def error(r):
@@ -697,7 +698,8 @@ def device_name(device: str) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU {model}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"CPU {model}, {threads} thread{'' if threads == 1 else 's'}"
 
 
 def write_json(path: str, env: dict, level: str, seconds: float, rows: list[Row], complete: bool) -> None:
@@ -709,7 +711,8 @@ def write_json(path: str, env: dict, level: str, seconds: float, rows: list[Row]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vera_kernels.verify", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m vera_kernels.verify", description=__doc__.replace("``", ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
     parser.add_argument("--backend", action="append", help="check only this backend (repeatable)")
     how_much = parser.add_mutually_exclusive_group()
