@@ -233,6 +233,39 @@ def run_sequence_parallel(mesh):
         assert_close(whole(p.grad), p_ref.grad, f"sequence parallel, gradient of {name}")
 
 
+def check_refusals(mesh):
+    """What the styles refuse, each before changing the layer."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    def layer(out_features=6, **kwargs):
+        return vk.FusedVeRALinear(5, out_features, rank=RANK, seed=SEED, **kwargs)
+
+    cases = [
+        (vk.VeRAWrapper(nn.Linear(5, 6), rank=RANK), NotImplementedError, "FusedVeRALinear"),
+        (layer(out_features=1), ValueError, "out_features=1 can't be split over a mesh of 2"),
+        (layer(projections=vk.ExplicitProjections(torch.randn(RANK, 5), torch.randn(6, RANK))),
+         NotImplementedError, "seeded pair"),
+    ]
+    merged = layer()
+    merged.merge()
+    cases.append((merged, ValueError, "merged"))
+    banked = layer()
+    banked.add_adapter("other", torch.ones(RANK), torch.ones(6))
+    cases.append((banked, NotImplementedError, "bank"))
+    for module, error, match in cases:
+        before = {n: p for n, p in module.named_parameters()}
+        with pytest.raises(error, match=match):
+            parallelize_module(module, mesh, vk.VeRAColwiseParallel())
+        assert {n: p for n, p in module.named_parameters()} == before  # the same Parameters, unchanged
+    sharded = parallelize_module(layer(), mesh, vk.VeRARowwiseParallel())
+    with pytest.raises(ValueError, match="already tensor-parallel"):
+        parallelize_module(sharded, mesh, vk.VeRAColwiseParallel())
+    with pytest.raises(NotImplementedError, match="adapter bank"):
+        sharded(torch.randn(2, 3), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="tensor-parallel rank's slice"):
+        layer(projections=sharded.projections)
+
+
 def run_readme(tmp):
     """The README's TP block, as torchrun would run it (it initializes the process group from the env)."""
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
@@ -257,6 +290,7 @@ def worker(rank, world, port, tmp):
         mesh = init_device_mesh("cpu", (world,))
         if world == 2:
             run_sequence_parallel(mesh)
+            check_refusals(mesh)
         state = torch.load(os.path.join(tmp, "state.pt"))
         results = {backend: run_tp(backend, mesh, tmp, state) for backend in BACKENDS}
         if world == 4:
