@@ -196,10 +196,12 @@ def run_2d(backend, tmp, state):
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     model = tp_llama(backend, mesh["tp"], state)
-    vk.load_adapter(model, os.path.join(tmp, "adapter.safetensors"))
     for block in model.model.layers:
         fully_shard(block, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
+    # Into and out of the lambdas sharded both ways (dp x tp).
+    vk.load_adapter(model, os.path.join(tmp, "adapter.safetensors"))
+    vk.save_adapter(model, os.path.join(tmp, f"saved-2d-{backend}.safetensors"))
     half = mesh["dp"].get_local_rank()
     out = train(model, batch()[2 * half:2 * half + 2])
     return {"grads": out["grads"], "lambdas": out["lambdas"]}
@@ -364,17 +366,19 @@ def test_tensor_parallel_equals_one_process(launched, backend):
                      "unmerged")
     # save_adapter from the TP model (gathered, written by rank 0) writes the unsharded model's file: the same
     # metadata and tensors, bit for bit (not the same bytes: safetensors orders the metadata by hash).
-    saved, unsharded = tmp / f"saved-{world}-{backend}.safetensors", tmp / "adapter.safetensors"
-    assert file_metadata(saved) == file_metadata(unsharded)
-    tensors, want_tensors = vk.read_adapter(saved)[1], vk.read_adapter(unsharded)[1]
-    assert tensors.keys() == want_tensors.keys() and all(torch.equal(tensors[k], want_tensors[k]) for k in tensors)
+    assert_same_adapter_file(tmp / f"saved-{world}-{backend}.safetensors", tmp / "adapter.safetensors")
 
 
-def file_metadata(path):
+def assert_same_adapter_file(path, want_path):
     import safetensors
 
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        return f.metadata()
+    metadata = []
+    for p in (path, want_path):
+        with safetensors.safe_open(str(p), framework="pt") as f:
+            metadata.append(f.metadata())
+    assert metadata[0] == metadata[1]
+    tensors, want = vk.read_adapter(path)[1], vk.read_adapter(want_path)[1]
+    assert tensors.keys() == want.keys() and all(torch.equal(tensors[k], want[k]) for k in tensors)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -383,6 +387,7 @@ def test_fsdp2_over_tensor_parallel_on_a_2d_mesh(launched, backend):
     if world != 4:
         pytest.skip("the 2-D mesh (dp 2 x tp 2) runs in the 4-rank launch")
     got, want = results["2d"][backend], reference(backend, state, tmp / "adapter.safetensors")
+    assert_same_adapter_file(tmp / f"saved-2d-{backend}.safetensors", tmp / "adapter.safetensors")
     assert_all_close(got["grads"], want["grads"], "gradient of")
     assert_all_close(got["lambdas"], want["lambdas"], "after AdamW:")
 
