@@ -209,14 +209,14 @@ def run_2d(backend, tmp, state):
 
 def run_sequence_parallel(mesh):
     """colwise(input Shard(1)) -> GELU -> rowwise(output Shard(1)) on a sequence-sharded input, as the stock
-    styles do sequence parallel: the output shard, the lambda gradients."""
+    styles do sequence parallel: the output shard, the gradients of the lambdas and the trained biases."""
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import parallelize_module
 
     def block():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(10, 14), nn.GELU(), nn.Linear(14, 6))
-        vk.apply_vera(model, ["0", "2"], rank=RANK, seed=SEED)
+        vk.apply_vera(model, ["0", "2"], rank=RANK, seed=SEED, bias="vera_only")  # the biases train too
         with torch.no_grad():
             for _, p in lambdas(model):
                 p.normal_()
@@ -231,7 +231,9 @@ def run_sequence_parallel(mesh):
     assert_close(y, y_ref[:, rows], "sequence-parallel output")
     y_ref.square().sum().backward()
     y.square().sum().backward()  # the ranks' losses add up to the whole one
-    for (name, p_ref), (_, p) in zip(lambdas(ref), lambdas(tp)):
+    trained = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    assert len(trained) == 6
+    for (name, p_ref), (_, p) in zip(trained, [(n, p) for n, p in tp.named_parameters() if p.requires_grad]):
         assert_close(whole(p.grad), p_ref.grad, f"sequence parallel, gradient of {name}")
 
 
