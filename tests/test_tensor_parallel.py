@@ -287,10 +287,11 @@ def worker(rank, world, port, tmp):
                       WORLD_SIZE=str(world))
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+    if world == 2:
+        run_readme(tmp)  # its init_device_mesh starts the process group from the environment, as under torchrun
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
     try:
-        if world == 2:
-            run_readme(tmp)
         mesh = init_device_mesh("cpu", (world,))
         if world == 2:
             run_sequence_parallel(mesh)
@@ -331,10 +332,17 @@ def inputs(tmp_path_factory):
     return tmp, state
 
 
-@pytest.fixture(scope="module", params=[2, 4])
-def launched(request, inputs):
-    tmp, state = inputs
-    world = request.param
+@pytest.fixture(scope="module")
+def ranks2(inputs):
+    return launch(2, *inputs)
+
+
+@pytest.fixture(scope="module")
+def ranks4(inputs):
+    return launch(4, *inputs)
+
+
+def launch(world, tmp, state):
     context = mp.start_processes(worker, args=(world, free_port(), str(tmp)), nprocs=world, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
@@ -353,8 +361,9 @@ def assert_all_close(got: dict, want: dict, what: str):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tensor_parallel_equals_one_process(launched, backend):
-    world, results, tmp, state = launched
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_equals_one_process(world, backend, request):
+    world, results, tmp, state = request.getfixturevalue(f"ranks{world}")
     got, want = results[backend], reference(backend, state, tmp / "adapter.safetensors")
     assert_close(got["logits"], want["logits"], "logits")
     assert len(want["grads"]) == 2 * (7 * 2 + 1)
@@ -384,19 +393,15 @@ def assert_same_adapter_file(path, want_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fsdp2_over_tensor_parallel_on_a_2d_mesh(launched, backend):
-    world, results, tmp, state = launched
-    if world != 4:
-        pytest.skip("the 2-D mesh (dp 2 x tp 2) runs in the 4-rank launch")
+def test_fsdp2_over_tensor_parallel_on_a_2d_mesh(ranks4, backend):
+    world, results, tmp, state = ranks4  # the 2-D mesh (dp 2 x tp 2) runs in the 4-rank launch
     got, want = results["2d"][backend], reference(backend, state, tmp / "adapter.safetensors")
     assert_same_adapter_file(tmp / f"saved-2d-{backend}.safetensors", tmp / "adapter.safetensors")
     assert_all_close(got["grads"], want["grads"], "gradient of")
     assert_all_close(got["lambdas"], want["lambdas"], "after AdamW:")
 
 
-def test_readme_tp_block_ran(launched):
-    world, _, tmp, _ = launched
-    if world != 2:
-        pytest.skip("the README block runs in the 2-rank launch")
+def test_readme_tp_block_ran(ranks2):
+    world, _, tmp, _ = ranks2  # the README block runs in the 2-rank launch
     config, tensors = vk.read_adapter(tmp / "readme" / "adapter.safetensors")
     assert (config["seed"], config["rank"], len(tensors)) == (0, 64, 2 * (7 * 2 + 1))
