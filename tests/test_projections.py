@@ -191,6 +191,7 @@ def test_cache_is_bounded_and_keeps_the_recently_used():
         get_projections(seed, 8, 64, 32)
         assert get_projections(0, 8, 64, 32) is kept  # used again: never the one evicted
     assert len(projections._cache) <= projections.CACHE_ENTRIES
+    assert len(projections._blocks) <= 2 * projections.CACHE_ENTRIES
     vera_kernels.clear_projection_cache()
 
 
@@ -202,6 +203,17 @@ def test_offset_slices_equal_the_full_pairs_slices(dtype):
     assert torch.equal(A, A_max[:, 13:35]) and torch.equal(B, B_max[5:35])
     A, B = get_projections(9, 8, 64, 40, dtype=dtype, in_offset=61, out_offset=39)  # widths: the rest
     assert torch.equal(A, A_max[:, 61:]) and torch.equal(B, B_max[39:])
+
+
+def test_pairs_share_the_blocks_they_have_in_common():
+    # The colwise layers of a tensor-parallel rank: different rows of B, one A (generated once).
+    vera_kernels.clear_projection_cache()
+    A1, B1 = get_projections(9, 8, 64, 40, in_features=32, out_offset=0, out_features=10)
+    A2, B2 = get_projections(9, 8, 64, 40, in_features=32, out_offset=10, out_features=10)
+    A3, _ = get_projections(9, 8, 48, 40, in_features=32, out_offset=10, out_features=10)
+    assert A2 is A1 and B2 is not B1 and not torch.equal(B2, B1)
+    assert A3 is not A1 and not torch.equal(A3, A1)  # another max_in: another scale
+    vera_kernels.clear_projection_cache()
 
 
 def test_projection_shard_is_the_slice_and_keys_as_its_pair():

@@ -148,7 +148,7 @@ def check_only_shards_generated(model, mesh):
     """Each layer holds exactly its shard (colwise: rows o0:o1 of B, A whole; rowwise: columns i0:i1 of A, B
     whole), bit-equal to that slice of the full pair, and nothing else was generated on this rank."""
     world, me = mesh.size(), mesh.get_local_rank()
-    expected = set()
+    expected_A, expected_B = set(), set()
     for name, layer in vk.vera_layers(model):
         source = layer.projections
         assert isinstance(source, vk.SeededProjectionShard), name
@@ -160,9 +160,13 @@ def check_only_shards_generated(model, mesh):
         assert ((source.in_offset, source.in_features), (source.out_offset, source.out_features)) == ranges, name
         (device_dtype, (A, B)), = source._pairs.items()
         assert A.shape == (RANK, ranges[0][1]) and B.shape == (ranges[1][1], RANK), name
-        expected.add((source.in_offset, source.in_features, source.out_offset, source.out_features))
-    # The cache key: (seed, rank, max_in, max_out, in_offset, in_features, out_offset, out_features, device, dtype).
-    assert {key[4:8] for key in projections._cache} == expected
+        expected_A.add((source.in_offset, source.in_features))
+        expected_B.add((source.out_offset, source.out_features))
+    # Every block generated on this rank (keys: tag, seed, rank, [max_in,] offset, width, device, dtype), each
+    # once: the colwise layers share one A.
+    generated = [(key[0], key[-4:-2]) for key in projections._blocks]
+    assert sorted(generated) == sorted([(0, r) for r in expected_A] + [(1, r) for r in expected_B])
+    assert len(expected_A) == 3  # A[:, :hidden] (colwise), A[:, i0:i1] of o_proj's and of down_proj's in
     A_max, B_max = vk.generate_projections(SEED, RANK, source.max_in, source.max_out)  # uncached
     for name, layer in vk.vera_layers(model):
         s = layer.projections

@@ -248,7 +248,22 @@ def generate_projections(
 # evicted pair stays alive as long as a layer uses it; eviction only ends the sharing with later callers.
 CACHE_ENTRIES = 16
 _cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+# The pairs' blocks, each generated once: pairs that differ in one slice share the other's tensor (the
+# colwise layers of a tensor-parallel rank: each its own rows of B, all the same A).
+_blocks: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _cache_lock = threading.Lock()
+
+
+def _cached_block(key: tuple, make) -> torch.Tensor:
+    """The cached block for key, made by make() on a miss; call under _cache_lock."""
+    block = _blocks.get(key)
+    if block is None:
+        block = _blocks[key] = make()
+        while len(_blocks) > 2 * CACHE_ENTRIES:
+            _blocks.popitem(last=False)
+    else:
+        _blocks.move_to_end(key)
+    return block
 
 
 def get_projections(
@@ -294,8 +309,11 @@ def get_projections(
         pair = _cache.get(key)
         if pair is None:
             common = dict(dtype=dtype, device=device)
-            pair = (projection_block(seed, TAG_A, rank, in_features, max_in, col_offset=in_offset, **common),
-                    projection_block(seed, TAG_B, out_features, rank, rank, row_offset=out_offset, **common))
+            # A's values depend on max_in (its scale), B's on nothing but the rank: neither on the other's size.
+            pair = (_cached_block((TAG_A, seed, rank, max_in, in_offset, in_features, device, dtype), lambda: (
+                        projection_block(seed, TAG_A, rank, in_features, max_in, col_offset=in_offset, **common))),
+                    _cached_block((TAG_B, seed, rank, out_offset, out_features, device, dtype), lambda: (
+                        projection_block(seed, TAG_B, out_features, rank, rank, row_offset=out_offset, **common))))
             _cache[key] = pair
             while len(_cache) > CACHE_ENTRIES:
                 _cache.popitem(last=False)
@@ -307,3 +325,4 @@ def get_projections(
 def clear_projection_cache() -> None:
     with _cache_lock:
         _cache.clear()
+        _blocks.clear()
