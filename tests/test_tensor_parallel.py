@@ -59,8 +59,8 @@ def lambdas(model):
 
 
 def train(model, ids):
-    """STEPS AdamW steps on next-token-free cross-entropy: the first forward's logits and gradients, the
-    lambdas after the last step."""
+    """STEPS AdamW steps on the cross-entropy of the logits against the input tokens: the first forward's
+    logits and gradients, the lambdas after the last step."""
     out = {}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(STEPS):
