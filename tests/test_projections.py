@@ -166,6 +166,8 @@ def test_block_offsets_reach_the_scheme_limits():
     (dict(seed=7.0), TypeError, "seed"), (dict(seed=True), TypeError, "seed"), (dict(seed=-1), ValueError, "seed"),
     (dict(rank=8.0), TypeError, "rank"), (dict(max_in=True), TypeError, "max_in"),
     (dict(dtype=torch.float64), TypeError, "dtype"), (dict(in_features=65), ValueError, "in_features"),
+    (dict(in_offset=60, in_features=5), ValueError, "in_features"), (dict(out_offset=32), ValueError, "out_offset"),
+    (dict(in_offset=-1), ValueError, "in_offset"), (dict(out_offset=1.0), ValueError, "out_offset"),
 ])
 def test_get_projections_checks_every_call(kwargs, error, words):
     # Regression: the seed was checked on a cache miss only, so 7.0 or True were accepted after 7 or 1 had
@@ -189,4 +191,40 @@ def test_cache_is_bounded_and_keeps_the_recently_used():
         get_projections(seed, 8, 64, 32)
         assert get_projections(0, 8, 64, 32) is kept  # used again: never the one evicted
     assert len(projections._cache) <= projections.CACHE_ENTRIES
+    assert len(projections._blocks) <= 2 * projections.CACHE_ENTRIES
     vera_kernels.clear_projection_cache()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_offset_slices_equal_the_full_pairs_slices(dtype):
+    # A tensor-parallel rank generates only its shard: bit-equal to that slice of the full pair.
+    A_max, B_max = vera_kernels.generate_projections(9, 8, 64, 40, dtype=dtype)
+    A, B = get_projections(9, 8, 64, 40, dtype=dtype, in_offset=13, in_features=22, out_offset=5, out_features=30)
+    assert torch.equal(A, A_max[:, 13:35]) and torch.equal(B, B_max[5:35])
+    A, B = get_projections(9, 8, 64, 40, dtype=dtype, in_offset=61, out_offset=39)  # widths: the rest
+    assert torch.equal(A, A_max[:, 61:]) and torch.equal(B, B_max[39:])
+
+
+def test_pairs_share_the_blocks_they_have_in_common():
+    # The colwise layers of a tensor-parallel rank: different rows of B, one A (generated once).
+    vera_kernels.clear_projection_cache()
+    A1, B1 = get_projections(9, 8, 64, 40, in_features=32, out_offset=0, out_features=10)
+    A2, B2 = get_projections(9, 8, 64, 40, in_features=32, out_offset=10, out_features=10)
+    A3, _ = get_projections(9, 8, 48, 40, in_features=32, out_offset=10, out_features=10)
+    assert A2 is A1 and B2 is not B1 and not torch.equal(B2, B1)
+    assert A3 is not A1 and not torch.equal(A3, A1)  # another max_in: another scale
+    vera_kernels.clear_projection_cache()
+
+
+def test_projection_shard_is_the_slice_and_keys_as_its_pair():
+    from vera_kernels import SeededProjectionShard, SeededProjections
+
+    whole = SeededProjections(3, 4, 20, 30)
+    shard = SeededProjectionShard(3, 4, 20, 30, in_offset=0, in_features=20, out_offset=15, out_features=15)
+    assert shard.key() == whole.key()  # one shared pair for save_adapter
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        A, B = whole.pair(torch.device("cpu"), dtype)
+        A_s, B_s = shard.pair(torch.device("cpu"), dtype)
+        assert torch.equal(A_s, A) and torch.equal(B_s, B[15:])
+    with pytest.raises(ValueError, match="out_offset 16 \\+ out_features 15"):
+        SeededProjectionShard(3, 4, 20, 30, in_offset=0, in_features=20, out_offset=16, out_features=15)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import warnings
 
 import torch
@@ -46,8 +47,39 @@ def _is_bias(name: str) -> bool:
     return name == "bias" or name.endswith(".bias")
 
 
+def _dtensor_module():
+    """torch.distributed.tensor once something imported it (a tensor-parallel or FSDP2 model did), else None:
+    then no parameter can be a DTensor, and importing it (seconds) is not worth it."""
+    return sys.modules.get("torch.distributed.tensor")
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU: a DTensor (tensor-parallel or FSDP2 shards) is gathered (a collective:
+    every rank of its mesh must be here)."""
+    dtensor = _dtensor_module()
+    if dtensor is not None and isinstance(tensor, dtensor.DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().contiguous()
+
+
+def _place(parameter: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy ``whole`` into ``parameter``; into a DTensor, each rank copies its own shard (every rank read the
+    same file: no communication)."""
+    dtensor = _dtensor_module()
+    if dtensor is not None and isinstance(parameter, dtensor.DTensor):
+        mesh = parameter.device_mesh
+        local = whole.to(parameter.to_local().device)
+        replicated = dtensor.distribute_tensor(local, mesh, [dtensor.Replicate()] * mesh.ndim, src_data_rank=None)
+        whole = replicated.redistribute(mesh, parameter.placements)
+    parameter.copy_(whole)
+
+
 def save_adapter(model: nn.Module, path) -> None:
-    """Write the model's VeRA adapters (lambdas, trained biases, the seed and sizes) to a safetensors file."""
+    """Write the model's VeRA adapters (lambdas, trained biases, the seed and sizes) to a safetensors file.
+
+    A tensor-parallel (or FSDP2) model's lambdas are DTensors: every rank calls save_adapter, the shards are
+    gathered, rank 0 writes the file (the same file the unsharded model writes) and every rank returns once
+    it is written."""
     safetensors = _import_safetensors()
     layers = vera_layers(model)
     if not layers:
@@ -58,16 +90,18 @@ def save_adapter(model: nn.Module, path) -> None:
             "save_adapter: the model uses explicit projections (e.g. PEFT's), which a seed cannot describe; "
             "export it with vera_kernels.to_peft(model).save_pretrained(directory)"
         )
+    dtensor = _dtensor_module()
+    sharded = dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in model.parameters())
     tensors = {}
     for name, module in layers:
-        tensors[f"{name}.lambda_d"] = module.lambda_d.detach().cpu().contiguous()
-        tensors[f"{name}.lambda_b"] = module.lambda_b.detach().cpu().contiguous()
+        tensors[f"{name}.lambda_d"] = _whole(module.lambda_d)
+        tensors[f"{name}.lambda_b"] = _whole(module.lambda_b)
     adapter_names = set(tensors)
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad or name in adapter_names:
             continue
         if _is_bias(name):
-            tensors[name] = parameter.detach().cpu().contiguous()
+            tensors[name] = _whole(parameter)
         else:
             warnings.warn(f"save_adapter: trainable parameter {name!r} is neither a VeRA vector nor a bias: not saved")
     metadata = {
@@ -81,7 +115,16 @@ def save_adapter(model: nn.Module, path) -> None:
         "dropout": repr(_single(layers, "dropout")),
         "d_initial": repr(_single(layers, "d_initial")),
     }
-    safetensors.torch.save_file(tensors, os.fspath(path), metadata=metadata)
+    if not sharded:
+        safetensors.torch.save_file(tensors, os.fspath(path), metadata=metadata)
+        return
+    import torch.distributed as dist
+
+    try:
+        if dist.get_rank() == 0:
+            safetensors.torch.save_file(tensors, os.fspath(path), metadata=metadata)
+    finally:
+        dist.barrier()  # the file is there for every rank once save_adapter returns
 
 
 def _single(layers, attribute):
@@ -165,7 +208,8 @@ def load_adapter(model: nn.Module, path, *, name: str | None = None) -> nn.Modul
 
     If the model has VeRA layers they must be exactly the file's (names, seed, rank, sizes); if it has none,
     the file's layers are added first (apply_vera with the file's seed, rank, sizes, dropout and d_initial).
-    Every check runs before the model is changed, so a failed load leaves it as it was.
+    Every check runs before the model is changed, so a failed load leaves it as it was. Into a tensor-parallel
+    (or FSDP2) model, whose lambdas are DTensors, each rank copies its own shard of the file's tensors.
 
     ``name``: instead of replacing each layer's own lambdas, add the adapter to every layer's bank under
     this name (``layer.add_adapter``), to serve it beside others with ``set_adapter_ids``. A banked adapter
@@ -261,10 +305,10 @@ def load_adapter(model: nn.Module, path, *, name: str | None = None) -> nn.Modul
         return model
     with torch.no_grad():
         for layer in names:
-            layers[layer].lambda_d.copy_(tensors[f"{layer}.lambda_d"])
-            layers[layer].lambda_b.copy_(tensors[f"{layer}.lambda_b"])
+            _place(layers[layer].lambda_d, tensors[f"{layer}.lambda_d"])
+            _place(layers[layer].lambda_b, tensors[f"{layer}.lambda_b"])
         for key, parameter in biases.items():
-            parameter.copy_(tensors[key])
+            _place(parameter, tensors[key])
             parameter.requires_grad_(True)
     return model
 

@@ -143,6 +143,8 @@ class FusedVeRALinear(_VeRABase):
                     return plan.impl(x, weight, bias, plan.A, plan.B, d, b)
                 y = plan.impl(x.reshape(-1, self.in_features), weight, bias, plan.A, plan.B, d, b)
                 return y.reshape(*x.shape[:-1], self.out_features)
+        if self._tensor_parallel is not None:  # a shard under VeRAColwiseParallel / VeRARowwiseParallel
+            return self._tensor_parallel.forward(self, x, adapter_ids)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             self._check_input(x)
         weight, bias = self._weight_out_in(), self.bias
@@ -204,7 +206,10 @@ class FusedVeRALinear(_VeRABase):
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (b ⊙ B)(d ⊙ A), out x in, in fp32 (float64 for a float64 base), from the projections in the
-        base dtype: exactly the adapter the unmerged forward applies."""
+        base dtype: exactly the adapter the unmerged forward applies. Under tensor parallelism: this rank's
+        shard of it, a DTensor placed as the weight."""
+        if self._tensor_parallel is not None:
+            return self._tensor_parallel.delta_weight(self)
         acc = _accumulation_dtype(self.weight.dtype)
         A, B = self._projection_slices(self.weight.device, self.weight.dtype)
         return (self.lambda_b.to(acc)[:, None] * B.to(acc)) @ (self.lambda_d.to(acc)[:, None] * A.to(acc))

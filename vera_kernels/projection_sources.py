@@ -103,6 +103,38 @@ class SeededProjections(_ProjectionSource):
         return f"seed={self.seed}"
 
 
+class SeededProjectionShard(SeededProjections):
+    """A tensor-parallel rank's shard of the seeded pair: ``A_max[:, in_offset:in_offset + in_features]`` and
+    ``B_max[out_offset:out_offset + out_features]``, generated alone (``projection_block`` with offsets) and
+    bit-identical to that slice of the full pair: the rank holds no other projection memory for its layer.
+    ``VeRAColwiseParallel``/``VeRARowwiseParallel`` make them; ``pair()`` returns exactly the shard.
+    ``key()`` is the full pair's, so the shards of one model still count as one shared pair (save_adapter)."""
+
+    def __init__(self, seed: int, rank: int, max_in: int, max_out: int, *, in_offset: int, in_features: int,
+                 out_offset: int, out_features: int):
+        super().__init__(seed, rank, max_in, max_out)
+        for name, offset, width, limit in (("in", in_offset, in_features, self.max_in),
+                                           ("out", out_offset, out_features, self.max_out)):
+            check_positive_int(f"{name}_features", width)
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 or offset + width > limit:
+                raise ValueError(f"{name}_offset {offset!r} + {name}_features {width} must lie in [0, max_{name}="
+                                 f"{limit}]")
+        self.in_offset, self.in_features = in_offset, in_features
+        self.out_offset, self.out_features = out_offset, out_features
+
+    def _make(self, device, dtype):
+        widths = dict(in_features=self.in_features, out_features=self.out_features, in_offset=self.in_offset,
+                      out_offset=self.out_offset)
+        generate = torch.float32 if dtype == torch.float64 else dtype  # float64: as SeededProjections
+        A, B = get_projections(self.seed, self.rank, self.max_in, self.max_out, dtype=generate, device=device,
+                               **widths)
+        return (A.double(), B.double()) if dtype == torch.float64 else (A, B)
+
+    def describe(self) -> str:
+        return (f"seed={self.seed}, shard A[:, {self.in_offset}:{self.in_offset + self.in_features}] "
+                f"B[{self.out_offset}:{self.out_offset + self.out_features}]")
+
+
 class ExplicitProjections(_ProjectionSource):
     """A given pair, e.g. PEFT's ``vera_A``/``vera_B`` (drawn from torch's CPU generator, which the seed
     scheme cannot reproduce). Kept as given (detached) and converted per (device, dtype) on first use."""

@@ -248,18 +248,37 @@ def generate_projections(
 # evicted pair stays alive as long as a layer uses it; eviction only ends the sharing with later callers.
 CACHE_ENTRIES = 16
 _cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+# The pairs' blocks, each generated once: pairs that differ in one slice share the other's tensor (the
+# colwise layers of a tensor-parallel rank: each its own rows of B, all the same A).
+_blocks: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _cache_lock = threading.Lock()
+
+
+def _cached_block(key: tuple, make) -> torch.Tensor:
+    """The cached block for key, made by make() on a miss; call under _cache_lock."""
+    block = _blocks.get(key)
+    if block is None:
+        block = _blocks[key] = make()
+        while len(_blocks) > 2 * CACHE_ENTRIES:
+            _blocks.popitem(last=False)
+    else:
+        _blocks.move_to_end(key)
+    return block
 
 
 def get_projections(
     seed: int, rank: int, max_in: int, max_out: int, *, dtype=torch.float32, device="cpu",
-    in_features: int | None = None, out_features: int | None = None,
+    in_features: int | None = None, out_features: int | None = None, in_offset: int = 0, out_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The cached pair for (seed, rank, max_in, max_out, device, dtype): every layer of a model shares it.
 
     ``in_features``/``out_features`` (default max_in/max_out): generate only ``A_max[:, :in_features]`` and
     ``B_max[:out_features]``, the widest slices the layers use. The values are those of the full pair (its
     scale follows max_in), without the memory of columns and rows no layer reads.
+
+    ``in_offset``/``out_offset`` (default 0): start the slices there instead, ``A_max[:, in_offset:in_offset +
+    in_features]`` and ``B_max[out_offset:out_offset + out_features]`` (a tensor-parallel rank's shard; the
+    widths then default to the rest of the pair).
 
     The tensors are shared: treat them as read-only.
     """
@@ -269,23 +288,32 @@ def get_projections(
     check_positive_int("max_in", max_in)
     check_positive_int("max_out", max_out)
     check_dtype(dtype)
-    in_features = max_in if in_features is None else in_features
-    out_features = max_out if out_features is None else out_features
-    for name, value, limit in (("in_features", in_features, max_in), ("out_features", out_features, max_out)):
+    for name, value, limit in (("in_offset", in_offset, max_in), ("out_offset", out_offset, max_out)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
+            bound = "max_in" if name == "in_offset" else "max_out"
+            raise ValueError(f"{name} must be an int in [0, {bound} = {limit}), got {value!r}")
+    in_features = max_in - in_offset if in_features is None else in_features
+    out_features = max_out - out_offset if out_features is None else out_features
+    for name, value, offset, limit in (("in_features", in_features, in_offset, max_in),
+                                       ("out_features", out_features, out_offset, max_out)):
         check_positive_int(name, value)
-        if value > limit:
+        if offset + value > limit:
             bound = "max_in" if name == "in_features" else "max_out"
-            raise ValueError(f"{name} must be <= {bound} = {limit} (a slice of the full pair), got {value}")
+            raise ValueError(f"{name} must be <= {bound} = {limit} minus its offset {offset} (a slice of the full "
+                             f"pair), got {value}")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (seed, rank, max_in, max_out, in_features, out_features, device, dtype)
+    key = (seed, rank, max_in, max_out, in_offset, in_features, out_offset, out_features, device, dtype)
     with _cache_lock:
         pair = _cache.get(key)
         if pair is None:
             common = dict(dtype=dtype, device=device)
-            pair = (projection_block(seed, TAG_A, rank, in_features, max_in, **common),
-                    projection_block(seed, TAG_B, out_features, rank, rank, **common))
+            # A's values depend on max_in (its scale), B's on nothing but the rank: neither on the other's size.
+            pair = (_cached_block((TAG_A, seed, rank, max_in, in_offset, in_features, device, dtype), lambda: (
+                        projection_block(seed, TAG_A, rank, in_features, max_in, col_offset=in_offset, **common))),
+                    _cached_block((TAG_B, seed, rank, out_offset, out_features, device, dtype), lambda: (
+                        projection_block(seed, TAG_B, out_features, rank, rank, row_offset=out_offset, **common))))
             _cache[key] = pair
             while len(_cache) > CACHE_ENTRIES:
                 _cache.popitem(last=False)
@@ -297,3 +325,4 @@ def get_projections(
 def clear_projection_cache() -> None:
     with _cache_lock:
         _cache.clear()
+        _blocks.clear()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import dispatch, ops
-from .projection_sources import SeededProjections
+from .projection_sources import SeededProjectionShard, SeededProjections
 from .projections import check_positive_int
 from .routing import AdapterBank
 
@@ -65,6 +65,9 @@ class _VeRABase(AdapterBank, nn.Module):
                                             out_features=min(out_features, max_out))
         elif max_in is not None or max_out is not None:
             raise ValueError("max_in/max_out come from the given projections; pass one or the other")
+        elif isinstance(projections, SeededProjectionShard):
+            raise ValueError("projections: a SeededProjectionShard is a tensor-parallel rank's slice, made by "
+                             "VeRAColwiseParallel/VeRARowwiseParallel; give the layer the whole SeededProjections")
         if projections.rank != rank:
             raise ValueError(f"rank {rank} differs from the projections' rank {projections.rank}")
         if projections.in_features < in_features or projections.out_features < out_features:
@@ -115,6 +118,9 @@ class _VeRABase(AdapterBank, nn.Module):
     # small vectors would vanish in bf16 (lambda_d = 0.1 does not move under AdamW at lr 1e-4). Widening
     # (.double()) is exact and follows the module.
     _FP32_TENSORS = ("lambda_d", "lambda_b", "_bank_d", "_bank_b")
+
+    # Set by VeRAColwiseParallel / VeRARowwiseParallel (tensor_parallel._TensorParallel): the layer's shard.
+    _tensor_parallel = None
 
     def _apply(self, fn, recurse=True):
         before = {name: (getattr(self, name), getattr(self, name).detach()) for name in self._FP32_TENSORS}
