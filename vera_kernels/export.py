@@ -1,0 +1,350 @@
+"""Exact LoRA export of VeRA adapters, for the engines that serve LoRA only (vLLM, SGLang, TGI, LoRAX).
+
+A VeRA update is a rank-r LoRA:
+
+    ΔW = (b ⊙ B)(d ⊙ A) = lora_B lora_A,   lora_A = d ⊙ A  (r x in),   lora_B = b ⊙ B  (out x r),
+
+with ``lora_alpha = r`` (PEFT's scaling alpha / r = 1). Each element of a factor is one product of two fp32
+numbers, formed in float64 (where it is exact) and rounded once to the saved dtype, so the LoRA reproduces the
+adapter up to that one rounding per factor. PEFT's own route, ``convert_to_lora``, truncates an SVD of ΔW:
+an approximation (``bench/lora_export.py`` measures both).
+
+The trade-off: an engine serving the export holds r·(in + out) numbers per adapted layer (plus r per layer in
+its padding) where VeRA needs r + out (and one projection pair shared by every layer and adapter): a rank-256
+VeRA adapter of a 4096 x 4096 projection is 4352 numbers as a file and 2,097,152 as a LoRA. Export where the
+adapter is served; store and ship the file.
+
+``to_lora(model)`` converts a model in memory, as ``to_peft`` does; the command line converts an adapter file
+(``save_adapter``) against a Hugging Face model directory without loading the model's weights:
+
+    python -m vera_kernels.export --lora ADAPTER_FILE --base MODEL_DIR OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+import torch
+from torch import nn
+
+from .layer import FusedVeRALinear, _conv1d_type
+from .patching import (_in_out_features, _replace, _shared_projections, _uniform, trained_extras, vera_layers)
+from .projection_sources import SeededProjections
+
+# The saved factor dtypes the command line offers.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError as exc:
+        raise ImportError(f"the LoRA export needs the peft package (pip install peft): {exc}") from None
+    return peft
+
+
+def exact_factors(lambda_d: torch.Tensor, lambda_b: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A, lora_B) = (d ⊙ A, b ⊙ B) for A (r x in), B (out x r), d (r), b (out): every element one product,
+    formed in float64 (exact for fp32 operands) and rounded once to ``dtype``; new contiguous tensors on the
+    lambdas' device."""
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or lambda_d.shape != (A.shape[0],) \
+            or lambda_b.shape != (B.shape[0],):
+        raise ValueError(
+            f"exact_factors: expected d (r), b (out), A (r, in), B (out, r); got d {tuple(lambda_d.shape)}, "
+            f"b {tuple(lambda_b.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}"
+        )
+    if not dtype.is_floating_point:
+        raise TypeError(f"exact_factors: dtype must be a floating-point dtype, got {dtype}")
+    device = lambda_d.device
+    wide = torch.float64
+    lora_A = lambda_d.detach().to(wide)[:, None] * A.to(device=device, dtype=wide)
+    lora_B = lambda_b.detach().to(device=device, dtype=wide)[:, None] * B.to(device=device, dtype=wide)
+    return lora_A.to(dtype).contiguous(), lora_B.to(dtype).contiguous()
+
+
+def _forward_dtype(layer) -> torch.dtype:
+    """The dtype in which the layer's forward meets the projections: its weight's for FusedVeRALinear; for a
+    VeRAWrapper the input's, taken as its base's first floating-point parameter's (fp32 when it has none)."""
+    if isinstance(layer, FusedVeRALinear):
+        return layer.weight.dtype
+    floats = [p.dtype for p in layer.base_layer.parameters() if p.dtype.is_floating_point]
+    return floats[0] if floats else torch.float32
+
+
+def layer_factors(layer, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A, lora_B) of a VeRA layer's own adapter (lambda_d, lambda_b), from its projections as its forward
+    uses them (in its weight's dtype: bf16 values for a bf16 model), rounded once to ``dtype``."""
+    A, B = layer._projection_slices(layer.lambda_d.device, _forward_dtype(layer))
+    return exact_factors(layer.lambda_d, layer.lambda_b, A, B, dtype)
+
+
+def _target_modules(names: list[str], all_names: list[str]):
+    """PEFT's target_modules for exactly ``names``: the plain list every engine reads, unless PEFT's list
+    matching (a name equal to an entry or ending with "." + it) would also catch another module of the model;
+    then a full-match regular expression (which PEFT and vLLM read; some engines may not)."""
+    wanted = set(names)
+    ambiguous = any(other not in wanted and any(other.endswith("." + name) for name in names) for other in all_names)
+    if ambiguous:
+        return "|".join(re.escape(name) for name in names)
+    return sorted(names)
+
+
+def _lora_config(peft, names, all_names, *, rank, dropout, bias, modules_to_save, fan_in_fan_out,
+                 base_model_name_or_path=None):
+    return peft.LoraConfig(
+        r=rank,
+        lora_alpha=rank,  # scaling = alpha / r = 1: the factors carry the whole update
+        target_modules=_target_modules(names, all_names),
+        lora_dropout=dropout,  # VeRA's dropout is LoRA's: on the adapter's input only
+        bias={"layers": "lora_only"}.get(bias, bias),
+        modules_to_save=modules_to_save or None,
+        fan_in_fan_out=fan_in_fan_out,
+        base_model_name_or_path=base_model_name_or_path,
+    )
+
+
+def _wrap(peft, model, config, adapter_name):
+    """peft.get_peft_model, a refusal that names the module where PEFT's LoRA can't adapt one."""
+    try:
+        return peft.get_peft_model(model, config, adapter_name=adapter_name)
+    except ValueError as exc:
+        if "is not supported" in str(exc):
+            raise TypeError(f"PEFT's LoRA can't adapt one of the modules: {exc}") from None
+        raise
+
+
+def _install_factors(peft_model, adapter_name, factors, dtype):
+    """Put each layer's factors into PEFT's LoRA layers as new Parameters in ``dtype`` (None: the dtype PEFT
+    allocated), on the device PEFT put the adapter; every adapted layer must have its pair."""
+    peft = _import_peft()
+    found = set()
+    for name, module in peft_model.get_base_model().named_modules():
+        if not isinstance(module, peft.tuners.lora.LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        lora_A, lora_B = factors[name]
+        for linear, value in ((module.lora_A[adapter_name], lora_A), (module.lora_B[adapter_name], lora_B)):
+            old = linear.weight
+            if tuple(old.shape) != tuple(value.shape):
+                raise RuntimeError(f"{name}: PEFT's LoRA factor is {tuple(old.shape)}, ours {tuple(value.shape)}")
+            device = value.device if old.device.type == "meta" else old.device
+            # Rounded once: value is already in the target dtype, or in float64 (exact products) when the
+            # target is PEFT's own.
+            linear.weight = nn.Parameter(value.to(device=device, dtype=dtype or old.dtype),
+                                         requires_grad=old.requires_grad)
+        found.add(name)
+    missing = sorted(set(factors) - found)
+    if missing:
+        raise RuntimeError(f"PEFT's LoRA did not adapt {missing[:5]}")
+
+
+def to_lora(model: nn.Module, adapter_name: str = "default", *, dtype: torch.dtype | None = None):
+    """A PEFT LoRA model holding this model's VeRA adapters exactly: the VeRA layers are replaced in place by
+    their bases and ``peft.get_peft_model`` wraps the model with a LoraConfig (r = lora_alpha = the rank, so
+    scaling 1) whose factors are ``lora_A = d ⊙ A``, ``lora_B = b ⊙ B``. Its ``save_pretrained(dir)`` writes
+    a standard LoRA adapter directory (adapter_config.json, adapter_model.safetensors) that PEFT and the LoRA
+    serving engines load as any LoRA.
+
+    ``dtype``: the factors' dtype (default: the one PEFT gives a new LoRA, fp32 unless told otherwise); each
+    factor is formed in float64 from the projections as the model's forward uses them and rounded once to it.
+
+    The trade-off: the engine holds r·(in + out) numbers per layer where VeRA holds r + out.
+
+    As ``to_peft``: every trained tensor is exported (trained biases as LoRA's bias="lora_only" or "all",
+    other trained modules as modules_to_save); each layer's own adapter only (adapters added to a layer's
+    bank are not); merged layers, different dropouts and what PEFT can't express are refused with the model
+    untouched. vLLM serves neither biases nor modules_to_save (other than classification heads): export
+    those for PEFT."""
+    peft = _import_peft()
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise TypeError(f"to_lora: adapter_name must be a non-empty str, got {adapter_name!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"to_lora: dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    layers = vera_layers(model)
+    if not layers:
+        raise ValueError("to_lora: the model has no VeRA layer (apply_vera first)")
+    for name, module in layers:
+        if getattr(module, "merged", False):
+            raise ValueError(f"to_lora: layer {name!r} is merged; unmerge() first")
+    projections = _shared_projections(layers)
+    bias, modules_to_save = trained_extras(model, layers, "to_lora")
+    config = _lora_config(
+        peft, [name for name, _ in layers], [name for name, _ in model.named_modules() if name],
+        rank=projections.rank, dropout=_uniform(layers, "dropout"), bias=bias, modules_to_save=modules_to_save,
+        fan_in_fan_out=any(getattr(module, "fan_in_fan_out", False) for _, module in layers),
+    )
+    # Everything that can fail on the numbers (memory) before the model changes.
+    factors = {name: layer_factors(module, dtype or torch.float64) for name, module in layers}
+    for name, module in layers:
+        _replace(model, name, module.to_base() if isinstance(module, FusedVeRALinear) else module.base_layer)
+    try:
+        peft_model = _wrap(peft, model, config, adapter_name)
+        _install_factors(peft_model, adapter_name, factors, dtype)
+    except BaseException:
+        # As it was: our layers back where PEFT put its LoRA layers (or the bases), the modules PEFT wrapped to
+        # save unwrapped.
+        for name, module in layers:
+            _replace(model, name, module)
+        for name in modules_to_save:
+            wrapper = model.get_submodule(name)
+            if isinstance(wrapper, peft.utils.other.ModulesToSaveWrapper):
+                _replace(model, name, wrapper.original_module)
+        raise
+    return peft_model
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapter files: a model directory's config gives the shapes (the model is built on the meta device: no
+# weights are read or allocated); the file gives the lambdas and the seed.
+
+
+def _meta_model(model_dir, auto_class: str):
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(f"--base needs the transformers package (pip install transformers): {exc}") from None
+    factory = getattr(transformers, auto_class, None)
+    if factory is None or not hasattr(factory, "from_config"):
+        raise ValueError(f"auto_class: transformers has no auto class {auto_class!r} (e.g. AutoModelForCausalLM)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(os.fspath(model_dir))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"base model {os.fspath(model_dir)!r}: no model configuration found ({exc})") from None
+    with torch.device("meta"):
+        return factory.from_config(config)
+
+
+def export_adapter_file(adapter_file, model_dir, out_dir, *, dtype: torch.dtype = torch.float32,
+                        auto_class: str = "AutoModelForCausalLM", base_model_name_or_path: str | None = None) -> str:
+    """Write the exact LoRA directory of an adapter file (``save_adapter``) for the model in ``model_dir`` (a
+    Hugging Face model directory, or a hub id transformers can resolve: only its config is read) to
+    ``out_dir`` (created; files in it are overwritten) and return ``out_dir``. The factors use the scheme's
+    fp32 projections, rounded once to ``dtype``. Every check (the file, its layers against the model's
+    modules and sizes, the biases) runs before anything is written. ``base_model_name_or_path`` (default
+    ``model_dir``) goes into adapter_config.json."""
+    from .adapters import _is_bias, _layer_names, read_adapter
+
+    peft = _import_peft()
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"export_adapter_file: dtype must be a floating-point torch.dtype, got {dtype!r}")
+    adapter_file = os.fspath(adapter_file)
+    config, tensors = read_adapter(adapter_file)
+    names = _layer_names(adapter_file, tensors)
+    model = _meta_model(model_dir, auto_class)
+    all_names = [name for name, _ in model.named_modules() if name]
+    modules = dict(model.named_modules())
+    shapes = {}
+    for name in names:
+        module = modules.get(name)
+        features = None if module is None else _in_out_features(module)
+        if features is None:
+            what = "no such module" if module is None else f"a {type(module).__name__} without in/out features"
+            raise ValueError(f"adapter file {adapter_file!r} does not fit {os.fspath(model_dir)!r}: layer {name!r}: {what}")
+        in_features, out_features = features
+        if in_features > config["max_in"] or out_features > config["max_out"]:
+            raise ValueError(
+                f"adapter file {adapter_file!r}: module {name!r} ({in_features} -> {out_features}) is larger than "
+                f"the file's max_in={config['max_in']}, max_out={config['max_out']}"
+            )
+        for key, shape in ((f"{name}.lambda_d", (config["rank"],)), (f"{name}.lambda_b", (out_features,))):
+            if tuple(tensors[key].shape) != shape or not tensors[key].dtype.is_floating_point:
+                raise ValueError(f"adapter file {adapter_file!r}: {key} is {tuple(tensors[key].shape)} "
+                                 f"{tensors[key].dtype}, expected {shape} floating point")
+        shapes[name] = features
+    # Biases: the file names them as in the adapted model (a wrapped module's own under .base_layer.).
+    biases = {}
+    for key in (k for k in tensors if _is_bias(k)):
+        plain = key
+        for name in names:
+            plain = plain.replace(f"{name}.base_layer.", f"{name}.")
+        try:
+            meta = model.get_parameter(plain)
+        except AttributeError:
+            raise ValueError(f"adapter file {adapter_file!r}: the model has no parameter {key!r}") from None
+        if tuple(tensors[key].shape) != tuple(meta.shape):
+            raise ValueError(f"adapter file {adapter_file!r}: {key} is {tuple(tensors[key].shape)}, the model's "
+                             f"{plain} is {tuple(meta.shape)}")
+        biases[plain] = tensors[key]
+    # LoRA's bias="lora_only" saves every adapted layer's bias, "all" every bias of the model: the file must
+    # hold all of them, as this export reads no weights.
+    all_biases = {n for n, _ in model.named_parameters() if _is_bias(n)}
+    layer_biases = {f"{name}.bias" for name in names} & all_biases
+    bias = "none" if not biases else "layers" if set(biases) == layer_biases else "all"
+    if biases and set(biases) != (layer_biases if bias == "layers" else all_biases):
+        wanted = layer_biases if set(biases) <= layer_biases else all_biases
+        raise ValueError(
+            f"adapter file {adapter_file!r} trains some biases but not {sorted(wanted - set(biases))[:3]}: LoRA's "
+            f"bias={'lora_only' if wanted is layer_biases else 'all'} saves those too, and this export reads no "
+            "weights to take their values from"
+        )
+
+    projections = SeededProjections(config["seed"], config["rank"], config["max_in"], config["max_out"],
+                                    in_features=max(f[0] for f in shapes.values()),
+                                    out_features=max(f[1] for f in shapes.values()))
+    A, B = projections.pair(torch.device("cpu"), torch.float32)
+    factors = {}
+    for name, (in_features, out_features) in shapes.items():
+        factors[name] = exact_factors(tensors[f"{name}.lambda_d"], tensors[f"{name}.lambda_b"],
+                                      A[:, :in_features], B[:out_features], dtype)
+    for plain, value in biases.items():
+        owner, _, leaf = plain.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, nn.Parameter(value.clone()))
+    conv1d = _conv1d_type()
+    conv1d = [name for name in names if conv1d is not None and isinstance(modules[name], conv1d)]
+    lora_config = _lora_config(
+        peft, names, all_names, rank=config["rank"], dropout=config["dropout"], bias=bias, modules_to_save=None,
+        fan_in_fan_out=bool(conv1d),
+        base_model_name_or_path=base_model_name_or_path if base_model_name_or_path is not None else os.fspath(model_dir),
+    )
+    peft_model = _wrap(peft, model, lora_config, "default")
+    _install_factors(peft_model, "default", factors, dtype)
+    out_dir = os.fspath(out_dir)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vera_kernels.export",
+        description=(
+            "Write the exact LoRA adapter directory (adapter_config.json, adapter_model.safetensors) of a "
+            "vera-kernels adapter file, for engines that serve LoRA only (vLLM, SGLang, TGI, LoRAX, PEFT). "
+            "lora_A = d * A (r x in), lora_B = b * B (out x r), lora_alpha = r (scaling 1): one rounding per "
+            "factor. Only the base model's config is read (its weights are neither read nor allocated). The "
+            "engine then holds r*(in+out) numbers per layer instead of VeRA's r+out: keep the file, export "
+            "where it is served. vLLM needs --max-lora-rank >= r and serves no trained biases."
+        ),
+    )
+    parser.add_argument("--lora", required=True, metavar="ADAPTER_FILE",
+                        help="the adapter file (a safetensors file written by vera_kernels.save_adapter)")
+    parser.add_argument("--base", required=True, metavar="MODEL_DIR",
+                        help="the base model: a Hugging Face model directory (or hub id) whose config.json "
+                             "describes the model the adapter was trained on")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="the LoRA directory to write (created if missing)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="dtype of the saved factors (default: float32)")
+    parser.add_argument("--auto-class", default="AutoModelForCausalLM", metavar="CLASS",
+                        help="the transformers auto class the adapter's module names are relative to "
+                             "(default: AutoModelForCausalLM; e.g. AutoModel, AutoModelForSequenceClassification)")
+    parser.add_argument("--base-model-name", default=None, metavar="NAME",
+                        help="base_model_name_or_path written into adapter_config.json (default: MODEL_DIR)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        out = export_adapter_file(args.lora, args.base, args.out_dir, dtype=DTYPES[args.dtype],
+                                  auto_class=args.auto_class, base_model_name_or_path=args.base_model_name)
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
