@@ -23,17 +23,24 @@ adapter is served; store and ship the file.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
+import shutil
 import sys
+import tempfile
 
 import torch
 from torch import nn
 
+from .adapters import _is_bias, _layer_names, read_adapter
 from .layer import FusedVeRALinear, _conv1d_type
 from .patching import (_in_out_features, _replace, _shared_projections, _uniform, trained_extras, vera_layers)
 from .projection_sources import SeededProjections
+from .projections import SCHEME
 
+# What an exported directory holds, for cached_export's keys: bump it when the export writes something else.
+EXPORT_FORMAT = "1"
 # The saved factor dtypes the command line offers.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,6 +51,31 @@ def _import_peft():
     except ImportError as exc:
         raise ImportError(f"the LoRA export needs the peft package (pip install peft): {exc}") from None
     return peft
+
+
+# The factor dtypes: float64 products of fp32 numbers are exact, each of these is one rounding of them.
+FACTOR_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_factor_dtype(who: str, dtype) -> None:
+    if dtype not in FACTOR_DTYPES:
+        raise TypeError(f"{who}: dtype must be one of {', '.join(map(str, FACTOR_DTYPES))}, got {dtype!r}")
+
+
+def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 ``x`` rounded once (to nearest, ties to even) to ``dtype``. torch narrows float64 to bf16 and
+    fp16 through fp32, which rounds twice (a value just above a bf16 tie becomes the tie, then rounds to
+    even): here the fp32 step rounds to odd instead (truncate, then set the last bit when inexact), which
+    keeps the side of the tie for the second rounding, exact as fp32 has more than two extra bits."""
+    _check_factor_dtype("round_once", dtype)
+    if dtype in (torch.float64, torch.float32):
+        return x.to(dtype)
+    narrow = x.to(torch.float32)
+    inexact = narrow.to(torch.float64) != x
+    too_far = inexact & (narrow.to(torch.float64).abs() > x.abs())
+    truncated = torch.where(too_far, torch.nextafter(narrow, torch.zeros_like(narrow)), narrow)
+    bits = truncated.view(torch.int32)
+    return torch.where(inexact, bits | 1, bits).view(torch.float32).to(dtype)
 
 
 def exact_factors(lambda_d: torch.Tensor, lambda_b: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -57,13 +89,12 @@ def exact_factors(lambda_d: torch.Tensor, lambda_b: torch.Tensor, A: torch.Tenso
             f"exact_factors: expected d (r), b (out), A (r, in), B (out, r); got d {tuple(lambda_d.shape)}, "
             f"b {tuple(lambda_b.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}"
         )
-    if not dtype.is_floating_point:
-        raise TypeError(f"exact_factors: dtype must be a floating-point dtype, got {dtype}")
+    _check_factor_dtype("exact_factors", dtype)
     device = lambda_d.device
     wide = torch.float64
     lora_A = lambda_d.detach().to(wide)[:, None] * A.to(device=device, dtype=wide)
     lora_B = lambda_b.detach().to(device=device, dtype=wide)[:, None] * B.to(device=device, dtype=wide)
-    return lora_A.to(dtype).contiguous(), lora_B.to(dtype).contiguous()
+    return round_once(lora_A, dtype).contiguous(), round_once(lora_B, dtype).contiguous()
 
 
 def _forward_dtype(layer) -> torch.dtype:
@@ -131,10 +162,9 @@ def _install_factors(peft_model, adapter_name, factors, dtype):
             if tuple(old.shape) != tuple(value.shape):
                 raise RuntimeError(f"{name}: PEFT's LoRA factor is {tuple(old.shape)}, ours {tuple(value.shape)}")
             device = value.device if old.device.type == "meta" else old.device
-            # Rounded once: value is already in the target dtype, or in float64 (exact products) when the
-            # target is PEFT's own.
-            linear.weight = nn.Parameter(value.to(device=device, dtype=dtype or old.dtype),
-                                         requires_grad=old.requires_grad)
+            # Rounded once: value is already in the target dtype, or float64 (exact) when it is PEFT's own.
+            value = value if dtype is not None else round_once(value, old.dtype)
+            linear.weight = nn.Parameter(value.to(device=device), requires_grad=old.requires_grad)
         found.add(name)
     missing = sorted(set(factors) - found)
     if missing:
@@ -161,8 +191,8 @@ def to_lora(model: nn.Module, adapter_name: str = "default", *, dtype: torch.dty
     peft = _import_peft()
     if not isinstance(adapter_name, str) or not adapter_name:
         raise TypeError(f"to_lora: adapter_name must be a non-empty str, got {adapter_name!r}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"to_lora: dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    if dtype is not None:
+        _check_factor_dtype("to_lora", dtype)
     layers = vera_layers(model)
     if not layers:
         raise ValueError("to_lora: the model has no VeRA layer (apply_vera first)")
@@ -225,11 +255,8 @@ def export_adapter_file(adapter_file, model_dir, out_dir, *, dtype: torch.dtype 
     fp32 projections, rounded once to ``dtype``. Every check (the file, its layers against the model's
     modules and sizes, the biases) runs before anything is written. ``base_model_name_or_path`` (default
     ``model_dir``) goes into adapter_config.json."""
-    from .adapters import _is_bias, _layer_names, read_adapter
-
     peft = _import_peft()
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"export_adapter_file: dtype must be a floating-point torch.dtype, got {dtype!r}")
+    _check_factor_dtype("export_adapter_file", dtype)
     adapter_file = os.fspath(adapter_file)
     config, tensors = read_adapter(adapter_file)
     names = _layer_names(adapter_file, tensors)
@@ -304,6 +331,43 @@ def export_adapter_file(adapter_file, model_dir, out_dir, *, dtype: torch.dtype 
     out_dir = os.fspath(out_dir)
     peft_model.save_pretrained(out_dir)
     return out_dir
+
+
+def cached_export(adapter_file, model_dir, cache_dir, *, dtype: torch.dtype = torch.float32) -> str:
+    """The exact LoRA directory of ``adapter_file`` for ``model_dir`` under ``cache_dir``, exported on the
+    first call and found on the next ones. Its name is a digest of what the export reads (the file's bytes,
+    the base model's name and its config.json's bytes when it is a directory, the dtype, the export's format
+    and the projection scheme): a changed file or base gets a new directory, never a stale one. The
+    directory appears whole (written beside it, then renamed), so concurrent servers share it safely."""
+    _check_factor_dtype("cached_export", dtype)
+    adapter_file, model_dir, cache_dir = os.fspath(adapter_file), os.fspath(model_dir), os.fspath(cache_dir)
+    digest = hashlib.sha256()
+    with open(adapter_file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    config_json = os.path.join(model_dir, "config.json")
+    base = b""
+    if os.path.isfile(config_json):
+        with open(config_json, "rb") as f:
+            base = f.read()
+    for part in (model_dir.encode(), base, str(dtype).encode(), EXPORT_FORMAT.encode(), SCHEME.encode()):
+        digest.update(len(part).to_bytes(8, "little") + part)  # length-prefixed: no two inputs collide
+    stem = os.path.splitext(os.path.basename(adapter_file))[0]
+    final = os.path.join(cache_dir, f"{stem}-{digest.hexdigest()[:24]}")
+    if os.path.isdir(final):
+        return final
+    os.makedirs(cache_dir, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=".export-", dir=cache_dir)
+    try:
+        export_adapter_file(adapter_file, model_dir, scratch, dtype=dtype)
+        try:
+            os.rename(scratch, final)
+        except OSError:
+            if not os.path.isdir(final):  # not a concurrent export's: a real failure
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return final
 
 
 def _parser() -> argparse.ArgumentParser:
