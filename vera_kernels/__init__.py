@@ -2,7 +2,7 @@
 
 from .adapters import load_adapter, read_adapter, save_adapter
 from .dispatch import backends
-from .export import to_lora
+from .lora_export import to_lora
 from .layer import FusedVeRALinear, VeRAWrapper
 from .projection_sources import ExplicitProjections, SeededProjections
 from .ops import vera_delta, vera_delta_multi, vera_linear, vera_linear_multi

@@ -3,7 +3,7 @@
 vLLM asks its LoRA resolvers (``vllm.lora.resolver.LoRAResolver``) for a model name it does not know when
 runtime LoRA loading is on (``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``); this one answers a name ``NAME`` for
 which ``$VERA_KERNELS_VLLM_ADAPTERS/NAME.safetensors`` (an adapter file, ``save_adapter``) exists, with its
-exact LoRA directory (``export.cached_export``: generated on first use under ``$VERA_KERNELS_VLLM_LORA_CACHE``,
+exact LoRA directory (``lora_export.cached_export``: generated on first use under ``$VERA_KERNELS_VLLM_LORA_CACHE``,
 default ``~/.cache/vera-kernels/vllm-lora``, and found there afterwards).
 
 The package registers it through the ``vllm.general_plugins`` entry point, which vLLM loads in each of its
@@ -46,7 +46,7 @@ def _resolver_class():
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver
 
-    from .export import cached_export
+    from .lora_export import cached_export
 
     class VeRAAdapterResolver(LoRAResolver):
         """Answers ``NAME`` with the exact LoRA of ``adapter_dir/NAME.safetensors`` for the served base model."""
