@@ -164,8 +164,7 @@ def test_to_lora_exports_every_trained_tensor(case, tmp_path):
     lora = to_lora(ours)
     config = lora.peft_config["default"]
     assert config.bias == {"bias_vera_only": "lora_only", "bias_all": "all"}.get(case, "none")
-    assert config.modules_to_save == ({"head"} if case == "trained_head" else None) or \
-        list(config.modules_to_save or []) == (["head"] if case == "trained_head" else [])
+    assert sorted(config.modules_to_save or []) == (["head"] if case == "trained_head" else [])
     # "fc" would also match "other.fc" in PEFT's list matching: a full-match expression instead.
     assert isinstance(config.target_modules, str)
     adapted_names = sorted(n.removeprefix(PREFIX) for n, m in lora.named_modules()
@@ -287,3 +286,20 @@ def test_cached_export_exports_once_per_content(tmp_path):
     vera_kernels.save_adapter(ours, path)  # same name, new content: a new directory
     second = cached_export(path, base_dir, cache)
     assert second != first and sorted(os.listdir(cache)) == sorted(os.path.basename(p) for p in (first, second))
+
+
+def test_the_vllm_resolver_names_and_registration(tmp_path, monkeypatch):
+    # What runs without vLLM: which file a name means (nothing outside the directory), and registration
+    # (nothing where the variable is unset; a clear error, before vLLM is imported, where it names no directory).
+    from vera_kernels import vllm_resolver
+
+    (tmp_path / "fr.safetensors").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    assert vllm_resolver.adapter_path(str(tmp_path), "fr") == str(tmp_path / "fr.safetensors")
+    for name in ("de", "../fr", "sub/../fr", "/fr", ".fr", "", None, "fr.safetensors"):
+        assert vllm_resolver.adapter_path(str(tmp_path), name) is None, name
+    monkeypatch.delenv(vllm_resolver.ADAPTERS_ENV, raising=False)
+    assert vllm_resolver.register() is None
+    monkeypatch.setenv(vllm_resolver.ADAPTERS_ENV, str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="is not a directory"):
+        vllm_resolver.register()

@@ -59,10 +59,14 @@ def served(tmp_path_factory):
             layer.lambda_b.copy_(torch.randn(layer.lambda_b.shape, generator=g))
     os.makedirs(adapters)
     vera_kernels.save_adapter(ours, os.path.join(adapters, "tiny-vera.safetensors"))
+    # An adapter of another model (its layers are wider than this base's): the resolver must refuse it.
+    other = vera_kernels.apply_vera(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["0"], rank=4)
+    vera_kernels.save_adapter(other, os.path.join(adapters, "misfit.safetensors"))
     subprocess.run([sys.executable, "-m", "vera_kernels.export", "--lora", os.path.join(adapters, "tiny-vera.safetensors"),
                     "--base", base_dir, lora_dir], check=True, cwd=ROOT, capture_output=True)
 
-    spec = {"base": base_dir, "rank": RANK, "lora_dir": lora_dir, "adapter_name": "tiny-vera", "prompts": PROMPTS,
+    spec = {"base": base_dir, "rank": RANK, "lora_dir": lora_dir, "adapter_name": "tiny-vera",
+            "refused_names": ["no-such-adapter", "misfit", "../adapters/tiny-vera"], "prompts": PROMPTS,
             "max_tokens": MAX_TOKENS, "top_k": TOP_K}
     with open(tmp / "spec.json", "w") as f:
         json.dump(spec, f)
@@ -131,6 +135,12 @@ def test_vllm_base_rows_are_the_base_model(served):
         reference = logprobs_along(served["base"], prompt, result["tokens"])
         assert result["tokens"] == reference.argmax(dim=-1).tolist()
         assert worst(result, reference) <= tol
+
+
+def test_the_resolver_answers_only_its_files(served):
+    # vLLM answers 404 (no resolver knows the name) for a missing file, a file that does not fit the base
+    # (the resolver logs why) and a name that would walk out of the adapter directory.
+    assert served["refused"] == {"no-such-adapter": 404, "misfit": 404, "../adapters/tiny-vera": 404}
 
 
 def test_one_batch_and_the_resolver_cache(served):

@@ -4,14 +4,15 @@
 
 SPEC: {"base": model dir, "rank": r, "lora_dir": an exported LoRA directory, "adapter_name": a name the
 vera-kernels resolver answers (its plugin registered by vLLM from the package's entry point, with
-VERA_KERNELS_VLLM_ADAPTERS set by the caller), "prompts": [[token ids]], "max_tokens": n, "top_k": k}.
+VERA_KERNELS_VLLM_ADAPTERS set by the caller), "refused_names": names it must not answer, "prompts":
+[[token ids]], "max_tokens": n, "top_k": k}.
 
 The engine (fp32, LoRA on) resolves the name through vLLM's own serving path (OpenAIServingModels.resolve_lora,
 what the OpenAI server calls for an unknown model name), then serves every prompt three ways - the base, the
 exported directory, the resolved name - in one batch: the engine is paused while the requests are queued,
 and each request's scheduling timestamp is reported so the caller can check they were scheduled in one step.
-OUT: greedy tokens and the top-k log-probabilities of every step of every request. No assertion here: the
-caller compares with vera-kernels' own model.
+OUT: greedy tokens and the top-k log-probabilities of every step of every request, and the HTTP status
+vLLM gives each refused name. No assertion here: the caller compares with vera-kernels' own model.
 """
 
 import asyncio
@@ -43,6 +44,8 @@ async def serve(spec):
         resolved = await models.resolve_lora(spec["adapter_name"])
         if not isinstance(resolved, LoRARequest):
             raise RuntimeError(f"the resolver did not answer {spec['adapter_name']!r}: {resolved}")
+        # Names the resolver must not answer: no such file, and a file that does not fit the base (logged).
+        refused = {name: getattr(await models.resolve_lora(name), "error", None) for name in spec["refused_names"]}
         exported = LoRARequest(lora_name="exported", lora_int_id=resolved.lora_int_id + 1, lora_path=spec["lora_dir"])
         sampling = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=spec["top_k"],
                                   detokenize=False)
@@ -66,7 +69,8 @@ async def serve(spec):
         await asyncio.sleep(1.0)  # every request reaches the engine's queue before it runs again
         await engine.resume_generation()
         results = {key: await task for key, task in tasks.items()}
-        return {"engine_start_s": started, "resolved_path": resolved.lora_path, "results": results}
+        return {"engine_start_s": started, "resolved_path": resolved.lora_path, "results": results,
+                "refused": {name: None if error is None else error.code for name, error in refused.items()}}
     finally:
         engine.shutdown()
 

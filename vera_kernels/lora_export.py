@@ -9,10 +9,10 @@ numbers, formed in float64 (where it is exact) and rounded once to the saved dty
 adapter up to that one rounding per factor. PEFT's own route, ``convert_to_lora``, truncates an SVD of ΔW:
 an approximation (``bench/lora_export.py`` measures both).
 
-The trade-off: an engine serving the export holds r·(in + out) numbers per adapted layer (plus r per layer in
-its padding) where VeRA needs r + out (and one projection pair shared by every layer and adapter): a rank-256
-VeRA adapter of a 4096 x 4096 projection is 4352 numbers as a file and 2,097,152 as a LoRA. Export where the
-adapter is served; store and ship the file.
+The trade-off: an engine serving the export holds r·(in + out) numbers per adapted layer where VeRA needs
+r + out (and one projection pair shared by every layer and adapter): a rank-256 VeRA adapter of a
+4096 x 4096 projection is 4352 numbers as a file and 2,097,152 as a LoRA. Export where the adapter is
+served; store and ship the file.
 
 ``to_lora(model)`` converts a model in memory, as ``to_peft`` does; ``export_adapter_file`` converts an adapter
 file (``save_adapter``) against a Hugging Face model directory without loading the model's weights (the
