@@ -70,6 +70,9 @@ def served(tmp_path_factory):
             "max_tokens": MAX_TOKENS, "top_k": TOP_K}
     with open(tmp / "spec.json", "w") as f:
         json.dump(spec, f)
+    # This tree's package (whichever tree .venv-vllm was installed from); only our plugin among vLLM's general
+    # plugins (its own resolvers stay out of the answers); a 1 GiB KV cache; not the Triton interpreter the
+    # main suite sets (vLLM's CPU engine runs no Triton).
     env = dict(os.environ, PYTHONPATH=ROOT, VERA_KERNELS_VLLM_ADAPTERS=adapters, VERA_KERNELS_VLLM_LORA_CACHE=cache,
                VLLM_CPU_KVCACHE_SPACE="1", VLLM_PLUGINS="vera_kernels_resolver", TRITON_INTERPRET="0")
     run = subprocess.run([VLLM_PYTHON, os.path.join(ROOT, "tests", "vllm_engine.py"), str(tmp / "spec.json"),
