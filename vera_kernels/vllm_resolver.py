@@ -18,6 +18,7 @@ serves no trained biases (it refuses such adapters when it loads them).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -40,9 +41,7 @@ def adapter_path(adapter_dir: str, lora_name: str) -> str | None:
 
 
 def _resolver_class():
-    # vLLM is imported only here: the module stays importable (and documented) where vLLM is not installed.
-    import asyncio
-
+    # vLLM is imported only here: the module stays importable where vLLM is not installed.
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver
 
