@@ -1,4 +1,5 @@
-"""The exact LoRA export (vera_kernels.lora_export, its command line vera_kernels.export): to_lora, the adapter-file command line, the resolver's cache.
+"""The exact LoRA export (vera_kernels.lora_export; its command line, vera_kernels.export): to_lora, the
+adapter-file command line, the resolver's cache and names.
 
 Round trips go through PEFT's own LoRA (save_pretrained, PeftModel.from_pretrained) on small transformers
 models built from configs (no download); the factors are checked bit for bit against d ⊙ A and b ⊙ B formed
