@@ -155,7 +155,7 @@ ext_modules, cmdclass = _extensions()
 # torch and safetensors; the rest is optional and imported only where used.
 EXTRAS = {
     "triton": ["triton"],                              # the triton backend (GPU, or CPU under its interpreter)
-    "peft": ["peft", "transformers"],                  # from_peft / to_peft, GPT-2 Conv1D, the demo
+    "peft": ["peft", "transformers"],                  # from_peft / to_peft / to_lora, GPT-2 Conv1D, the demo
     "bench": ["pytest", "pytest-benchmark", "peft", "transformers", "matplotlib"],  # bench/, its plot
     "test": ["pytest", "pytest-benchmark", "peft", "transformers", "accelerate"],   # tests/
 }
@@ -175,6 +175,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "safetensors"],
     extras_require=EXTRAS,
+    # vLLM loads this group in each of its processes; the resolver registers only where
+    # VERA_KERNELS_VLLM_ADAPTERS is set (vera_kernels/vllm_resolver.py).
+    entry_points={"vllm.general_plugins": ["vera_kernels_resolver = vera_kernels.vllm_resolver:register"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API_MD = os.path.join(ROOT, "docs", "API.md")
 COMMAND = "python docs/build_api.py"
 # Modules run with `python -m`: their module docstring is their manual.
-COMMAND_MODULES = ["vera_kernels.verify", "vera_kernels.demo"]
+COMMAND_MODULES = ["vera_kernels.verify", "vera_kernels.demo", "vera_kernels.export"]
 
 
 def _markdown(doc: str | None) -> str:

@@ -2,6 +2,7 @@
 
 from .adapters import load_adapter, read_adapter, save_adapter
 from .dispatch import backends
+from .lora_export import to_lora
 from .layer import FusedVeRALinear, VeRAWrapper
 from .projection_sources import ExplicitProjections, SeededProjectionShard, SeededProjections
 from .ops import vera_delta, vera_delta_multi, vera_linear, vera_linear_multi
@@ -29,6 +30,7 @@ __all__ = [
     "read_adapter",
     "save_adapter",
     "set_adapter_ids",
+    "to_lora",
     "to_peft",
     "vera_delta",
     "vera_delta_multi",

@@ -295,6 +295,26 @@ def _trained_outside_layers(model: nn.Module, layers) -> tuple[list[str], list[s
     return biases, modules
 
 
+def trained_extras(model: nn.Module, layers, caller: str) -> tuple[str, list[str]]:
+    """What a PEFT export must carry besides each layer's adapter: which biases train ("none"; "layers": only
+    the adapted layers' own, PEFT's "vera_only"/"lora_only"; "all": others too, PEFT's "all") and the other
+    trained modules (PEFT's modules_to_save). Raises, naming ``caller``, for what PEFT can't express."""
+    trains_bias = any(getattr(module, "bias", None) is not None and module.bias.requires_grad for _, module in layers)
+    other_biases, other_modules = _trained_outside_layers(model, layers)
+    if "" in other_modules:
+        raise ValueError(f"{caller}: the model's own (top-level) parameters train; PEFT can only save submodules")
+    # PEFT picks modules_to_save by how names end, without a dot boundary: each must name one module.
+    all_names = [name for name, _ in model.named_modules() if name]
+    for wanted in other_modules:
+        matching = [name for name in all_names if name.endswith(wanted)]
+        if matching != [wanted]:
+            raise ValueError(
+                f"{caller}: trained module {wanted!r} can't be exported: PEFT's modules_to_save would match "
+                f"{matching} (names ending with it)"
+            )
+    return ("all" if other_biases else "layers" if trains_bias else "none"), other_modules
+
+
 def to_peft(model: nn.Module, adapter_name: str = "default"):
     """A PEFT VeRA model with this model's adapters: the VeRA layers are replaced in place by their bases and
     ``peft.get_peft_model`` wraps the model with a VeraConfig (save_projection=True) whose vera_A/vera_B are
@@ -314,19 +334,7 @@ def to_peft(model: nn.Module, adapter_name: str = "default"):
             raise ValueError(f"to_peft: layer {name!r} is merged; unmerge() first")
     if not isinstance(adapter_name, str) or not adapter_name:
         raise TypeError(f"to_peft: adapter_name must be a non-empty str, got {adapter_name!r}")
-    trains_bias = any(getattr(module, "bias", None) is not None and module.bias.requires_grad for _, module in layers)
-    other_biases, other_modules = _trained_outside_layers(model, layers)
-    if "" in other_modules:
-        raise ValueError("to_peft: the model's own (top-level) parameters train; PEFT can only save submodules")
-    # PEFT picks modules_to_save by how names end, without a dot boundary: each must name one module.
-    all_names = [name for name, _ in model.named_modules() if name]
-    for wanted in other_modules:
-        matching = [name for name in all_names if name.endswith(wanted)]
-        if matching != [wanted]:
-            raise ValueError(
-                f"to_peft: trained module {wanted!r} can't be exported: PEFT's modules_to_save would match "
-                f"{matching} (names ending with it)"
-            )
+    trained_biases, other_modules = trained_extras(model, layers, "to_peft")
     config = peft.VeraConfig(
         r=projections.rank,
         # A full-match regular expression of exactly our layers: a list would also adapt every module whose
@@ -338,7 +346,7 @@ def to_peft(model: nn.Module, adapter_name: str = "default"):
         vera_dropout=_uniform(layers, "dropout"),
         d_initial=_uniform(layers, "d_initial"),
         fan_in_fan_out=any(getattr(module, "fan_in_fan_out", False) for _, module in layers),
-        bias="all" if other_biases else "vera_only" if trains_bias else "none",
+        bias={"layers": "vera_only"}.get(trained_biases, trained_biases),
         modules_to_save=other_modules or None,
     )
     lambdas = {name: (module.lambda_d.detach(), module.lambda_b.detach()) for name, module in layers}
