@@ -1,7 +1,8 @@
 """Quantized bases with the real libraries on CPU (each case skipped where its library is not installed):
-bitsandbytes 4-bit (nf4, fp4) and 8-bit, torchao int8 and int4 weight-only, HQQ. A quantized base goes
-through VeRAWrapper (its own forward plus vera_delta); its outputs and gradients equal the float64 reference
-of the dequantized weight plus the adapter; merge re-quantizes with the format's own quantizer."""
+bitsandbytes 4-bit (nf4, fp4) and 8-bit, torchao int8 and int4 weight-only, HQQ, and optimum-quanto int4
+(a forward-only format: no merge, as GPTQ/AWQ). A quantized base goes through VeRAWrapper (its own forward
+plus vera_delta); its outputs and gradients equal the float64 reference of the dequantized weight plus the
+adapter; merge re-quantizes with the format's own quantizer."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from vera_kernels import quantized
 from vera_kernels.layer import FusedVeRALinear, VeRAWrapper
 
 IN, HIDDEN = 64, 128  # bitsandbytes 4-bit on CPU (eval) wants out a multiple of 32 and in of its block size (64)
-FORMATS = ["nf4", "fp4", "bnb8", "torchao_int8", "torchao_int4", "hqq"]
+MERGEABLE = ["nf4", "fp4", "bnb8", "torchao_int8", "torchao_int4", "hqq"]
+FORMATS = MERGEABLE + ["quanto_int4"]
 
 
 def _quantize(linear: nn.Linear, fmt: str):
@@ -47,7 +49,19 @@ def _quantize(linear: nn.Linear, fmt: str):
         hqq = pytest.importorskip("hqq.core.quantize")
         config = hqq.BaseQuantizeConfig(nbits=4, group_size=32)
         return hqq.HQQLinear(copy.deepcopy(linear), config, compute_dtype=torch.float32, device="cpu"), None
+    if fmt == "quanto_int4":
+        quanto = pytest.importorskip("optimum.quanto")
+        holder = nn.Sequential(copy.deepcopy(linear))
+        quanto.quantize(holder, weights=quanto.qint4)
+        quanto.freeze(holder)
+        return holder[0], None
     raise AssertionError(fmt)
+
+
+def _dequantized(module):
+    if type(module).__module__.startswith("optimum.quanto"):
+        return module.weight.dequantize()  # quanto's own: this package merges nothing into it
+    return quantized.dequantized_weight(module)
 
 
 class Model(nn.Module):
@@ -83,7 +97,7 @@ def _reference(model, x, lambdas=None):
     def layer(name, h):
         module = getattr(model, name)
         if isinstance(module, VeRAWrapper):
-            weight, bias = quantized.dequantized_weight(module.base_layer), module.base_layer.bias
+            weight, bias = _dequantized(module.base_layer), module.base_layer.bias
         else:
             weight, bias = module.weight, module.bias
         d, b = lambdas[name] if lambdas else (module.lambda_d.double(), module.lambda_b.double())
@@ -215,7 +229,7 @@ def _step(module):
     return (levels[:, 1:] - levels[:, :-1]).max(dim=1).values[:, None]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", MERGEABLE)
 def test_merge_unmerge_and_merge_and_unload(fmt):
     model = _adapted(fmt).eval()
     layer = model.up
@@ -254,6 +268,14 @@ def test_merge_unmerge_and_merge_and_unload(fmt):
         assert torch.isfinite(model(x)).all()
 
 
+def _has(module):
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
 def test_merge_refusals_change_nothing():
     pytest.importorskip("torchao")
     model = Model("torchao_int8")
@@ -264,6 +286,12 @@ def test_merge_refusals_change_nothing():
     with pytest.raises(TypeError, match="'up'.*quantization_config"):
         vk.merge_and_unload(model)
     assert model.up.base_layer.weight is weight and not model.up.merged and isinstance(model.down, VeRAWrapper)
+
+    if _has("optimum.quanto"):
+        model = _adapted("quanto_int4")
+        with pytest.raises(TypeError, match="QLinear.*keep the adapter unmerged"):
+            vk.merge_and_unload(model)
+        assert isinstance(model.up, VeRAWrapper) and not model.up.merged and not model.head.merged
 
     class Packed(nn.Module):  # an unknown layer: its own forward, weights no library here can re-quantize
         in_features, out_features = IN, 16
