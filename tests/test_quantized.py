@@ -1,5 +1,5 @@
 """Quantized bases with the real libraries on CPU (each case skipped where its library is not installed):
-bitsandbytes 4-bit (nf4, fp4) and 8-bit, torchao int8 and int4 weight-only, HQQ, and optimum-quanto int4
+bitsandbytes 4-bit (nf4, fp4) and 8-bit, torchao int8, int4 and float8 weight-only, HQQ, and optimum-quanto int4
 (a forward-only format: no merge, as GPTQ/AWQ). A quantized base goes through VeRAWrapper (its own forward
 plus vera_delta); its outputs and gradients equal the float64 reference of the dequantized weight plus the
 adapter; merge re-quantizes with the format's own quantizer."""
@@ -17,7 +17,7 @@ from vera_kernels import quantized
 from vera_kernels.layer import FusedVeRALinear, VeRAWrapper
 
 IN, HIDDEN = 64, 128  # bitsandbytes 4-bit on CPU (eval) wants out a multiple of 32 and in of its block size (64)
-MERGEABLE = ["nf4", "fp4", "bnb8", "torchao_int8", "torchao_int4", "hqq"]
+MERGEABLE = ["nf4", "fp4", "bnb8", "torchao_int8", "torchao_int4", "torchao_fp8", "hqq"]
 FORMATS = MERGEABLE + ["quanto_int4"]
 
 
@@ -41,8 +41,8 @@ def _quantize(linear: nn.Linear, fmt: str):
 
         module = copy.deepcopy(linear)
         # Int4WeightOnlyConfig has no CPU kernel in torchao 0.18: int4 weight-only on CPU is IntxWeightOnlyConfig.
-        config = (tq.Int8WeightOnlyConfig() if fmt == "torchao_int8"
-                  else tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=tq.PerGroup(32)))
+        config = {"torchao_int8": tq.Int8WeightOnlyConfig(), "torchao_fp8": tq.Float8WeightOnlyConfig(),
+                  "torchao_int4": tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=tq.PerGroup(32))}[fmt]
         tq.quantize_(module, config)
         return module, config
     if fmt == "hqq":
