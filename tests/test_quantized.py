@@ -252,6 +252,10 @@ def test_merge_unmerge_and_merge_and_unload(fmt):
         assert (merged - unmerged).abs().max() < 0.5 * (unmerged.abs().max())
         with pytest.raises(RuntimeError, match="merged"):
             layer.merge()
+        # Its base holds ΔW: loading base tensors or lambdas into it would leave the old ΔW in place.
+        state = {k: v for k, v in model.state_dict().items() if k.startswith("up.")}
+        with pytest.raises(RuntimeError, match="is merged"):
+            model.load_state_dict(state, strict=False)
         layer.train()
         with torch.enable_grad(), pytest.raises(RuntimeError, match="unmerge"):
             model(x)
@@ -355,6 +359,10 @@ def test_from_peft_over_a_quantized_base(fmt):
     assert isinstance(ours.up, VeRAWrapper) and isinstance(ours.head, FusedVeRALinear)
     with torch.no_grad():
         assert torch.allclose(ours(x), theirs, rtol=1e-5, atol=1e-6)
+        # And back: PEFT's VeRA over the same quantized modules, the same outputs.
+        back = vk.to_peft(ours)
+        assert type(back.base_model.model.up.base_layer) is type(Model(fmt).up)
+        assert torch.allclose(back(x), theirs, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("fmt", ["torchao_int8", "nf4", "hqq"])
