@@ -362,8 +362,8 @@ class VeRAWrapper(_VeRABase):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take ΔW out of the base again (dequantize, subtract, re-quantize): the base is W0 within one
-        quantization step per weight, not bit for bit the one before merge()."""
+        """Take ΔW out of the base again (dequantize, subtract, re-quantize): the base is W0 within the two
+        roundings (merge's, unmerge's), not bit for bit the one before merge()."""
         if not self.merged:
             raise RuntimeError("VeRAWrapper is not merged")
         self._set_base(merge_delta(self.base_layer, self.delta_weight(), -1, self.quantization_config))

@@ -12,9 +12,10 @@ Merging (``VeRAWrapper.merge``) goes through one generic path, ``merge_delta``: 
 fp32, add ΔW in fp32, quantize again with the layer's own quantizer. The formats it knows are the ones
 PEFT merges: bitsandbytes 4-bit (nf4, fp4) and 8-bit, HQQ, torchao (re-quantized with the torchao config the
 model was quantized with). A merged quantized layer is not the unmerged one bit for bit: each merge or
-unmerge rounds the weight to the format's grid again, so ``unmerge()`` restores the base within one
-quantization step of each weight (and the merged forward differs from the unmerged one by that rounding).
-Other formats (GPTQ, AWQ, fp8, unknown layers) serve and train through the wrapper; merging them raises.
+unmerge rounds the weight to the format's grid again (within one step of it), so the merged forward differs
+from the unmerged one by that rounding and ``unmerge()`` restores W0 within the two roundings, not bit for
+bit. Other formats (GPTQ, AWQ, optimum-quanto, unknown layers) serve and train through the wrapper; merging
+them raises a TypeError naming the layer.
 
 The libraries are optional: each is looked at only when it is already imported (a model quantized by it
 has imported it), so this module costs nothing without them.
@@ -37,7 +38,7 @@ def _conv1d_type():
 
 def is_plain_tensor(tensor) -> bool:
     """A dense tensor the kernels can read: exactly torch.Tensor or nn.Parameter (no subclass: a subclass
-    may hold packed or scaled data behind the same shape), strided, not meta-quantized (qint8 and the like)."""
+    may hold packed or scaled data behind the same shape), strided, not a torch quantized tensor (qint8 and the like)."""
     return (type(tensor) in (torch.Tensor, nn.Parameter) and tensor.layout == torch.strided
             and not tensor.is_quantized)
 
