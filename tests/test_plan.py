@@ -126,8 +126,11 @@ def test_wrapped_base_plan():
     assert delta.bytes_read >= m * o * size and m * o * size <= delta.bytes_written < 1.01 * m * o * size
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_vera_delta_allocates_only_its_output(dtype):
+def test_vera_delta_allocates_only_its_output(dtype, backend):
+    if backend == "triton" and not plan.triton_on_cpu():
+        pytest.skip("the Triton interpreter is off")
     m, in_features, out_features, rank = 41, 29, 23, 7
     p = verify.random_problem(m, in_features, out_features, rank)
     leaves = {k: (v.float() if k.startswith("lambda") else v.to(dtype)).requires_grad_(k in verify.TRAINABLE)
@@ -137,7 +140,7 @@ def test_vera_delta_allocates_only_its_output(dtype):
     big = m * min(in_features, out_features)
     with _Allocations() as forward:
         y = vera_kernels.vera_delta(leaves["x"], leaves["A"], leaves["B"], leaves["lambda_d"], leaves["lambda_b"],
-                                    base_out, backend="cpu")
+                                    base_out, backend=backend)
     # y beside base_out: no temporary; not in place (the caller's base_out is left as it was).
     assert [s for s in forward.shapes if torch.Size(s).numel() >= big] == [(m, out_features)], forward.shapes
     grad = torch.randn(m, out_features, dtype=dtype)
