@@ -246,7 +246,12 @@ def test_merge_unmerge_and_merge_and_unload(fmt):
         merged_step = _step(layer.base_layer).double()
         # One rounding of W0 + ΔW to the format's grid: within a step of it, per weight.
         assert ((merged_weight - (w0 + delta)).abs() <= merged_step).all()
-        # The merged layer is its base alone, and the model stays close to the unmerged one.
+        # The merged layer is its base alone: x Wᵀ + bias with the merged weight and the bias kept (training
+        # mode: bitsandbytes serves with int8 activations or a bf16 repacking in eval mode).
+        layer.train()
+        want = x.double() @ merged_weight.t() + layer.base_layer.bias.double()
+        assert (layer(x).double() - want).abs().max() <= 1e-5 * want.abs().max()
+        layer.eval()
         merged = model(x)
         assert torch.isfinite(merged).all()
         assert (merged - unmerged).abs().max() < 0.5 * (unmerged.abs().max())
