@@ -142,16 +142,15 @@ def test_forward_and_gradients_match_the_dequantized_reference(fmt):
     model = _adapted(fmt)
     x = torch.randn(2, 5, IN, requires_grad=True)
     y = model(x)
+    # The reference's leaves: x and every layer's lambdas in float64.
     x64 = x.detach().double().requires_grad_(True)
-    ref = _reference(model, x64)
-    scale = ref.abs().max().item()
+    lambdas = {name: tuple(getattr(model, name).get_parameter(v).detach().double().requires_grad_(True)
+                           for v in ("lambda_d", "lambda_b")) for name in ("up", "down", "head")}
+    ref = _reference(model, x64, lambdas)
     tol = 1e-5  # fp32 rounding: the base's kernels compute with the dequantized weight
-    assert torch.isfinite(y).all() and (y.double() - ref).abs().max().item() <= tol * scale
+    assert torch.isfinite(y).all() and (y.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
     grad = torch.randn_like(y)
     y.backward(grad)
-    lambdas = {name: (getattr(model, name).lambda_d.detach().double().requires_grad_(True),
-                      getattr(model, name).lambda_b.detach().double().requires_grad_(True)) for name in ("up", "down", "head")}
-    ref = _reference(model, x64, lambdas)
     ref.backward(grad.double())
     assert (x.grad.double() - x64.grad).abs().max().item() <= tol * x64.grad.abs().max().item()
     for name, (d64, b64) in lambdas.items():
