@@ -26,8 +26,8 @@ Plans:
   base     nn.Linear alone (forward; backward dx only): the floor's reference
   wrapped  a base VeRAWrapper wraps (a quantized layer): the base's own forward, here nn.Linear's GEMM standing
            in for the quantized kernel (whose own cost replaces it), then vera_delta on the C++ plan onto its
-           output: s = x Aᵀ, then y = base_out + s Bdbᵀ in one addmm that reads base_out once and writes y
-           once (traced in fp32 as cpp). Its only M x out allocation is y, beside base_out (tests/test_plan.py):
+           output: the cpp plan's adapter launches, with y = base_out + s Bdbᵀ in one addmm that reads base_out
+           once and writes y once, in place of the linear form's base GEMM (traced in fp32 as cpp). Its only M x out allocation is y, beside base_out (tests/test_plan.py):
            no temporary, but not in place either: y could take base_out's memory only where nothing else
            holds base_out (its backward saves it, a CUDA graph's static output, a view of a cache), which the
            wrapper cannot see from the tensor; so the peak is two M x out tensors for the layer's moment.

@@ -114,15 +114,18 @@ def test_no_m_by_out_temporary(dtype):
 
 
 def test_wrapped_base_plan():
-    # A wrapped (quantized) base: its own output, then vera_delta: s = x Aᵀ, y = base_out + s Bdbᵀ (one addmm
-    # reading base_out); the backward passes g on to the base (no launch for it) besides the adapter's.
+    # A wrapped (quantized) base: its own output (one GEMM here), then vera_delta: the C++ plan's adapter
+    # launches with y = base_out + s Bdbᵀ in its one addmm (base_out read there) instead of the linear form's
+    # base GEMM accumulated last (addmm_).
     shape = dict(plan.TARGET)
-    wrapped = next(p for p in plan.build_plans(shape) if p.name == "wrapped")
-    names = {pass_: [launch.name for launch in launches] for pass_, launches in wrapped.passes.items()}
-    assert names["forward"] == ["addmm", "mm", "addmm"]
+    plans = {p.name: p for p in plan.build_plans(shape)}
+    for pass_ in ("forward", "training forward"):
+        wrapped = [launch.name for launch in plans["wrapped"].passes[pass_]]
+        linear = [launch.name for launch in plans["cpp"].passes[pass_]]
+        assert linear[-1] == "addmm_" and wrapped == ["addmm"] + linear[:-1], (pass_, wrapped, linear)
     m, o = shape["m"], shape["out_features"]
     size = torch.empty(0, dtype=getattr(torch, shape["dtype"])).element_size()
-    delta = wrapped.passes["forward"][2]  # reads base_out (M x out) once and writes y (M x out) once
+    delta = plans["wrapped"].passes["forward"][-1]  # reads base_out (M x out) once and writes y (M x out) once
     assert delta.bytes_read >= m * o * size and m * o * size <= delta.bytes_written < 1.01 * m * o * size
 
 
