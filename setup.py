@@ -158,6 +158,8 @@ EXTRAS = {
     "peft": ["peft", "transformers"],                  # from_peft / to_peft / to_lora, GPT-2 Conv1D, the demo
     "bench": ["pytest", "pytest-benchmark", "peft", "transformers", "matplotlib"],  # bench/, its plot
     "test": ["pytest", "pytest-benchmark", "peft", "transformers", "accelerate"],   # tests/
+    # quantized bases (tests/test_quantized.py, demo --base nf4); torchao must match torch's release
+    "quantized": ["bitsandbytes>=0.50.2", "torchao", "hqq>=0.2.8", "optimum-quanto>=0.2.7"],
 }
 EXTRAS["all"] = sorted({name for names in EXTRAS.values() for name in names})
 

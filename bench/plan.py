@@ -24,6 +24,15 @@ Plans:
   peft     PEFT's own VeRA layer (where peft is installed), traced in the requested dtype: its vectors
            are fp32 and it casts x to them, so its adapter GEMMs run in fp32
   base     nn.Linear alone (forward; backward dx only): the floor's reference
+  wrapped  a base VeRAWrapper wraps (a quantized layer): the base's own forward, here nn.Linear's GEMM standing
+           in for the quantized kernel (whose own cost replaces it), then vera_delta on the C++ plan onto its
+           output: the cpp plan's adapter launches, with y = base_out + s Bdbᵀ in one addmm that reads base_out
+           once and writes y once, in place of the linear form's base GEMM (traced in fp32 as cpp). Its only M x out allocation is y, beside base_out (tests/test_plan.py):
+           no temporary, but not in place either: y could take base_out's memory only where nothing else
+           holds base_out (its backward saves it, a CUDA graph's static output, a view of a cache), which the
+           wrapper cannot see from the tensor; so the peak is two M x out tensors for the layer's moment.
+           Its backward: the adapter's launches, the base's dx, and autograd's add of the two dx (x feeds
+           both): one M x in temporary and launch more than the fused plan, whose dx += g W0 is in place
   triton   the Triton backend, traced under Triton's interpreter (CPU tensors; where the interpreter is on):
            each kernel launch with its tensor arguments, those it wrote found by comparing them before and
            after; FLOPs inferred from the operand shapes (see describe_triton)
@@ -421,6 +430,18 @@ def peft_passes(p, dtype):
     return _passes(lambda: model(q["x"]), q["grad"], _leaves(q) + [t for t in model.parameters() if t.requires_grad])
 
 
+def wrapped_passes(p):
+    import vera_kernels
+
+    q = _problem(p, torch.float32)
+
+    def forward():
+        base_out = torch.nn.functional.linear(q["x"], q["weight"], q["bias"])  # the wrapped base's own forward
+        return vera_kernels.vera_delta(q["x"], q["A"], q["B"], q["lambda_d"], q["lambda_b"], base_out, backend="cpu")
+
+    return _passes(forward, q["grad"], _leaves(q))
+
+
 def base_passes(p, dtype):
     q = _problem(p, dtype)
     return _passes(lambda: torch.nn.functional.linear(q["x"], q["weight"], q["bias"]), q["grad"], _leaves(q))
@@ -441,6 +462,8 @@ def traced(dtype_name: str) -> tuple:
         candidates.append(("peft", peft_passes(PROXY, dtype), "dtype"))
     except ImportError:
         pass
+    if vera_kernels_cpu_available():
+        candidates.append(("wrapped", wrapped_passes(PROXY), "fp32"))
     candidates.append(("base", base_passes(PROXY, dtype), "dtype"))
     out = []
     for name, passes, how in candidates:

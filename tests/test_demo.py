@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from vera_kernels import demo  # noqa: E402
+from vera_kernels import demo, vera_layers  # noqa: E402
 
 TINY = dict(steps=3, width=32, layers=1, rank=8, lora_rank=2, batch=2, length=16)
 
@@ -40,3 +40,21 @@ def test_compare_command_prints_the_table(capsys):
         torch.set_flush_denormal(False)
     out = capsys.readouterr().out
     assert "| method" in out and all(f"| {method}" in out for method in demo.COMPARE_METHODS)
+
+
+def test_compare_over_a_4bit_base():
+    bnb = pytest.importorskip("bitsandbytes")
+    # Width 64: bitsandbytes' CPU 4-bit kernel wants in_features a multiple of its block size (64).
+    tiny = dict(TINY, width=64)
+    rows = {row["method"]: row for row in demo.compare(**tiny, device="cpu", base="nf4")}
+    fp32 = {row["method"]: row for row in demo.compare(**tiny, device="cpu")}
+    assert list(rows) == list(demo.COMPARE_METHODS) and {row["base"] for row in rows.values()} == {"nf4"}
+    assert rows["vera-kernels"]["trainable"] == rows["peft-vera"]["trainable"] == fp32["vera-kernels"]["trainable"]
+    for method, row in rows.items():
+        # The adapted layers hold 4 bits a weight (plus block scales) where the fp32 base holds 32.
+        assert row["model_bytes"] < fp32[method]["model_bytes"], method
+        assert math.isfinite(row["loss_after"]) and row["loss_after"] != row["loss_before"]
+    model = demo._adapted("vera-kernels", demo._quantize_nf4(demo._gpt2(64, 1, 16)), 8, 2)
+    assert all(type(layer.base_layer) is bnb.nn.Linear4bit for _, layer in vera_layers(model))
+    with pytest.raises(ValueError, match="base must be one of"):
+        demo.compare(**tiny, device="cpu", base="int3")

@@ -114,6 +114,46 @@ def test_no_m_by_out_temporary(dtype):
         assert large == [(m, in_features)], backward.shapes  # dx alone
 
 
+def test_wrapped_base_plan():
+    # A wrapped (quantized) base: its own output (one GEMM here), then vera_delta: the C++ plan's adapter
+    # launches with y = base_out + s Bdbᵀ in its one addmm (base_out read there) instead of the linear form's
+    # base GEMM accumulated last (addmm_).
+    shape = dict(plan.TARGET)
+    plans = {p.name: p for p in plan.build_plans(shape)}
+    for pass_ in ("forward", "training forward"):
+        wrapped = [launch.name for launch in plans["wrapped"].passes[pass_]]
+        linear = [launch.name for launch in plans["cpp"].passes[pass_]]
+        assert linear[-1] == "addmm_" and wrapped == ["addmm"] + linear[:-1], (pass_, wrapped, linear)
+    m, o = shape["m"], shape["out_features"]
+    size = torch.empty(0, dtype=getattr(torch, shape["dtype"])).element_size()
+    delta = plans["wrapped"].passes["forward"][-1]  # reads base_out (M x out) once and writes y (M x out) once
+    assert delta.bytes_read >= m * o * size and m * o * size <= delta.bytes_written < 1.01 * m * o * size
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_vera_delta_allocates_only_its_output(dtype, backend):
+    if backend == "triton" and not plan.triton_on_cpu():
+        pytest.skip("the Triton interpreter is off")
+    m, in_features, out_features, rank = 41, 29, 23, 7
+    p = verify.random_problem(m, in_features, out_features, rank)
+    leaves = {k: (v.float() if k.startswith("lambda") else v.to(dtype)).requires_grad_(k in verify.TRAINABLE)
+              for k, v in p.items()}
+    # (base_out's own gradient is g, handed on as it is; a leaf's .grad would be a copy of it, so none here)
+    base_out = torch.randn(m, out_features, dtype=dtype)
+    big = m * min(in_features, out_features)
+    with _Allocations() as forward:
+        y = vera_kernels.vera_delta(leaves["x"], leaves["A"], leaves["B"], leaves["lambda_d"], leaves["lambda_b"],
+                                    base_out, backend=backend)
+    # y beside base_out: no temporary; not in place (the caller's base_out is left as it was).
+    assert [s for s in forward.shapes if torch.Size(s).numel() >= big] == [(m, out_features)], forward.shapes
+    grad = torch.randn(m, out_features, dtype=dtype)
+    with _Allocations() as backward:
+        y.backward(grad)
+    if dtype == torch.float32:
+        assert [s for s in backward.shapes if torch.Size(s).numel() >= big] == [(m, in_features)], backward.shapes
+
+
 def test_fp16_vector_gradients_sum_in_fp32():
     # G = gᵀ s sums 8192 rows of s ~ 11: about 9e4, past fp16's 65504. db and dd must stay finite and right.
     m, n, r = 8192, 64, 16

@@ -1,7 +1,8 @@
 """``python -m vera_kernels.demo``: fine-tune a tiny GPT-2 with VeRA on CPU, in well under two minutes.
 
 ``python -m vera_kernels.demo --compare``: the same fine-tuning task with this package's layers, with PEFT's
-VeRA and with PEFT's LoRA, side by side (see the function compare).
+VeRA and with PEFT's LoRA, side by side (see the function compare). ``--compare --base nf4``: the same over a
+base whose adapted layers are bitsandbytes 4-bit (QVeRA, QLoRA).
 
 The default demo:
 1. Pre-train a 2-layer GPT-2 (built from a config, byte-level vocabulary) on text in one style that this
@@ -26,7 +27,7 @@ import warnings
 import torch
 
 from . import apply_vera, load_adapter, merge_and_unload, save_adapter, vera_layers
-from .measure import saved_activation_bytes
+from .measure import model_bytes, saved_activation_bytes
 
 SUBJECTS = ["the fox", "a cat", "the old dog", "my sister", "the robot", "a small bird", "the teacher", "our neighbour"]
 VERBS = ["sees", "likes", "follows", "paints", "finds", "helps", "watches", "calls"]
@@ -105,19 +106,44 @@ def _gpt2(width: int, layers: int, length: int):
     return model
 
 
+COMPARE_BASES = ("fp32", "nf4")
+
+
+def _quantize_nf4(model):
+    """GPT-2's adapted Conv1D layers (weight in x out) as bitsandbytes Linear4bit (nf4, fp32 compute): the
+    4-bit base QLoRA and QVeRA train on. The embeddings and the head stay fp32."""
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in COMPARE_TARGETS:
+            in_features, out_features = module.weight.shape
+            layer = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=torch.float32, quant_type="nf4",
+                                      device=module.weight.device)
+            layer.weight = bnb.nn.Params4bit(module.weight.detach().t().contiguous().cpu(), requires_grad=False,
+                                             quant_type="nf4")
+            layer.bias = torch.nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer.to(module.weight.device))
+    return model
+
+
 def _adapted(method: str, base, rank: int, lora_rank: int):
-    """A copy of the base with the method's adapter on COMPARE_TARGETS (GPT-2's Conv1D layers)."""
+    """A copy of the base with the method's adapter on COMPARE_TARGETS (GPT-2's Conv1D layers, or their
+    4-bit Linear4bit replacements)."""
     model = copy.deepcopy(base)
     torch.manual_seed(0)
     if method == "vera-kernels":
         return apply_vera(model, COMPARE_TARGETS, rank=rank, seed=0)
     import peft
+    from transformers.pytorch_utils import Conv1D
 
+    conv1d = any(isinstance(module, Conv1D) for module in model.modules())
     if method == "peft-vera":
-        config = peft.VeraConfig(r=rank, target_modules=COMPARE_TARGETS, fan_in_fan_out=True, projection_prng_key=0)
+        config = peft.VeraConfig(r=rank, target_modules=COMPARE_TARGETS, fan_in_fan_out=conv1d, projection_prng_key=0)
     else:
         config = peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=COMPARE_TARGETS,
-                                 fan_in_fan_out=True)
+                                 fan_in_fan_out=conv1d)
     return peft.get_peft_model(model, config)
 
 
@@ -150,27 +176,33 @@ def _memory(model, ids, device) -> int:
 
 
 def compare(steps: int = 40, width: int = 256, layers: int = 2, rank: int = 64, lora_rank: int = 8,
-            vera_lr: float = 2e-2, lora_lr: float = 2e-3, batch: int = 8, length: int = 64, device=None) -> list[dict]:
+            vera_lr: float = 2e-2, lora_lr: float = 2e-3, batch: int = 8, length: int = 64, device=None,
+            base: str = "fp32") -> list[dict]:
     """Fine-tune one GPT-2 built from a config (random init, no download; frozen) on the Q&A text with each
     of COMPARE_METHODS: the same batches in the same order from the same seed, the same AdamW. The methods
     take their steps in turn (step 1 of each, then step 2, ...), so a change in the machine's load falls on
     all three alike. One row per method: trainable parameters, adapter file bytes, held-out loss before and
     after, the median and interquartile range of the step times (the first two steps, warm-up, excluded),
-    and the saved-activation bytes of one forward (CPU) or the peak memory of one step (GPU)."""
+    the bytes of the whole model (``measure.model_bytes``) and the saved-activation bytes of one forward
+    (CPU) or the peak memory of one step (GPU). ``base="nf4"``: the adapted layers are bitsandbytes 4-bit."""
+    if base not in COMPARE_BASES:
+        raise ValueError(f"base must be one of {', '.join(COMPARE_BASES)}; got {base!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
-    base = _gpt2(width, layers, length).to(device)
+    base_model = _gpt2(width, layers, length).to(device)
+    if base == "nf4":
+        base_model = _quantize_nf4(base_model)
     task_text, held_out = corpus(target_style, 2000, seed=2), corpus(target_style, 300, seed=3)
     eval_ids = next(batches(held_out, 16, length, seed=12345)).to(device)
     runs = []
     for method in COMPARE_METHODS:
-        model = _adapted(method, base, rank, lora_rank).to(device)
+        model = _adapted(method, base_model, rank, lora_rank).to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         lr = lora_lr if method == "peft-lora" else vera_lr
         runs.append(dict(method=method, model=model, lr=lr, times=[],
                          optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
                          stream=batches(task_text, batch, length, seed=7),  # the same batches for every method
-                         row=dict(method=method, trainable=sum(p.numel() for p in params), lr=lr,
+                         row=dict(method=method, trainable=sum(p.numel() for p in params), lr=lr, base=base,
                                   loss_before=_eval(model, eval_ids))))
     for _ in range(steps):
         for run in runs:
@@ -192,6 +224,7 @@ def compare(steps: int = 40, width: int = 256, layers: int = 2, rank: int = 64, 
         row.update(loss_after=_eval(run["model"], eval_ids), step_median=statistics.median(times),
                    step_iqr=quartiles[2] - quartiles[0], steps=steps,
                    memory=_memory(run["model"], eval_ids, device), memory_kind="peak" if device.type == "cuda" else "saved",
+                   model_bytes=model_bytes(run["model"]),
                    file_bytes=_adapter_file_bytes(run["method"], run["model"]))
         rows.append(row)
     return rows
@@ -199,10 +232,9 @@ def compare(steps: int = 40, width: int = 256, layers: int = 2, rank: int = 64, 
 
 @torch.no_grad()
 def _eval(model, ids) -> float:
-    model.eval()
-    loss = lm_loss(model, ids).item()
-    model.train()
-    return loss
+    # In training mode: this GPT-2 has no dropout, so it evaluates the same, and bitsandbytes' 4-bit layers,
+    # put in eval mode on a CPU with AVX512-BF16, repack their weights into a layout that can't train again.
+    return lm_loss(model, ids).item()
 
 
 def _size(n: float) -> str:
@@ -215,10 +247,11 @@ def _size(n: float) -> str:
 def compare_table(rows: list[dict]) -> str:
     """The rows as a Markdown table (readable as plain text too)."""
     memory = "peak GPU memory of a step" if rows[0]["memory_kind"] == "peak" else "saved activations (one forward)"
-    header = ["method", "trainable params", "adapter file", f"loss after {rows[0]['steps']} steps (start)",
-              "step time, median (IQR)", memory, "lr"]
-    body = [[r["method"], f"{r['trainable']:,}", _size(r["file_bytes"]), f"{r['loss_after']:.3f} ({r['loss_before']:.3f})",
-             f"{r['step_median'] * 1e3:.1f} ms ({r['step_iqr'] * 1e3:.1f})", _size(r["memory"]), f"{r['lr']:g}"]
+    header = ["method", "base", "trainable params", "adapter file", f"loss after {rows[0]['steps']} steps (start)",
+              "step time, median (IQR)", "whole model", memory, "lr"]
+    body = [[r["method"], r["base"], f"{r['trainable']:,}", _size(r["file_bytes"]),
+             f"{r['loss_after']:.3f} ({r['loss_before']:.3f})", f"{r['step_median'] * 1e3:.1f} ms ({r['step_iqr'] * 1e3:.1f})",
+             _size(r["model_bytes"]), _size(r["memory"]), f"{r['lr']:g}"]
             for r in rows]
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
     fmt = lambda line: "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |"  # noqa: E731
@@ -236,14 +269,21 @@ def run_compare(args) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
-    print(f"GPT-2 from a config (width {args.width}, {args.layers} layers, random init, frozen), adapters on "
-          f"{', '.join(COMPARE_TARGETS)}; VeRA r={args.rank}, LoRA r={args.lora_rank}; {args.steps} AdamW steps "
+    if args.base == "nf4":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            print(f"--base nf4 needs bitsandbytes (pip install bitsandbytes): {exc}")
+            return 1
+    base = "bitsandbytes nf4 (4-bit) adapted layers" if args.base == "nf4" else "fp32"
+    print(f"GPT-2 from a config (width {args.width}, {args.layers} layers, random init, frozen, {base}), adapters "
+          f"on {', '.join(COMPARE_TARGETS)}; VeRA r={args.rank}, LoRA r={args.lora_rank}; {args.steps} AdamW steps "
           f"of batch 8 x 64 bytes of Q&A text, the same for each; on {device_name(device)}", flush=True)
     with warnings.catch_warnings():
         # transformers' and PEFT's deprecation notices about their own internals: nothing for the reader to do.
         warnings.filterwarnings("ignore", category=FutureWarning)
         rows = compare(steps=args.steps, width=args.width, layers=args.layers, rank=args.rank,
-                       lora_rank=args.lora_rank, device=device)
+                       lora_rank=args.lora_rank, device=device, base=args.base)
     print(compare_table(rows))
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0
@@ -254,6 +294,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", action="store_true",
                         help="this package's VeRA, PEFT's VeRA and PEFT's LoRA side by side on one task")
+    parser.add_argument("--base", choices=COMPARE_BASES, default="fp32",
+                        help="--compare: the base's adapted layers in fp32 or bitsandbytes nf4 (4-bit)")
     parser.add_argument("--width", type=int, default=None, help="GPT-2 hidden size (default 96; --compare: 256)")
     parser.add_argument("--layers", type=int, default=2,
                         help="GPT-2 blocks (default: %(default)s)")

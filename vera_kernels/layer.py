@@ -9,8 +9,6 @@ adapter bank and routing in ``routing``.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,15 +16,9 @@ from torch import nn
 from . import ops
 from .projection_sources import ExplicitProjections, SeededProjections, _ProjectionSource  # noqa: F401  (re-exported)
 from .projections import check_positive_int
+from .quantized import _conv1d_type, check_mergeable, merge_delta
 from .routing import ROUTES, _check_serving
 from .vera_base import _accumulation_dtype, _backend_for, _check_base_dtype, _rows, _VeRABase
-
-
-def _conv1d_type():
-    """transformers' GPT-2 ``Conv1D`` (weight stored in x out), or None when transformers isn't loaded: then
-    no module can be one, and importing it (seconds) is not worth it."""
-    module = sys.modules.get("transformers.pytorch_utils")
-    return getattr(module, "Conv1D", None)
 
 
 class FusedVeRALinear(_VeRABase):
@@ -203,16 +195,13 @@ class FusedVeRALinear(_VeRABase):
         y = plan.impl(_rows(x), weight, bias, plan.A, plan.B, d, b)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
-    @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (b ⊙ B)(d ⊙ A), out x in, in fp32 (float64 for a float64 base), from the projections in the
         base dtype: exactly the adapter the unmerged forward applies. Under tensor parallelism: this rank's
         shard of it, a DTensor placed as the weight."""
         if self._tensor_parallel is not None:
             return self._tensor_parallel.delta_weight(self)
-        acc = _accumulation_dtype(self.weight.dtype)
-        A, B = self._projection_slices(self.weight.device, self.weight.dtype)
-        return (self.lambda_b.to(acc)[:, None] * B.to(acc)) @ (self.lambda_d.to(acc)[:, None] * A.to(acc))
+        return self._delta_weight(self.weight.device, self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -286,6 +275,7 @@ class VeRAWrapper(_VeRABase):
         backend: str = "auto",
         projections: _ProjectionSource | None = None,
         device=None,
+        quantization_config=None,
     ):
         super().__init__()
         in_features = in_features if in_features is not None else getattr(base_layer, "in_features", None)
@@ -302,6 +292,9 @@ class VeRAWrapper(_VeRABase):
         self._init_adapter(in_features, out_features, rank, seed=seed, d_initial=d_initial, dropout=dropout,
                            max_in=max_in, max_out=max_out, projections=projections, backend=backend, device=device)
         self.base_layer = base_layer.requires_grad_(False)
+        # What merge() re-quantizes a torchao base with (the config the model was quantized with).
+        self.quantization_config = quantization_config
+        self.merged = False
         self._prepare_for_device()
 
     def _prepare_for_device(self):
@@ -315,6 +308,14 @@ class VeRAWrapper(_VeRABase):
         if routed:
             adapter_ids = self._routed_ids()
         row_ids = None if adapter_ids is None else self._row_ids(x, adapter_ids, checked=routed)
+        if self.merged:
+            if row_ids is not None:
+                raise RuntimeError("VeRAWrapper is merged (its own adapter is in the base); unmerge() to serve the bank")
+            if self.training and torch.is_grad_enabled():
+                raise RuntimeError(
+                    "VeRAWrapper is merged: lambda_d/lambda_b would get no gradient; call unmerge() before training"
+                )
+            return self.base_layer(x, *args, **kwargs).to(x.dtype)
         base_out = self.base_layer(x, *args, **kwargs)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
@@ -349,16 +350,46 @@ class VeRAWrapper(_VeRABase):
         y = plan.impl(_rows(x), plan.A, plan.B, d, b, base_out.reshape(-1, self.out_features))
         return y.reshape(base_out.shape)
 
-    def merge(self) -> None:
-        raise NotImplementedError(
-            f"VeRAWrapper around {type(self.base_layer).__name__}: its weight is not a dense matrix this package "
-            "can fold ΔW into; keep the adapter unmerged"
-        )
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = (b ⊙ B)(d ⊙ A), out x in, in fp32 from fp32 projections."""
+        return self._delta_weight(self.lambda_d.device, torch.float32)
 
-    unmerge = merge
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into a quantized base (bitsandbytes 4/8-bit, HQQ, torchao): dequantize, add ΔW in fp32,
+        quantize again with the base's own quantizer (``vera_kernels.quantized``). The merged base is on the
+        format's grid: its outputs differ from the unmerged layer's by that rounding. Other bases: TypeError,
+        nothing changed."""
+        if self.merged:
+            raise RuntimeError("VeRAWrapper is already merged; unmerge() first")
+        self._set_base(merge_delta(self.base_layer, self.delta_weight(), +1, self.quantization_config))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take ΔW out of the base again (dequantize, subtract, re-quantize): the base is W0 within the two
+        roundings (merge's, unmerge's), not bit for bit the one before merge()."""
+        if not self.merged:
+            raise RuntimeError("VeRAWrapper is not merged")
+        self._set_base(merge_delta(self.base_layer, self.delta_weight(), -1, self.quantization_config))
+        self.merged = False
+
+    def check_mergeable(self) -> None:
+        """Raise a TypeError naming the base if merge() can't fold ΔW into it."""
+        try:
+            check_mergeable(self.base_layer, self.quantization_config)
+        except TypeError as exc:
+            raise TypeError(f"VeRAWrapper around {exc}") from None
+
+    def _set_base(self, base: nn.Module) -> None:
+        base.requires_grad_(False)
+        self.base_layer = base
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self._adapter_repr()}"
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}", self._adapter_repr()]
+        if self.merged:
+            parts.append("merged=True")
+        return ", ".join(parts)
 
 
 VERA_LAYERS = (FusedVeRALinear, VeRAWrapper)
@@ -373,7 +404,8 @@ def refuse_loads_into_merged_layers(module, state_dict, prefix, *_):
         if not getattr(layer, "merged", False):
             continue
         keys = [f"{name}.{key}" if name else key for key in ("weight", "lambda_d", "lambda_b")]
-        loading = [key for key in keys if key in state_dict]
+        base = f"{name}.base_layer." if name else "base_layer."  # a merged VeRAWrapper's base holds ΔW
+        loading = [key for key in state_dict if key in keys or key.startswith(base)]
         if loading:
             raise RuntimeError(
                 f"load_state_dict: layer {name!r} is merged (ΔW is folded into its weight), so {loading} can't be "

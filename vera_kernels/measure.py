@@ -21,3 +21,22 @@ def saved_activation_bytes(fn, x: torch.Tensor, excluded_storages: set[int]) -> 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(x)
     return sum(storages.values())
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages a model holds: its parameters and buffers, the quantization state
+    bitsandbytes keeps beside a 4-bit weight (block scales, code books) and the projections this package's
+    VeRA layers have materialized (PEFT's are buffers). Each storage counts once."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        while state is not None:
+            tensors += [t for t in vars(state).values() if isinstance(t, torch.Tensor)]
+            state = getattr(state, "state2", None)
+        pairs = getattr(getattr(module, "projections", None), "_pairs", {})
+        tensors += [t for pair in pairs.values() for t in pair]
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())

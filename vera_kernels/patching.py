@@ -12,11 +12,13 @@ import sys
 import torch
 from torch import nn
 
-from .layer import VERA_LAYERS, FusedVeRALinear, VeRAWrapper, _conv1d_type, refuse_loads_into_merged_layers
+from .layer import VERA_LAYERS, FusedVeRALinear, VeRAWrapper, refuse_loads_into_merged_layers
 from .projection_sources import ExplicitProjections, SeededProjections
 from .routing import RoutingBlock, routing_ids
 from .vera_base import _check_base_dtype
 from .projections import check_positive_int
+from .quantized import _conv1d_type, model_quantization_config
+from .quantized import fusable as _fusable
 
 BIAS_OPTIONS = ("none", "vera_only", "all")
 
@@ -35,12 +37,6 @@ def _in_out_features(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(in_features, int) and isinstance(out_features, int):
         return in_features, out_features
     return None
-
-
-def _fusable(module: nn.Module) -> bool:
-    # Exactly nn.Linear: a subclass (a quantized Linear, say) may not compute x W0ᵀ + bias from .weight.
-    conv1d = _conv1d_type()
-    return type(module) is nn.Linear or (conv1d is not None and type(module) is conv1d)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -159,19 +155,26 @@ def apply_vera(
     *,
     bias: str = "none",
     projections=None,
+    quantization_config=None,
 ) -> nn.Module:
     """Adapt every matching module of ``model`` in place and return the model.
 
-    nn.Linear and GPT-2's Conv1D become FusedVeRALinear (sharing their weight Parameters); other matching
-    modules with in_features/out_features are wrapped in VeRAWrapper. One projection pair sized to the
-    largest in/out of the targets serves every layer. Everything else is frozen. ``bias`` follows PEFT:
-    "none" (frozen), "vera_only" (the adapted layers' biases train), "all" (every bias of the model trains).
-    ``projections`` (an ExplicitProjections) replaces the seeded pair, e.g. to use PEFT's.
+    nn.Linear and GPT-2's Conv1D with a plain dense weight become FusedVeRALinear (sharing their weight
+    Parameters); every other matching module with in_features/out_features (a quantized layer: bitsandbytes,
+    torchao, HQQ, GPTQ...; a tensor-subclass weight; a custom module) is wrapped in VeRAWrapper, whose base
+    runs its own forward (``vera_kernels.quantized``). One projection pair sized to the largest in/out of the
+    targets serves every layer. Everything else is frozen. ``bias`` follows PEFT: "none" (frozen),
+    "vera_only" (the adapted layers' biases train), "all" (every bias of the model trains). ``projections``
+    (an ExplicitProjections) replaces the seeded pair, e.g. to use PEFT's. ``quantization_config``: the
+    torchao config the model was quantized with, which ``merge()`` re-quantizes torchao bases with (default:
+    the one a transformers model quantized through TorchAoConfig records).
     """
     check_positive_int("rank", rank)
     if bias not in BIAS_OPTIONS:
         raise ValueError(f"bias must be one of {', '.join(BIAS_OPTIONS)}; got {bias!r}")
     targets = find_targets(model, target_modules)
+    if quantization_config is None:
+        quantization_config = model_quantization_config(model)
     max_in = max(features[0] for _, _, features in targets)
     max_out = max(features[1] for _, _, features in targets)
     if projections is None:
@@ -190,7 +193,8 @@ def apply_vera(
             if _fusable(module):
                 layer = FusedVeRALinear.from_linear(module, train_bias=bias == "vera_only", **common)
             else:
-                layer = VeRAWrapper(module, in_features=in_features, out_features=out_features, **common)
+                layer = VeRAWrapper(module, in_features=in_features, out_features=out_features,
+                                    quantization_config=quantization_config, **common)
             new_layers.append((name, layer))
     except BaseException:
         for parameter, flag in trainable:
@@ -258,7 +262,11 @@ def from_peft(peft_model) -> nn.Module:
         if _fusable(base):
             layer = FusedVeRALinear.from_linear(base, train_bias=config.bias != "none", **common)
         else:
-            layer = VeRAWrapper(base, in_features=module.in_features, out_features=module.out_features, **common)
+            # PEFT's torchao backend holds the config it re-quantizes with: ours merges with the same one.
+            get_config = getattr(getattr(module, "quantization_backend", None), "get_apply_tensor_subclass", None)
+            quantization_config = get_config() if callable(get_config) else model_quantization_config(base_model)
+            layer = VeRAWrapper(base, in_features=module.in_features, out_features=module.out_features,
+                                quantization_config=quantization_config, **common)
         # The very Parameters PEFT trained (and an optimizer may hold): no copy.
         layer.lambda_d = module.vera_lambda_d[adapter]
         layer.lambda_b = module.vera_lambda_b[adapter]
@@ -375,27 +383,34 @@ def to_peft(model: nn.Module, adapter_name: str = "default"):
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain base modules back: returns ``model``, changed
     in place, with an ``nn.Linear`` (or GPT-2 ``Conv1D``) wherever a FusedVeRALinear was, holding the merged
-    weight W0 + ΔW and the same bias Parameter. The result needs nothing from this package: it runs,
-    saves and loads as the original architecture.
+    weight W0 + ΔW and the same bias Parameter, and the base module itself (its own type: bitsandbytes'
+    Linear4bit, HQQLinear, a torchao-quantized nn.Linear) wherever a VeRAWrapper was, its weight merged by
+    dequantizing, adding ΔW in fp32 and quantizing again (``VeRAWrapper.merge``). The result needs nothing
+    from this package: it runs, saves and loads as the original architecture.
 
     Only each layer's own adapter (lambda_d, lambda_b) is merged; adapters added to a layer's bank for
     batched serving are dropped. A layer already merged (``merge()``) keeps its weight as it is. The merge
     is one rounding of W0 + ΔW to the weight's dtype: the outputs equal the unmerged layer's to fp32 rounding
-    in fp32, but in bf16/fp16 they differ by about one ulp of the weight (not bit-exact), as any merge does.
-    Models with a VeRAWrapper (a base that is not a dense linear layer) are refused before anything changes.
+    in fp32, but in bf16/fp16 they differ by about one ulp of the weight (not bit-exact), as any merge does;
+    a quantized base is rounded to its format's grid (one quantization step per weight). A model with a
+    wrapped base that can't be re-quantized (GPTQ, AWQ, an unknown layer) is refused before anything changes.
     Parameters keep their requires_grad flags (the base weights stay frozen).
     """
     layers = vera_layers(model)
     if not layers:
         raise ValueError("merge_and_unload: the model has no VeRA layer (apply_vera first)")
-    wrapped = [name for name, module in layers if not isinstance(module, FusedVeRALinear)]
-    if wrapped:
-        raise TypeError(
-            f"merge_and_unload: {', '.join(wrapped)} wrap a module whose weight is not a dense matrix "
-            "(VeRAWrapper); ΔW cannot be folded into it"
-        )
+    for name, module in layers:
+        if isinstance(module, VeRAWrapper) and not module.merged:
+            try:
+                module.check_mergeable()
+            except TypeError as exc:
+                raise TypeError(f"merge_and_unload: layer {name!r}: {exc}") from None
     for name, layer in layers:
-        if layer.merged:
+        if isinstance(layer, VeRAWrapper):
+            if not layer.merged:
+                layer.merge()
+            base = layer.base_layer
+        elif layer.merged:
             # The weight already holds W0 + ΔW; to_base() refuses merged layers to protect W0, which is not
             # wanted here, so it is asked for the unmerged view of the same Parameters.
             layer.merged = False

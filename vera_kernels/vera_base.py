@@ -159,6 +159,14 @@ class _VeRABase(AdapterBank, nn.Module):
         self._plans[key] = plan
         return plan
 
+    @torch.no_grad()
+    def _delta_weight(self, device, projection_dtype) -> torch.Tensor:
+        """ΔW = (b ⊙ B)(d ⊙ A), out x in, accumulated in fp32 (float64 for float64), from the projections in
+        ``projection_dtype``."""
+        acc = _accumulation_dtype(projection_dtype)
+        A, B = self._projection_slices(device, projection_dtype)
+        return (self.lambda_b.to(acc)[:, None] * B.to(acc)) @ (self.lambda_d.to(acc)[:, None] * A.to(acc))
+
     def _adapter_repr(self) -> str:
         parts = [f"rank={self.rank}", self.projections.describe(), f"max_in={self.projections.max_in}",
                  f"max_out={self.projections.max_out}", f"d_initial={self.d_initial}"]
