@@ -347,3 +347,39 @@ def test_torch_compile_fullgraph_right_after_deepcopy_or_double(change):
     out = compiled(x)
     out.sum().backward()
     torch.testing.assert_close(out, model(x))
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16"])
+def test_a_narrowing_cast_after_a_backward_completes(cast):
+    # Regression: with .grad on the lambdas, model.half() raised "assign a gradient with dtype Half to ...
+    # Float" halfway, leaving lambda_b (and its grad) fp16 and lambda_d fp32.
+    model = nn.Sequential(nn.Linear(16, 8))
+    vera_kernels.apply_vera(model, ["0"], rank=4)
+    layer = model[0]
+    randomize_lambdas(layer)
+    model(torch.randn(5, 16)).square().sum().backward()
+    grad_d, grad_b = layer.lambda_d.grad.clone(), layer.lambda_b.grad.clone()
+    getattr(model, cast)()
+    dtype = torch.float16 if cast == "half" else torch.bfloat16
+    assert layer.weight.dtype == dtype
+    assert layer.lambda_d.dtype == layer.lambda_b.dtype == torch.float32
+    assert torch.equal(layer.lambda_d.grad, grad_d) and torch.equal(layer.lambda_b.grad, grad_b)
+    model(torch.randn(5, 16, dtype=dtype)).float().square().sum().backward()  # trains on
+    assert layer.lambda_b.grad.dtype == torch.float32
+
+
+def test_a_cast_that_fails_leaves_the_lambdas_as_they_were():
+    layer = FusedVeRALinear(8, 6, rank=4)
+    randomize_lambdas(layer)
+    layer(torch.randn(3, 8)).square().sum().backward()
+    d, b, grad_d = layer.lambda_d, layer.lambda_b, layer.lambda_d.grad.clone()
+
+    def fails_on_the_weight(t):
+        if t is layer.weight:
+            raise RuntimeError("no room")
+        return t.double()
+
+    with pytest.raises(RuntimeError, match="no room"):
+        layer._apply(fails_on_the_weight)
+    assert layer.lambda_d is d and layer.lambda_b is b
+    assert d.dtype == b.dtype == d.grad.dtype == torch.float32 and torch.equal(d.grad, grad_d)

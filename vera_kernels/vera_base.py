@@ -113,24 +113,41 @@ class _VeRABase(AdapterBank, nn.Module):
 
     # Kept fp32 when the module is cast to a narrower float (.half(), .to(torch.bfloat16)): updates to these
     # small vectors would vanish in bf16 (lambda_d = 0.1 does not move under AdamW at lr 1e-4). Widening
-    # (.double()) is exact and follows the module.
+    # (.double()) is exact and follows the module. Their gradients follow them (a Parameter's .grad must
+    # have its dtype), so a cast after a backward keeps both fp32.
     _FP32_TENSORS = ("lambda_d", "lambda_b", "_bank_d", "_bank_b")
 
     def _apply(self, fn, recurse=True):
-        before = {name: (getattr(self, name), getattr(self, name).detach()) for name in self._FP32_TENSORS}
-        grads = {name: t.grad for name, (t, _) in before.items() if isinstance(t, nn.Parameter)}
-        module = super()._apply(fn, recurse)
-        for name, (_, old) in before.items():
-            now = getattr(self, name)
-            if old.dtype == torch.float32 and now.dtype in (torch.float16, torch.bfloat16):
+        # The narrowing is refused for these tensors inside the function nn.Module._apply calls on each
+        # tensor (and on each gradient), not patched afterwards: a fix-up after the fact is too late when
+        # torch refuses to give an fp32 Parameter an fp16 .grad halfway through, which left the layer
+        # half cast. And should the cast fail for another reason, these tensors are put back as they were.
+        own = {name: getattr(self, name) for name in self._FP32_TENSORS}
+        kept = {id(t) for t in (*own.values(), *(t.grad for t in own.values())) if t is not None}
+
+        def keep_fp32(t):
+            out = fn(t)
+            if id(t) in kept and out.dtype in (torch.float16, torch.bfloat16) and t.is_floating_point():
                 with torch.no_grad():
-                    kept = old.to(device=now.device)
-                if isinstance(now, nn.Parameter):
-                    now.data = kept
-                    if grads[name] is not None:
-                        now.grad = grads[name].to(device=now.device)
+                    out = t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        # torch converts a Parameter and its gradient in place (through .data): keep what they hold.
+        before = {name: (t, t.data, t.grad, None if t.grad is None else t.grad.data) for name, t in own.items()}
+        try:
+            module = super()._apply(keep_fp32, recurse)
+        except BaseException:
+            for name, (t, data, grad, grad_data) in before.items():
+                if isinstance(t, nn.Parameter):
+                    t.grad = None  # its dtype may have changed; set again below, matching the data
+                    t.data = data
+                    if grad is not None:
+                        grad.data = grad_data
+                    t.grad = grad
+                    self._parameters[name] = t
                 else:
-                    self._buffers[name] = kept
+                    self._buffers[name] = t
+            raise
         self._plans.clear()
         self._prepare_for_device()
         return module
