@@ -205,26 +205,52 @@ class FusedVeRALinear(_VeRABase):
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (b ⊙ B)(d ⊙ A), out x in, in fp32 (float64 for a float64 base), from the projections in the
         base dtype: exactly the adapter the unmerged forward applies."""
+        return self._delta_weight(self.lambda_d, self.lambda_b)
+
+    def _delta_weight(self, lambda_d, lambda_b) -> torch.Tensor:
         acc = _accumulation_dtype(self.weight.dtype)
-        A, B = self._projection_slices(self.weight.device, self.weight.dtype)
-        return (self.lambda_b.to(acc)[:, None] * B.to(acc)) @ (self.lambda_d.to(acc)[:, None] * A.to(acc))
+        device = self.weight.device
+        A, B = self._projection_slices(device, self.weight.dtype)
+        d, b = lambda_d.to(device=device, dtype=acc), lambda_b.to(device=device, dtype=acc)
+        return (b[:, None] * B.to(acc)) @ (d[:, None] * A.to(acc))
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ΔW into the base weight in place (one rounding to its dtype); the forward is then the base alone."""
+        """Fold ΔW into the base weight in place (one rounding to its dtype); the forward is then the base alone.
+
+        The lambdas merged are kept (a copy): unmerge() takes out that ΔW, whatever is done to the lambdas
+        meanwhile. Refused when apply_vera found the weight tied to another module's (see merge_and_unload)."""
         if self.merged:
             raise RuntimeError("FusedVeRALinear is already merged; unmerge() first")
+        tied = self._tied_now()
+        if tied:
+            raise RuntimeError(_tied_message("merge()", "this layer", tied))
+        merged = (self.lambda_d.detach().clone(), self.lambda_b.detach().clone())
         weight = self._weight_out_in()
-        weight.copy_((weight.to(_accumulation_dtype(weight.dtype)) + self.delta_weight()).to(weight.dtype))
+        weight.copy_((weight.to(_accumulation_dtype(weight.dtype)) + self._delta_weight(*merged)).to(weight.dtype))
+        self._merged_lambdas = merged
         self.merged = True
+
+    def _tied_now(self) -> list[str]:
+        """The other modules' parameters (as apply_vera recorded them: name, module, attribute) that are
+        still this layer's weight."""
+        tied = []
+        for name, module_ref, attribute in getattr(self, "_ties", ()):
+            module = module_ref()
+            if module is not None and module._parameters.get(attribute) is self.weight:
+                tied.append(name)
+        return tied
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take ΔW out of the base weight again (exact in fp32 up to rounding; in bf16/fp16 within a few ulps)."""
+        """Take the merged ΔW out of the base weight again (exact in fp32 up to rounding; in bf16/fp16 within
+        a few ulps): the ΔW of the lambdas as merge() saw them, not as they are now."""
         if not self.merged:
             raise RuntimeError("FusedVeRALinear is not merged")
+        merged = getattr(self, "_merged_lambdas", None) or (self.lambda_d, self.lambda_b)
         weight = self._weight_out_in()
-        weight.copy_((weight.to(_accumulation_dtype(weight.dtype)) - self.delta_weight()).to(weight.dtype))
+        weight.copy_((weight.to(_accumulation_dtype(weight.dtype)) - self._delta_weight(*merged)).to(weight.dtype))
+        self._merged_lambdas = None
         self.merged = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -357,6 +383,16 @@ class VeRAWrapper(_VeRABase):
 
 
 VERA_LAYERS = (FusedVeRALinear, VeRAWrapper)
+
+
+def _tied_message(what: str, layer: str, tied) -> str:
+    names = ", ".join(repr(name) for name in tied)
+    return (
+        f"{what}: the weight of {layer} is tied to {names} (the same Parameter): merging ΔW into it would "
+        f"change that module's output too. Untie it first, e.g. module.weight = "
+        f"nn.Parameter(module.weight.detach().clone()) for the adapted module (for a Hugging Face model, also "
+        f"set config.tie_word_embeddings = False so that it is not tied again), or keep the adapter unmerged"
+    )
 
 
 def refuse_loads_into_merged_layers(module, state_dict, prefix, *_):

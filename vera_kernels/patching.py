@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
+import weakref
 
 import torch
 from torch import nn
 
-from .layer import VERA_LAYERS, FusedVeRALinear, VeRAWrapper, _conv1d_type, refuse_loads_into_merged_layers
+from .layer import VERA_LAYERS, FusedVeRALinear, VeRAWrapper, _conv1d_type, _tied_message, refuse_loads_into_merged_layers
 from .projection_sources import ExplicitProjections, SeededProjections
 from .routing import ROUTES
 from .vera_base import _check_base_dtype
@@ -88,6 +89,27 @@ def adapter_ids(model: nn.Module, ids):
         yield model
     finally:
         ROUTES.reset(token)
+
+
+def _ties(model: nn.Module, layer_name: str, layer: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, attribute) of every parameter outside ``layer`` that is its weight, or a view of the
+    same memory (tied weights: GPT-2's lm_head and wte), so that merging ΔW into it would change that module
+    too."""
+    weight = layer.weight
+    start = weight.data_ptr() if weight.device.type != "meta" and weight.numel() else None
+    found = []
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if module is layer or module_name == layer_name or module_name.startswith(layer_name + "."):
+            continue
+        for attribute, parameter in module._parameters.items():
+            if parameter is None:
+                continue
+            shares = parameter is weight or (
+                start is not None and parameter.device == weight.device and parameter.numel() > 0
+                and parameter.data_ptr() == start)
+            if shares:
+                found.append((f"{module_name}.{attribute}" if module_name else attribute, module, attribute))
+    return found
 
 
 def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module, tuple[int, int]]]:
@@ -173,6 +195,10 @@ def apply_vera(
     model.requires_grad_(False)
     for name, layer in new_layers:
         _replace(model, name, layer)
+    for name, layer in new_layers:
+        if isinstance(layer, FusedVeRALinear):
+            # Tied weights, for merge() to refuse (merge_and_unload looks at the whole model again).
+            layer._ties = [(tied, weakref.ref(module), attribute) for tied, module, attribute in _ties(model, name, layer)]
         layer.lambda_d.requires_grad_(True)
         layer.lambda_b.requires_grad_(True)
         if bias == "vera_only" and getattr(layer, "bias", None) is not None:
@@ -360,6 +386,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             f"merge_and_unload: {', '.join(wrapped)} wrap a module whose weight is not a dense matrix "
             "(VeRAWrapper); ΔW cannot be folded into it"
         )
+    for name, layer in layers:
+        tied = [tied for tied, _, _ in _ties(model, name, layer)]
+        if tied and not layer.merged:
+            raise ValueError(_tied_message("merge_and_unload", f"VeRA layer {name!r}", tied))
     for name, layer in layers:
         if layer.merged:
             # The weight already holds W0 + ΔW; to_base() refuses merged layers to protect W0, which is not

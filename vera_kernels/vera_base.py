@@ -10,7 +10,7 @@ from torch import nn
 
 from . import dispatch, ops
 from .projection_sources import SeededProjections
-from .projections import check_positive_int
+from .projections import check_finite_float, check_positive_int
 from .routing import AdapterBank
 
 
@@ -39,6 +39,12 @@ def _backend_for(backend: str, dtype: torch.dtype) -> str:
     return "torch" if backend == "auto" and dtype == torch.float64 else backend
 
 
+def _check_backend(backend) -> str:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in dispatch.NAMES):
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(dispatch.NAMES)}; got {backend!r}")
+    return backend
+
+
 def _check_base_dtype(dtype: torch.dtype, backend: str) -> None:
     allowed = ops.KERNEL_DTYPES + ((torch.float64,) if _backend_for(backend, torch.float64) == "torch" else ())
     if dtype not in allowed:
@@ -53,10 +59,10 @@ class _VeRABase(AdapterBank, nn.Module):
     def _init_adapter(self, in_features, out_features, rank, *, seed, d_initial, dropout, max_in, max_out,
                       projections, backend, device):
         check_positive_int("rank", rank)
-        if not 0.0 <= dropout < 1.0:
+        d_initial = check_finite_float("d_initial", d_initial)
+        if not 0.0 <= check_finite_float("dropout", dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if backend != "auto" and backend not in dispatch.NAMES:
-            raise ValueError(f"backend must be 'auto' or one of {', '.join(dispatch.NAMES)}; got {backend!r}")
+        _check_backend(backend)
         if projections is None:
             max_in = in_features if max_in is None else check_positive_int("max_in", max_in)
             max_out = out_features if max_out is None else check_positive_int("max_out", max_out)
@@ -76,12 +82,28 @@ class _VeRABase(AdapterBank, nn.Module):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.projections = projections
         self.d_initial, self.dropout = float(d_initial), float(dropout)
-        self.backend = backend
+        self._backend = backend
         # fp32 whatever the base dtype: small vectors whose updates would vanish in bf16.
         self.lambda_d = nn.Parameter(torch.full((rank,), float(d_initial), dtype=torch.float32, device=device))
         self.lambda_b = nn.Parameter(torch.zeros(out_features, dtype=torch.float32, device=device))
         self._init_bank(rank, out_features, device)
         self._plans: dict = {}  # (kind, device, dtype) -> _Plan, cleared when the layer's tensors change
+
+    @property
+    def backend(self) -> str:
+        """The backend the layer's ops run on ("auto" or a name of vera_kernels.backends()). Setting it
+        takes effect at the next call: the plans made for the old one are dropped."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        _check_backend(backend)
+        weight = self._parameters.get("weight")  # FusedVeRALinear's base weight: its dtype must run there
+        if weight is not None:
+            _check_base_dtype(weight.dtype, backend)
+        self._backend = backend
+        self._plans.clear()
+        self._prepare_for_device()
 
     def _projection_slices(self, device, dtype):
         A, B = self.projections.pair(device, dtype)
