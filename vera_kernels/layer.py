@@ -232,14 +232,10 @@ class FusedVeRALinear(_VeRABase):
         self.merged = True
 
     def _tied_now(self) -> list[str]:
-        """The other modules' parameters (as apply_vera recorded them: name, module, attribute) that are
-        still this layer's weight."""
-        tied = []
-        for name, module_ref, attribute in getattr(self, "_ties", ()):
-            module = module_ref()
-            if module is not None and module._parameters.get(attribute) is self.weight:
-                tied.append(name)
-        return tied
+        """The other modules' parameters that apply_vera found tied to this layer's weight, while the layer
+        still holds that weight (``layer.weight = nn.Parameter(...)`` unties it)."""
+        names, weight = getattr(self, "_tied", ((), None))
+        return list(names) if weight is self.weight else []
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
-import weakref
 
 import torch
 from torch import nn
@@ -91,8 +90,8 @@ def adapter_ids(model: nn.Module, ids):
         ROUTES.reset(token)
 
 
-def _ties(model: nn.Module, layer_name: str, layer: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """(name, module, attribute) of every parameter outside ``layer`` that is its weight, or a view of the
+def _ties(model: nn.Module, layer_name: str, layer: nn.Module) -> list[str]:
+    """The name of every parameter outside ``layer`` that is its weight, or a view of the
     same memory (tied weights: GPT-2's lm_head and wte), so that merging ΔW into it would change that module
     too."""
     weight = layer.weight
@@ -108,7 +107,7 @@ def _ties(model: nn.Module, layer_name: str, layer: nn.Module) -> list[tuple[str
                 start is not None and parameter.device == weight.device and parameter.numel() > 0
                 and parameter.data_ptr() == start)
             if shares:
-                found.append((f"{module_name}.{attribute}" if module_name else attribute, module, attribute))
+                found.append(f"{module_name}.{attribute}" if module_name else attribute)
     return found
 
 
@@ -196,9 +195,10 @@ def apply_vera(
     for name, layer in new_layers:
         _replace(model, name, layer)
     for name, layer in new_layers:
-        if isinstance(layer, FusedVeRALinear):
-            # Tied weights, for merge() to refuse (merge_and_unload looks at the whole model again).
-            layer._ties = [(tied, weakref.ref(module), attribute) for tied, module, attribute in _ties(model, name, layer)]
+        tied = _ties(model, name, layer) if isinstance(layer, FusedVeRALinear) else ()
+        if tied:
+            # For merge() to refuse while the layer holds this weight (merge_and_unload looks at the model again).
+            layer._tied = (tuple(tied), layer.weight)
         layer.lambda_d.requires_grad_(True)
         layer.lambda_b.requires_grad_(True)
         if bias == "vera_only" and getattr(layer, "bias", None) is not None:
@@ -387,7 +387,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             "(VeRAWrapper); ΔW cannot be folded into it"
         )
     for name, layer in layers:
-        tied = [tied for tied, _, _ in _ties(model, name, layer)]
+        tied = _ties(model, name, layer)
         if tied and not layer.merged:
             raise ValueError(_tied_message("merge_and_unload", f"VeRA layer {name!r}", tied))
     for name, layer in layers:
