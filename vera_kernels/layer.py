@@ -384,7 +384,7 @@ VERA_LAYERS = (FusedVeRALinear, VeRAWrapper)
 def _tied_message(what: str, layer: str, tied) -> str:
     names = ", ".join(repr(name) for name in tied)
     return (
-        f"{what}: the weight of {layer} is tied to {names} (the same Parameter): merging ΔW into it would "
+        f"{what}: the weight of {layer} is tied to {names} (the same Parameter or memory): merging ΔW into it would "
         f"change that module's output too. Untie it first, e.g. module.weight = "
         f"nn.Parameter(module.weight.detach().clone()) for the adapted module (for a Hugging Face model, also "
         f"set config.tie_word_embeddings = False so that it is not tied again), or keep the adapter unmerged"
