@@ -90,7 +90,7 @@ def _bad_tables(tmp_path):
     yield "entry 1 has no 'best'", write("missing.json", json.dumps(
         {"format": 1, "entries": [good, {k: v for k, v in good.items() if k != "best"}]}))
     yield "'m_bucket' is '16'", write("type.json", json.dumps({"format": 1, "entries": [dict(good, m_bucket="16")]}))
-    yield "'best' must name a backend", write("best.json", json.dumps({"format": 1, "entries": [dict(good, best="x")]}))
+    yield "'best' must name a measured backend", write("best.json", json.dumps({"format": 1, "entries": [dict(good, best="x")]}))
     yield "more than the 1048576", write("big.json", json.dumps({"format": 1, "entries": [good] * 20000}))
     zero = tmp_path / "zero.json"
     zero.symlink_to("/dev/zero")

@@ -101,8 +101,6 @@ def read_table(path: str) -> tuple:
 
 
 def _checked_entry(i: int, entry) -> dict:
-    from .dispatch import NAMES
-
     if not isinstance(entry, dict):
         raise TableError(f"entry {i} is a {type(entry).__name__}, not an object")
     for field, kind in _ENTRY_FIELDS.items():
@@ -113,8 +111,9 @@ def _checked_entry(i: int, entry) -> dict:
             raise TableError(f"entry {i}: {field!r} is {value!r}")
         if isinstance(value, int) and value < 1:
             raise TableError(f"entry {i}: {field!r} must be >= 1, got {value}")
-    if entry["best"] not in NAMES:
-        raise TableError(f"entry {i}: 'best' must name a backend ({', '.join(NAMES)}), got {entry['best']!r}")
+    backends = sorted(set(_BENCH_IMPLS.values()))
+    if entry["best"] not in backends:
+        raise TableError(f"entry {i}: 'best' must name a measured backend ({', '.join(backends)}), got {entry['best']!r}")
     return entry
 
 
