@@ -152,6 +152,8 @@ class _VeRABase(AdapterBank, nn.Module):
             if id(t) in kept and out.dtype in (torch.float16, torch.bfloat16) and t.is_floating_point():
                 with torch.no_grad():
                     out = t.to(device=out.device, dtype=torch.float32)
+                if out is t:  # a new tensor, as fn's results are (torch may swap it into the Parameter)
+                    out = t.detach()
             return out
 
         # torch converts a Parameter and its gradient in place (through .data): keep what they hold.
