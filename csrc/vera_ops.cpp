@@ -18,6 +18,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <initializer_list>
 #include <iterator>
 #include <map>
@@ -475,9 +476,27 @@ int64_t multi_block_rows(const at::Tensor& y, int64_t out) {
 // in before a sum, meets the zeros and the opposite signs that the formula's sum would have absorbed first
 // (0 * inf, inf - inf: NaN where the formula gives ±inf). Read on CPU tensors, where no device has to be
 // waited for; assumed on CUDA (reading a device tensor back would synchronize every call).
+// A plain loop over the (small: r, out, out x r) tensors: no ATen op, nothing allocated.
 bool finite_on_cpu(std::initializer_list<const at::Tensor*> tensors) {
   for (const at::Tensor* t : tensors) {
-    if (t->is_cpu() && !at::isfinite(*t).all().item<bool>()) return false;
+    if (!t->is_cpu()) continue;
+    const at::Tensor c = t->contiguous();
+    const auto all_finite = [&](auto tag) {
+      using T = decltype(tag);
+      const T* v = c.const_data_ptr<T>();
+      for (int64_t i = 0; i < c.numel(); ++i) {
+        if (!std::isfinite(static_cast<float>(v[i]))) return false;
+      }
+      return true;
+    };
+    bool finite = true;
+    switch (c.scalar_type()) {
+      case at::kFloat: finite = all_finite(float{}); break;
+      case at::kBFloat16: finite = all_finite(at::BFloat16{}); break;
+      case at::kHalf: finite = all_finite(at::Half{}); break;
+      default: finite = at::isfinite(c).all().item<bool>();  // the checks admit no other dtype here
+    }
+    if (!finite) return false;
   }
   return true;
 }
@@ -657,8 +676,10 @@ void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::o
 #endif
   // y is written once by the small product (with the bias or base_out), then the base GEMM accumulates
   // into it (beta = 1: in a compute-bound main loop the read of y costs nothing).
+  const bool fold = fold_fits(dtype) && finite_on_cpu({&lambda_d, &lambda_b});
+  const at::Tensor Bdb = fold ? folded_projection(B, lambda_d, lambda_b).Bdb : at::Tensor();
   at::mm_out(s, x, A.t());
-  if (!fold_fits(dtype) || !finite_on_cpu({&lambda_d, &lambda_b})) {
+  if (!fold) {
     // The formula's order (see fold_fits, finite_on_cpu): y = base, then y += b ⊙ ((d ⊙ s) Bᵀ).
     if (weight) {
       bias ? at::addmm_out(y, *bias, x, weight->t()) : at::mm_out(y, x, weight->t());
@@ -668,7 +689,6 @@ void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::o
     add_adapter_term_unfolded(y, s, B, lambda_d, lambda_b);
     return;
   }
-  const at::Tensor& Bdb = folded_projection(B, lambda_d, lambda_b).Bdb;
   if (weight) {
     if (bias) {
       at::addmm_out(y, *bias, s, Bdb.t());
@@ -808,7 +828,6 @@ void vera_backward_(const std::optional<at::Tensor>& dx, const std::optional<at:
 
   const c10::DeviceGuard guard(grad_out.device());
   const bool vectors_finite = finite_on_cpu({&lambda_d, &lambda_b});
-  if (dbias) column_sums(*dbias, grad_out);
   if (dd || db) {
     // G = gᵀ s (out x r, fp32) holds every sum over M the vector gradients need:
     //   db_j = Σ_m g_mj (t Bᵀ)_mj = Σ_k B_jk d_k G_jk,   dd_k = Σ_m dt_mk s_mk = Σ_j b_j B_jk G_jk.
@@ -821,6 +840,7 @@ void vera_backward_(const std::optional<at::Tensor>& dx, const std::optional<at:
       backward_unfolded(nullptr, get(dd), get(db), grad_out, s, weight, A, B, lambda_d, lambda_b);
     }
   }
+  if (dbias) column_sums(*dbias, grad_out);
   if (dx) {
     at::Tensor dx_out = *dx;
     if (fold_fits(dtype) && vectors_finite) {

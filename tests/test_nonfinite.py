@@ -15,8 +15,10 @@ from vera_kernels import verify
 
 from conftest import DEVICE, backend_params
 
-# The Triton backend folds b into B before the rank sum too (an infinite b gives NaN): not covered yet.
 BACKENDS = backend_params("torch", "cpu", "cuda")
+# Not covered yet (docs/DESIGN.md, section 11): the cuda backend assumes finite vectors (checking them would
+# read the device back on every call) and the Triton forward folds b into B before the rank sum.
+INFINITY_BACKENDS = backend_params("torch", "cpu")
 INF = float("inf")
 
 
@@ -71,7 +73,7 @@ def _assert_same_ieee(got, want, tolerance, what):
 
 @pytest.mark.parametrize("form", ["linear", "delta"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", INFINITY_BACKENDS)
 def test_an_infinity_gives_the_formulas_result(backend, dtype, form):
     # Regression: an infinite x, lambda_d, lambda_b or incoming gradient gave NaN in the cpu backend's dd, db
     # and dx where the formula gives ±inf (a regrouped product put the infinity into a sum with zeros and
