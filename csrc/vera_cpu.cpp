@@ -121,17 +121,12 @@ void column_sums_block(const ColumnSums& p, int64_t col_begin) {
 
 }  // namespace
 
-bool fold_projection_cpu(const FoldProjection& p) {
-  bool b_finite = true;
+void fold_projection_cpu(const FoldProjection& p) {
   dispatch_projection_dtypes(p, [&](auto e, auto d, auto b) {
-    using B = decltype(b);
     at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t begin, int64_t end) {
-      fold_rows<decltype(e), decltype(d), B>(p, begin, end);
+      fold_rows<decltype(e), decltype(d), decltype(b)>(p, begin, end);
     });
-    const typename B::type* const bv = static_cast<const typename B::type*>(p.b);
-    for (int64_t i = 0; i < p.rows && b_finite; ++i) b_finite = std::isfinite(B::load(bv[i]));
   });
-  return b_finite;
 }
 
 void lambda_grads_cpu(const LambdaGrads& p) {

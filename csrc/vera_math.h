@@ -392,8 +392,7 @@ VERA_HD void decode_expand_warp_lane(float (&acc)[kDecodeMaxRows], const DecodeA
                            static_cast<const typename E::type*>(p.B) + j * p.B_stride, lane);
 }
 
-// Returns whether every b[j] is finite (see vera_ops.cpp, Folded).
-bool fold_projection_cpu(const FoldProjection& p);
+void fold_projection_cpu(const FoldProjection& p);
 void lambda_grads_cpu(const LambdaGrads& p);
 void gather_scale_cpu(const GatherScale& p);
 void column_sums_cpu(const ColumnSums& p);

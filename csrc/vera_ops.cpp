@@ -7,7 +7,10 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/logical_and.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/record_function.h>
 #include <torch/version.h>
@@ -15,6 +18,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <initializer_list>
 #include <tuple>
 #include <vector>
@@ -285,31 +289,23 @@ constexpr int64_t kMultiBlockElementsCuda = int64_t(1) << 24;
 // The cost is one out x r element-wise pass per call (the GEMMs around it are M x out x r and more). At
 // most one fold is alive per call: memory for folds does not grow with the number of layers.
 
-// Bdb, and whether folding b keeps the formula: Σ_k s_k (b_j B_jk d_k) equals b_j Σ_k t_k B_jk only for a
-// finite b_j (an infinite one times entries of both signs sums to inf - inf = NaN where the formula gives
-// ±inf). Checked on CPU tensors by the fold itself, where no device has to be waited for; assumed on CUDA.
-struct Folded {
-  at::Tensor Bdb;
-  bool b_finite = true;
-};
-
-// Bdb for these B, lambda_d, lambda_b in B's dtype, contiguous, folded now into memory the caller owns.
-Folded folded_projection(const at::Tensor& B, const at::Tensor& lambda_d, const at::Tensor& lambda_b) {
+// Bdb for these B, lambda_d, lambda_b in B's dtype, contiguous, folded now into memory the caller owns. The
+// callers fold only where the regrouping keeps the formula's result (fold_fits, finite_on_cpu).
+at::Tensor folded_projection(const at::Tensor& B, const at::Tensor& lambda_d, const at::Tensor& lambda_b) {
   RECORD_FUNCTION("vera::fold_projection", std::vector<c10::IValue>({B, lambda_d, lambda_b}));
-  Folded folded;
-  folded.Bdb = at::empty({B.size(0), B.size(1)}, B.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor Bdb = at::empty({B.size(0), B.size(1)}, B.options().memory_format(at::MemoryFormat::Contiguous));
   const at::Tensor B_c = B.contiguous(), d = lambda_d.contiguous(), b = lambda_b.contiguous();
   FoldProjection p;
-  p.out = folded.Bdb.data_ptr();
+  p.out = Bdb.data_ptr();
   set_projection_and_vectors(p, B_c, d, b);
 #ifdef VERA_WITH_CUDA
   if (B.is_cuda()) {
     check_cuda("vera fold projection", fold_projection_cuda(p, current_stream(B)));
-    return folded;
+    return Bdb;
   }
 #endif
-  folded.b_finite = fold_projection_cpu(p);
-  return folded;
+  fold_projection_cpu(p);
+  return Bdb;
 }
 
 // Rows of g widened to fp32 at a time by grad_outer on CPU (a temporary of kWidenRows x out floats).
@@ -375,6 +371,81 @@ void decode_adapter(const at::Tensor& y, const at::Tensor& s, const at::Tensor& 
 // Rows per block of the adapter term of vera_forward_multi_ (see there).
 int64_t multi_block_rows(const at::Tensor& y, int64_t out) {
   return std::max<int64_t>(1, (y.is_cuda() ? kMultiBlockElementsCuda : kMultiBlockElements) / std::max<int64_t>(1, out));
+}
+
+// Whether the regrouped products give the formula's IEEE result. The fold (Bdb = b ⊙ B ⊙ d) and G = gᵀ s
+// regroup the formula's sums: Σ_k s_k (b_j B_jk d_k) for b_j Σ_k (d_k s_k) B_jk, Σ_j b_j B_jk (Σ_m g_mj s_mk) for
+// Σ_m s_mk (Σ_j g_mj b_j B_jk). For finite values that changes only the rounding; an infinite factor, multiplied
+// in before a sum, meets the zeros and the opposite signs that the formula's sum would have absorbed first
+// (0 * inf, inf - inf: NaN where the formula gives ±inf). Read on CPU tensors, where no device has to be
+// waited for; assumed on CUDA (reading a device tensor back would synchronize every call).
+// A plain loop over the (small: r, out, out x r) tensors: no ATen op, nothing allocated.
+bool finite_on_cpu(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    if (!t->is_cpu()) continue;
+    const at::Tensor c = t->contiguous();
+    const auto all_finite = [&](auto tag) {
+      using T = decltype(tag);
+      const T* v = c.const_data_ptr<T>();
+      for (int64_t i = 0; i < c.numel(); ++i) {
+        if (!std::isfinite(static_cast<float>(v[i]))) return false;
+      }
+      return true;
+    };
+    bool finite = true;
+    switch (c.scalar_type()) {
+      case at::kFloat: finite = all_finite(float{}); break;
+      case at::kBFloat16: finite = all_finite(at::BFloat16{}); break;
+      case at::kHalf: finite = all_finite(at::Half{}); break;
+      default: finite = at::isfinite(c).all().item<bool>();  // the checks admit no other dtype here
+    }
+    if (!finite) return false;
+  }
+  return true;
+}
+
+// Whether b ⊙ B ⊙ d may be rounded to `dtype`: not to fp16, whose range ends at 65504 and whose normal numbers at
+// 6.1e-5, where the formula scales in fp32 (b·d ≈ 9e5 overflowed to inf, b ~ 1e-4 lost 2% to subnormals);
+// bf16 has fp32's range and rounds Bdb as the formula rounds t = d ⊙ s.
+bool fold_fits(at::ScalarType dtype) { return dtype != at::kHalf; }
+
+// y = base (already in y), then y += b ⊙ ((d ⊙ s) Bᵀ) in the formula's order (reference.py): t = d ⊙ s in
+// fp32 rounded to s's dtype, u = t Bᵀ, then b ⊙ u in fp32, rounded once onto y. Through the bank kernel with
+// a one-adapter bank and every row on it (an M x out temporary: for the cases the fold can't take).
+void add_adapter_term_unfolded(const at::Tensor& y, const at::Tensor& s, const at::Tensor& B, const at::Tensor& d,
+                               const at::Tensor& b) {
+  const int64_t m = s.size(0), r = s.size(1), out = B.size(0);
+  const at::Tensor on_it = at::zeros({m}, s.options().dtype(at::kLong));
+  at::Tensor t = at::empty({m, r}, s.options());
+  gather_scale(t, s, d.contiguous().view({1, r}), on_it, /*accumulate=*/false);
+  gather_scale(y, at::mm(t, B.t()), b.contiguous().view({1, out}), on_it, /*accumulate=*/true);
+}
+
+// The backward in the formula's order (reference.vera_backward), for what the regrouped products can't give
+// (see finite_on_cpu, fold_fits): dt = (g ⊙ b) B, dd = Σ_m dt ⊙ s, db = Σ_m g ⊙ u with u = (d ⊙ s) Bᵀ,
+// d ⊙ dt for dx; products in fp32 rounded to g's dtype, sums over M in fp32. Null outputs are not computed.
+void backward_unfolded(at::Tensor* dx, const at::Tensor* dd, const at::Tensor* db, const at::Tensor& g,
+                       const at::Tensor& s, const std::optional<at::Tensor>& weight, const at::Tensor& A,
+                       const at::Tensor& B, const at::Tensor& d, const at::Tensor& b) {
+  const int64_t m = g.size(0), r = s.size(1), out = g.size(1);
+  const at::Tensor on_it = at::zeros({m}, g.options().dtype(at::kLong));
+  const at::Tensor d_bank = d.contiguous().view({1, r}), b_bank = b.contiguous().view({1, out});
+  if (db) {
+    at::Tensor t = at::empty({m, r}, s.options());
+    gather_scale(t, s, d_bank, on_it, /*accumulate=*/false);
+    db->copy_(at::sum(at::mul(g.to(at::kFloat), at::mm(t, B.t()).to(at::kFloat)), 0));
+  }
+  if (!dd && !dx) return;
+  at::Tensor gb = at::empty({m, out}, g.options());
+  gather_scale(gb, g, b_bank, on_it, /*accumulate=*/false);
+  const at::Tensor dt = at::mm(gb, B);
+  if (dd) dd->copy_(at::sum(at::mul(dt.to(at::kFloat), s.to(at::kFloat)), 0));
+  if (dx) {
+    at::Tensor ds = at::empty({m, r}, g.options());
+    gather_scale(ds, dt, d_bank, on_it, /*accumulate=*/false);
+    at::mm_out(*dx, ds, A);
+    if (weight) dx->addmm_(g, *weight);
+  }
 }
 
 }  // namespace
@@ -508,21 +579,17 @@ void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::o
 #endif
   // y is written once by the small product (with the bias or base_out), then the base GEMM accumulates
   // into it (beta = 1: in a compute-bound main loop the read of y costs nothing).
-  const Folded folded = folded_projection(B, lambda_d, lambda_b);
-  const at::Tensor& Bdb = folded.Bdb;
+  const bool fold = fold_fits(dtype) && finite_on_cpu({&lambda_d, &lambda_b});
+  const at::Tensor Bdb = fold ? folded_projection(B, lambda_d, lambda_b) : at::Tensor();
   at::mm_out(s, x, A.t());
-  if (!folded.b_finite) {
-    // An infinite b_j (see Folded): y = base, then y += b ⊙ (t Bᵀ) in fp32, rounded once, through the bank
-    // kernel with a one-adapter bank and every row on it (an M x out temporary, for this case only).
+  if (!fold) {
+    // The formula's order (see fold_fits, finite_on_cpu): y = base, then y += b ⊙ ((d ⊙ s) Bᵀ).
     if (weight) {
       bias ? at::addmm_out(y, *bias, x, weight->t()) : at::mm_out(y, x, weight->t());
     } else {
       y.copy_(*base_out);
     }
-    const at::Tensor on_it = at::zeros({m}, x.options().dtype(at::kLong));
-    at::Tensor t = at::empty({m, r}, s.options());
-    gather_scale(t, s, lambda_d.contiguous().view({1, r}), on_it, /*accumulate=*/false);
-    gather_scale(y, at::mm(t, B.t()), lambda_b.contiguous().view({1, out}), on_it, /*accumulate=*/true);
+    add_adapter_term_unfolded(y, s, B, lambda_d, lambda_b);
     return;
   }
   if (weight) {
@@ -663,18 +730,29 @@ void vera_backward_(const std::optional<at::Tensor>& dx, const std::optional<at:
                           {"lambda_d", &lambda_d}, {"lambda_b", &lambda_b}});
 
   const c10::DeviceGuard guard(grad_out.device());
+  const bool vectors_finite = finite_on_cpu({&lambda_d, &lambda_b});
   if (dd || db) {
     // G = gᵀ s (out x r, fp32) holds every sum over M the vector gradients need:
     //   db_j = Σ_m g_mj (t Bᵀ)_mj = Σ_k B_jk d_k G_jk,   dd_k = Σ_m dt_mk s_mk = Σ_j b_j B_jk G_jk.
-    const at::Tensor d = lambda_d.contiguous(), b = lambda_b.contiguous();
-    lambda_grads(db ? *db : at::Tensor(), dd ? *dd : at::Tensor(), B.contiguous(), grad_outer(grad_out, s), d, b);
+    // A non-finite g or s makes G non-finite: then the formula's order (see finite_on_cpu).
+    const at::Tensor G = grad_outer(grad_out, s);
+    if (vectors_finite && finite_on_cpu({&G})) {
+      const at::Tensor d = lambda_d.contiguous(), b = lambda_b.contiguous();
+      lambda_grads(db ? *db : at::Tensor(), dd ? *dd : at::Tensor(), B.contiguous(), G, d, b);
+    } else {
+      backward_unfolded(nullptr, get(dd), get(db), grad_out, s, weight, A, B, lambda_d, lambda_b);
+    }
   }
   if (dbias) column_sums(*dbias, grad_out);
   if (dx) {
-    // d ⊙ dt = g Bdb (M x r), then dx is written once by (d ⊙ dt) A and the base GEMM accumulates into it.
     at::Tensor dx_out = *dx;
-    at::mm_out(dx_out, at::mm(grad_out, folded_projection(B, lambda_d, lambda_b).Bdb), A);
-    if (weight) dx_out.addmm_(grad_out, *weight);
+    if (fold_fits(dtype) && vectors_finite) {
+      // d ⊙ dt = g Bdb (M x r), then dx is written once by (d ⊙ dt) A and the base GEMM accumulates into it.
+      at::mm_out(dx_out, at::mm(grad_out, folded_projection(B, lambda_d, lambda_b)), A);
+      if (weight) dx_out.addmm_(grad_out, *weight);
+    } else {
+      backward_unfolded(&dx_out, nullptr, nullptr, grad_out, s, weight, A, B, lambda_d, lambda_b);
+    }
   }
 }
 

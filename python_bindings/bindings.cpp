@@ -117,13 +117,16 @@ std::tuple<Tensor, Tensor> forward_kernel(const Tensor& x, const OptTensor& weig
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward_kernel(
     const Tensor& grad, const Tensor& s, const OptTensor& weight, const OptTensor& A, const OptTensor& B,
-    const Tensor& lambda_d, const Tensor& lambda_b, int64_t /*in_features*/, bool need_dx, bool need_dd,
+    const Tensor& lambda_d, const Tensor& lambda_b, int64_t in_features, bool need_dx, bool need_dd,
     bool need_db, bool need_dbias, int64_t /*seed*/, int64_t /*max_in*/) {
   constexpr const char* op = "vera_kernels::backward";
   check_projections_given(op, A, B);
   check_2d(op, "grad", grad);
   check_2d(op, "s", s);
   check_2d(op, "A", *A);
+  // dx is (M, in_features): the fake kernel allocates it from in_features, so it must be A's width here too.
+  TORCH_CHECK_VALUE(in_features == A->size(1), op, ": in_features must be A's width ", A->size(1), ", got ",
+                    in_features);
   const int64_t m = grad.size(0), out = grad.size(1), r = s.size(1), in = A->size(1);
   const SerialIfSmall serial(grad, 2 * m * (in * out + r * (in + out)) + r * out);
   const auto maybe = [](bool needed, at::IntArrayRef sizes, const at::TensorOptions& options) -> OptTensor {
@@ -235,9 +238,19 @@ std::tuple<Tensor, Tensor> forward_autograd(const Tensor& x, const OptTensor& we
                                             const Tensor& lambda_b, const OptTensor& base_out, int64_t seed,
                                             int64_t max_in) {
   const auto wants_grad = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
+  // The backward gives gradients for x, bias, lambda_d, lambda_b and base_out only: a weight, A or B that
+  // requires one would silently get none (vera_kernels.vera_linear refuses them the same way).
+  const auto frozen = [&](const char* name, const OptTensor& t) {
+    TORCH_CHECK_VALUE(!at::GradMode::is_enabled() || !wants_grad(t), "vera_kernels::forward: ", name,
+                      " requires grad, but VeRA freezes W0, A and B and this op gives them no gradient; pass it "
+                      "detached (or with requires_grad=False), or run under torch.no_grad()");
+  };
+  frozen("weight", weight);
+  frozen("A", A);
+  frozen("B", B);
   if (!at::GradMode::is_enabled() ||
       !(x.requires_grad() || wants_grad(bias) || lambda_d.requires_grad() || lambda_b.requires_grad() ||
-        wants_grad(base_out) || wants_grad(weight) || wants_grad(A) || wants_grad(B))) {
+        wants_grad(base_out))) {
     // Nothing to differentiate (serving): no autograd node, nothing saved.
     at::AutoDispatchBelowADInplaceOrView guard;
     return forward_op().call(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed, max_in);

@@ -283,3 +283,80 @@ def test_a_directory_is_not_reported_missing(base, tmp_path):
         load_adapter(copy.deepcopy(base), tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_adapter(copy.deepcopy(base), tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_vectors_in_a_file_are_refused_unless_allowed(base, saved, tmp_path, value):
+    # Regression: NaN/inf lambdas were loaded silently (into the layers and into the bank).
+    _, path = saved
+    tensors = load_file(path)
+    tensors["mlp.2.lambda_b"][3] = value
+    bad = rewrite(path, tmp_path, tensors)
+    for adapted, name in ((False, None), (True, None), (True, "other")):
+        model = copy.deepcopy(base)
+        if adapted:
+            apply_vera(model, TARGETS, rank=8, seed=5)
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=f"adapter file '{bad}': mlp.2.lambda_b holds non-finite values.*allow_nonfinite=True"):
+            load_adapter(model, bad, name=name)
+        assert_untouched(model, before)
+        assert all("other" not in layer.adapters for _, layer in vera_kernels.vera_layers(model))
+        load_adapter(model, bad, name=name, allow_nonfinite=True)
+        if name is None:
+            got = model.mlp[2].lambda_b[3].item()
+        else:
+            got = model.mlp[2]._bank_b[model.mlp[2].adapter_index(name), 3].item()
+        assert got == value or (got != got and value != value)
+
+
+def test_a_huge_number_in_the_metadata_names_file_and_field(base, saved, tmp_path):
+    # Regression: a 5001-digit max_in gave Python's int-digit-limit error, naming neither file nor field.
+    _, path = saved
+    for field in ("max_in", "seed"):
+        bad = rewrite(path, tmp_path, **{field: "9" * 5001})
+        with pytest.raises(ValueError, match=f"adapter file '{bad}': metadata '{field}' must be in .*5001-digit number"):
+            load_adapter(copy.deepcopy(base), bad)
+
+
+def test_what_the_layers_accept_the_files_hold():
+    # Regression: max_in = 2**40 was accepted by the layer, then save_adapter wrote a file load_adapter refused.
+    # One limit (the scheme's), in projections.py, for both.
+    from vera_kernels import adapters, projections
+
+    assert adapters._INT_RANGES["max_in"][1] == projections.MAX_COLS
+    assert adapters._INT_RANGES["max_out"][1] == adapters._INT_RANGES["rank"][1] == projections.MAX_ROWS
+    with pytest.raises(ValueError, match="max_in must be <="):
+        vera_kernels.SeededProjections(0, 4, projections.MAX_COLS + 1, 8, in_features=8)
+
+
+def test_only_regular_files_are_read(base, tmp_path):
+    # Regression: a FIFO or /dev/zero was reported as "does not exist".
+    import os
+
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    link = tmp_path / "zero.safetensors"
+    link.symlink_to("/dev/zero")
+    for path in (fifo, link, "/dev/zero"):
+        model = copy.deepcopy(base)
+        before = snapshot(model)
+        with pytest.raises(ValueError, match="is not a regular file"):
+            load_adapter(model, path)
+        assert_untouched(model, before)
+
+
+def test_bytes_and_pathlike_paths(base, saved, tmp_path):
+    # Regression: a bytes path gave safetensors' TypeError.
+    import os
+
+    trained_model, path = saved
+    out = tmp_path / "bytes.safetensors"
+    save_adapter(trained_model, os.fsencode(out))
+    model = load_adapter(copy.deepcopy(base), os.fsencode(out)).eval()
+    x = torch.randn(2, 16)
+    assert torch.equal(model(x), trained_model(x))
+    assert vera_kernels.read_adapter(os.fsencode(path))[0]["rank"] == 8
+    for function, args in ((load_adapter, (copy.deepcopy(base), 3)), (save_adapter, (trained_model, None)),
+                           (vera_kernels.read_adapter, (1.5,))):
+        with pytest.raises(TypeError, match="path must be a str, bytes or os.PathLike"):
+            function(*args)

@@ -3,6 +3,7 @@ dtype and M bucket, and the table written from the GPU benchmark's records."""
 
 import json
 
+import pytest
 import torch
 
 from vera_kernels import auto_table, dispatch
@@ -68,3 +69,76 @@ def test_table_from_benchmark_records(tmp_path):
     written = json.loads(path.read_text())["entries"]
     assert len(written) == 3 and {e["gpu"] for e in written} == {"other", "NVIDIA H200"}
     auto_table.load.cache_clear()
+
+
+def _bad_tables(tmp_path):
+    """(what the warning says, a table file that is not one)."""
+    import os
+
+    def write(name, text):
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    good = _entry("triton", 16)
+    yield "not JSON", write("truncated.json", '{"format": 1, "entries": [')
+    yield "not JSON", write("binary.json", "\x00\x01")
+    yield "format 1, got 'list'", write("list.json", "[]")
+    yield "format 1, got 2", write("format.json", json.dumps({"format": 2, "entries": []}))
+    yield "'entries' must be a list", write("entries.json", json.dumps({"format": 1, "entries": {"a": 1}}))
+    yield "entry 0 is a str", write("str_entry.json", json.dumps({"format": 1, "entries": ["x"]}))
+    yield "entry 1 has no 'best'", write("missing.json", json.dumps(
+        {"format": 1, "entries": [good, {k: v for k, v in good.items() if k != "best"}]}))
+    yield "'m_bucket' is '16'", write("type.json", json.dumps({"format": 1, "entries": [dict(good, m_bucket="16")]}))
+    yield "'best' must name a measured backend", write("best.json", json.dumps({"format": 1, "entries": [dict(good, best="x")]}))
+    yield "more than the 1048576", write("big.json", json.dumps({"format": 1, "entries": [good] * 20000}))
+    zero = tmp_path / "zero.json"
+    zero.symlink_to("/dev/zero")
+    yield "not a regular file", zero
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    yield "not a regular file", fifo
+
+
+def test_a_bad_table_is_ignored_once_with_a_warning_naming_it(tmp_path, monkeypatch):
+    # Regression: a malformed table raised raw KeyError/AttributeError/JSONDecodeError on every auto call, a
+    # link to /dev/zero exhausted memory. Each is checked once, bounded in size, and auto keeps its fixed order.
+    import warnings
+
+    for words, path in _bad_tables(tmp_path):
+        auto_table.load.cache_clear()
+        with pytest.warns(RuntimeWarning, match=f"auto table '{path}' is ignored .*{words}.*keeps its fixed order"):
+            assert auto_table.load(str(path)) == ()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert auto_table.load(str(path)) == ()  # checked once: no second warning
+        # The dispatch on a GPU this table would cover keeps the fixed order (here: the unmeasured preference).
+        monkeypatch.setattr(auto_table, "TABLE_PATH", str(path))
+        monkeypatch.setattr(auto_table, "_device_key", lambda device: ("NVIDIA H200", "9.0"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert auto_table.measured_choice("vera_linear", torch.device("cuda"), lambda name: name) is None
+    auto_table.load.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert auto_table.load(str(tmp_path / "absent.json")) == ()  # no table: no warning
+
+
+def test_the_choice_is_searched_once_per_call_shape(monkeypatch):
+    # Regression: every call searched the whole table (100k entries: 144 ms per call).
+    searched = []
+    real = auto_table.best_backend
+
+    def counting(*args):
+        searched.append(args[4:])
+        return real(*args)
+
+    monkeypatch.setattr(auto_table, "best_backend", counting)
+    implementations = {"cuda": lambda *args: "cuda", "triton": lambda *args: "triton"}
+    entries = tuple(_entry("triton", 16, in_f=i + 1) for i in range(1000)) + (_entry("cuda", 8192),)
+    chooser = auto_table._Chooser("vera_linear", "NVIDIA H200", "9.0", entries, implementations)
+    A, B = torch.empty(256, 4096), torch.empty(4096, 256)
+    got = [chooser(torch.empty(m, 4096, dtype=torch.bfloat16), None, None, A, B, None, None)
+           for m in (4, 3, 4, 8192, 5000, 8192, 4)]
+    assert got == ["triton"] * 3 + ["cuda"] * 3 + ["triton"]
+    assert len(searched) == 2  # one per (dtype, M bucket, layer size)

@@ -397,3 +397,64 @@ def test_create_graph_is_refused_with_an_error():
                                    backend="torch").square().sum()
     dx_ref, dd_ref = torch.autograd.grad(ref, (xr, dr))
     assert verify.relative_error(dx, dx_ref) < 1e-5 and verify.relative_error(dd, dd_ref) < 1e-5
+
+
+def _op_samples():
+    """(op, args) over what the ops take: each form, dtype and odd shape (M = 0 and 1 among them), which inputs
+    require grad, every combination of the backward's outputs, ids with -1 and an empty bank."""
+    for (m, in_features, out_features, rank), dtype in zip(((17, 40, 30, 8), (1, 3, 5, 1), (0, 7, 4, 2)),
+                                                         (torch.float32, torch.bfloat16, torch.float16)):
+        p = problem(m, in_features, out_features, rank, dtype=dtype, seed=m)
+        base = torch.randn(m, out_features, device=DEVICE).to(dtype)
+        for grads in ((True, True, True), (False, True, False)):
+            x = p["x"].clone().requires_grad_(grads[0])
+            d, b = p["lambda_d"].clone().requires_grad_(grads[1]), p["lambda_b"].clone().requires_grad_(grads[2])
+            yield FORWARD, (x, p["weight"], p["bias"], p["A"], p["B"], d, b, None, 0, 0)
+            yield FORWARD, (x, p["weight"], None, p["A"], p["B"], d, b, None, 0, 0)
+            yield FORWARD, (x, None, None, p["A"], p["B"], d, b, base.clone().requires_grad_(grads[0]), 0, 0)
+        s = p["x"] @ p["A"].t()
+        grad = torch.randn(m, out_features, device=DEVICE).to(dtype)
+        for needs in ((True, True, True, True), (False, True, True, False), (True, False, False, True)):
+            for weight in (p["weight"], None):
+                yield BACKWARD, (grad, s, weight, p["A"], p["B"], p["lambda_d"], p["lambda_b"], in_features, *needs, 0, 0)
+        ids = (torch.arange(m, device=DEVICE) % 3) - 1
+        bank_d, bank_b = torch.randn(2, rank, device=DEVICE), torch.randn(2, out_features, device=DEVICE)
+        yield FORWARD_MULTI, (p["x"], p["weight"], p["bias"], p["A"], p["B"], bank_d, bank_b, ids, None)
+        yield FORWARD_MULTI, (p["x"], None, None, p["A"], p["B"], bank_d, bank_b, ids, base)
+        yield FORWARD_MULTI, (p["x"], p["weight"], None, p["A"], p["B"], bank_d[:0], bank_b[:0],
+                              torch.full((m,), -1, device=DEVICE), None)
+
+
+def test_opcheck_every_op_on_every_sample():
+    # Regression: backward allocated dx from A's width and its fake from in_features, so opcheck failed on
+    # a call where they differ (that call is now refused by both); here: opcheck over the samples.
+    count = 0
+    for op, args in _op_samples():
+        torch.library.opcheck(op, args)
+        count += 1
+    assert count == 3 * (6 + 6 + 3)
+
+
+def test_backward_refuses_an_in_features_that_is_not_as_wide_as_A():
+    p = problem()
+    grad, s = torch.randn(17, 30, device=DEVICE), p["x"] @ p["A"].t()
+    args = (grad, s, p["weight"], p["A"], p["B"], p["lambda_d"], p["lambda_b"], 99, True, True, True, True, 0, 0)
+    with pytest.raises(ValueError, match="in_features must be A's width 40, got 99"):
+        BACKWARD(*args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="in_features must be A's width 40, got 99"):
+        BACKWARD(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+
+
+@pytest.mark.parametrize("frozen", ["weight", "A", "B"])
+def test_forward_refuses_a_projection_or_weight_that_requires_grad(frozen):
+    # Regression: W, A or B requiring grad got no gradient and no error from the op called directly.
+    p = problem()
+    p[frozen] = p[frozen].clone().requires_grad_()
+    args = _forward_args(p)
+    with pytest.raises(ValueError, match=f"vera_kernels::forward: {frozen} requires grad, but VeRA freezes W0, A and B"):
+        FORWARD(*args)
+    with torch.no_grad():
+        y, _ = FORWARD(*args)  # nothing to differentiate: served
+    assert torch.equal(y, FORWARD(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))[0])

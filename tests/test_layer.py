@@ -347,3 +347,108 @@ def test_torch_compile_fullgraph_right_after_deepcopy_or_double(change):
     out = compiled(x)
     out.sum().backward()
     torch.testing.assert_close(out, model(x))
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16"])
+def test_a_narrowing_cast_after_a_backward_completes(cast):
+    # Regression: with .grad on the lambdas, model.half() raised "assign a gradient with dtype Half to ...
+    # Float" halfway, leaving lambda_b (and its grad) fp16 and lambda_d fp32.
+    model = nn.Sequential(nn.Linear(16, 8))
+    vera_kernels.apply_vera(model, ["0"], rank=4)
+    layer = model[0]
+    randomize_lambdas(layer)
+    model(torch.randn(5, 16)).square().sum().backward()
+    grad_d, grad_b = layer.lambda_d.grad.clone(), layer.lambda_b.grad.clone()
+    getattr(model, cast)()
+    dtype = torch.float16 if cast == "half" else torch.bfloat16
+    assert layer.weight.dtype == dtype
+    assert layer.lambda_d.dtype == layer.lambda_b.dtype == torch.float32
+    assert torch.equal(layer.lambda_d.grad, grad_d) and torch.equal(layer.lambda_b.grad, grad_b)
+    model(torch.randn(5, 16, dtype=dtype)).float().square().sum().backward()  # trains on
+    assert layer.lambda_b.grad.dtype == torch.float32
+
+
+def test_a_cast_that_fails_leaves_the_lambdas_as_they_were():
+    layer = FusedVeRALinear(8, 6, rank=4)
+    randomize_lambdas(layer)
+    layer(torch.randn(3, 8)).square().sum().backward()
+    d, b, grad_d = layer.lambda_d, layer.lambda_b, layer.lambda_d.grad.clone()
+
+    def fails_on_the_weight(t):
+        if t is layer.weight:
+            raise RuntimeError("no room")
+        return t.double()
+
+    with pytest.raises(RuntimeError, match="no room"):
+        layer._apply(fails_on_the_weight)
+    assert layer.lambda_d is d and layer.lambda_b is b
+    assert d.dtype == b.dtype == d.grad.dtype == torch.float32 and torch.equal(d.grad, grad_d)
+
+
+@pytest.mark.parametrize("value, error, words", [
+    (float("nan"), ValueError, "d_initial must be a finite number, got nan"),
+    (float("-inf"), ValueError, "d_initial must be a finite number, got -inf"),
+    ("abc", TypeError, "d_initial must be a finite number .*got str 'abc'"),
+    (None, TypeError, "d_initial must be a finite number .*got NoneType"),
+])
+def test_d_initial_is_a_finite_number_and_errors_name_it(value, error, words):
+    # Regression: d_initial=nan was accepted (every output NaN once b moves); 'abc' gave float()'s error
+    # without the argument's name.
+    with pytest.raises(error, match=words):
+        FusedVeRALinear(8, 6, rank=4, d_initial=value)
+    with pytest.raises(error, match=words):
+        VeRAWrapper(nn.Linear(8, 6), rank=4, d_initial=value)
+    with pytest.raises(TypeError, match="dropout must be a finite number"):
+        FusedVeRALinear(8, 6, rank=4, dropout="0.1")
+    assert FusedVeRALinear(8, 6, rank=4, d_initial=1).d_initial == 1.0
+
+
+def test_max_in_and_max_out_are_limited_where_the_scheme_is():
+    # Regression: max_in=2**40 was accepted by the layer, and save_adapter then wrote a file load_adapter refused.
+    with pytest.raises(ValueError, match="max_in must be <= 17179869184"):
+        FusedVeRALinear(8, 6, rank=4, max_in=2**34 + 1)
+    with pytest.raises(ValueError, match="max_out must be <= 4294967296"):
+        FusedVeRALinear(8, 6, rank=4, max_out=2**40)
+    assert FusedVeRALinear(8, 6, rank=4, max_in=2**34, max_out=2**32).projections.max_in == 2**34
+
+
+@pytest.mark.parametrize("change", ["cpu", "torch"])
+def test_setting_the_backend_takes_effect_at_the_next_call(change):
+    # Regression: layer.backend = "torch" after the first call was ignored (the cached plan kept the old one).
+    if not vera_kernels.backends()["cpu"].available:
+        pytest.skip(vera_kernels.backends()["cpu"].reason)
+    from vera_kernels import dispatch
+
+    layer = FusedVeRALinear(8, 6, rank=4, backend="torch" if change == "cpu" else "cpu")
+    randomize_lambdas(layer)
+    x = torch.randn(3, 8)
+    layer(x)
+    layer.backend = change
+    y = layer(x)
+    assert layer.backend == change
+    assert layer._plans[("linear", x.device, x.dtype)].impl is dispatch.lookup("vera_linear", change, x.device)
+    A, B = layer._projection_slices(x.device, x.dtype)
+    assert torch.equal(y, ops.vera_linear(x, layer.weight, layer.bias, A, B, layer.lambda_d, layer.lambda_b,
+                                          backend=change))
+    for bad in ("bogus", None, 3):
+        with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+            layer.backend = bad
+    assert layer.backend == change
+
+
+def test_unmerge_takes_out_the_merged_delta_even_after_the_lambdas_changed():
+    # Regression: editing the lambdas while merged, then unmerge(), subtracted the new ΔW: W0 was corrupted.
+    torch.manual_seed(0)
+    layer = FusedVeRALinear(16, 12, rank=4)
+    randomize_lambdas(layer)
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    with torch.no_grad():
+        layer.lambda_d.mul_(3.0)
+        layer.lambda_b.add_(1.0)
+    layer.unmerge()
+    assert relative_error(layer.weight, w0) < 1e-6
+    x = torch.randn(5, 16)
+    want = F.linear(x, w0, layer.bias) + ops.vera_delta(x, *layer._projection_slices(x.device, x.dtype), layer.lambda_d,
+                                                         layer.lambda_b, torch.zeros(5, 12), backend="torch")
+    assert relative_error(layer(x), want) < 1e-5  # the edited lambdas serve from now on

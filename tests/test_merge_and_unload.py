@@ -132,3 +132,44 @@ def test_refusals_change_nothing():
         merge_and_unload(model)
     assert {name: type(module) for name, module in model.named_modules()} == before
     assert torch.equal(model.q_proj.weight, weight) and not model.q_proj.merged
+
+
+def test_a_weight_tied_to_another_module_is_not_merged():
+    # Regression: merging an adapted lm_head of GPT-2 (its weight is the token embedding's, tied) changed
+    # the embedding too. Refused, naming the tie and how to untie; after untying, the merge works.
+    transformers = pytest.importorskip("transformers")
+
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    trained(apply_vera(model, ["lm_head", "c_fc"], rank=4))
+    embedding = model.transformer.wte.weight.detach().clone()
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        adapted = model(ids).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="'lm_head' is tied to 'transformer.wte.weight'.*Untie it first.*nn.Parameter"):
+        merge_and_unload(model)
+    with pytest.raises(RuntimeError, match="tied to 'transformer.wte.weight'.*Untie"):
+        model.lm_head.merge()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not model.lm_head.merged and isinstance(model.lm_head, vera_kernels.FusedVeRALinear)
+    # Untied as the message says: the merge then leaves the embedding alone.
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    model.lm_head.merge()
+    model.lm_head.unmerge()
+    merge_and_unload(model)
+    assert torch.equal(model.transformer.wte.weight, embedding)
+    with torch.no_grad():
+        assert relative_error(model(ids).logits, adapted) < 1e-5
+
+
+def test_a_tie_made_after_apply_vera_is_found_by_merge_and_unload():
+    torch.manual_seed(0)
+    model = trained(apply_vera(Tiny(), ["q_proj", "up"], rank=8))
+    model.extra = nn.Linear(24, 24)
+    model.extra.weight = model.q_proj.weight
+    with pytest.raises(ValueError, match="'q_proj' is tied to 'extra.weight'"):
+        merge_and_unload(model)
+    assert isinstance(model.q_proj, vera_kernels.FusedVeRALinear) and not model.q_proj.merged

@@ -308,3 +308,22 @@ def test_an_empty_bank_serves_the_base(backend):
         assert _relative_error(y, base) < 1e-5
     else:
         assert torch.equal(y, base)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_vectors_are_banked_only_when_allowed(value):
+    # Regression: NaN/inf vectors went into the bank silently.
+    layer, p = _layer_and_problem()
+    layer.add_adapter("a", p["bank_d"][0], p["bank_b"][0])
+    bank = (layer._bank_d.clone(), layer._bank_b.clone())
+    d, b = p["bank_d"][1].clone(), p["bank_b"][1].clone()
+    b[2] = value
+    with pytest.raises(ValueError, match="add_adapter: lambda_b of 'bad' holds NaN or inf.*allow_nonfinite=True"):
+        layer.add_adapter("bad", d, b)
+    d2 = d.clone()
+    d2[0] = value
+    with pytest.raises(ValueError, match="add_adapter: lambda_d of 'bad' holds NaN or inf"):
+        layer.add_adapter("bad", d2, p["bank_b"][1])
+    assert layer.adapters == {"a": 0}
+    assert torch.equal(layer._bank_d, bank[0]) and torch.equal(layer._bank_b, bank[1])
+    assert layer.add_adapter("bad", d, b, allow_nonfinite=True) == 1

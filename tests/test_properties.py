@@ -324,3 +324,66 @@ def test_bank_and_routing_follow_a_dict_model(backend):
         _run_bank_program(backend, p)
 
     check()
+
+
+# Module casts: any sequence of .half()/.bfloat16()/.float()/.double()/.to(dtype), with or without gradients
+# on the lambdas, completes: the base follows the cast, the lambdas, their gradients and the bank stay fp32
+# under a narrowing (float64 after .double()), and no value of them changes.
+
+CASTS = ("half", "bfloat16", "float", "double", "to_fp16", "to_bf16", "to_fp32", "to_fp64")
+_CAST_DTYPES = {"half": torch.float16, "bfloat16": torch.bfloat16, "float": torch.float32, "double": torch.float64}
+
+
+def _cast(model, cast):
+    if cast.startswith("to_"):
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[cast[3:]]
+        return model.to(dtype), dtype
+    return getattr(model, cast)(), _CAST_DTYPES[cast]
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(st.tuples(st.sampled_from(CASTS), st.booleans()), min_size=1, max_size=6),
+       banked=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_casts_complete_and_keep_the_lambdas(steps, banked, seed):
+    import vera_kernels
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 10), nn.GELU(), nn.Linear(10, 6))
+    vera_kernels.apply_vera(model, ["0", "2"], rank=3, seed=seed)
+    layers = [layer for _, layer in vera_kernels.vera_layers(model)]
+    for layer in layers:
+        with torch.no_grad():
+            layer.lambda_d.normal_()
+            layer.lambda_b.normal_()
+        if banked:
+            layer.add_adapter("other", torch.randn(3), torch.randn(layer.out_features))
+    originals = {(i, name): getattr(layer, name).detach().double().clone()
+                 for i, layer in enumerate(layers) for name in layer._FP32_TENSORS}
+    grads = {}
+    dtype = torch.float32
+    for cast, backward in steps:
+        if backward:
+            x = torch.randn(4, 12, dtype=dtype)
+            model(x).float().square().sum().backward()
+            grads = {(i, name): getattr(layer, name).grad.detach().double().clone()
+                     for i, layer in enumerate(layers) for name in ("lambda_d", "lambda_b")}
+        params = {(i, name): getattr(layer, name) for i, layer in enumerate(layers) for name in ("lambda_d", "lambda_b")}
+        model, dtype = _cast(model, cast)
+        kept = torch.float64 if dtype == torch.float64 else torch.float32
+        for i, layer in enumerate(layers):
+            assert layer.weight.dtype == dtype, (steps, cast)
+            for name in layer._FP32_TENSORS:
+                t = getattr(layer, name)
+                assert t.dtype == kept, (steps, cast, name, t.dtype)
+                assert torch.equal(t.detach().double(), originals[(i, name)]), (steps, cast, name)
+            for name in ("lambda_d", "lambda_b"):
+                t = getattr(layer, name)
+                assert t is params[(i, name)]  # the Parameters an optimizer holds
+                if (i, name) in grads:
+                    # A float64 gradient (of a .double() model) is rounded once by a narrowing cast.
+                    grads[(i, name)] = grads[(i, name)].to(kept).double()
+                    assert t.grad is not None and t.grad.dtype == kept, (steps, cast, name)
+                    assert torch.equal(t.grad.double(), grads[(i, name)]), (steps, cast, name)
+    y = model(torch.randn(4, 12, dtype=dtype))
+    assert y.dtype == dtype and torch.isfinite(y).all()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import sys
 import warnings
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from .projection_sources import SeededProjections
 from .patching import _fusable, _shared_projections, apply_vera, find_targets, vera_layers
-from .projections import SCHEME
+from .projections import MAX_COLS, MAX_ROWS, SCHEME
 
 FORMAT = "vera-kernels-adapter"
 FORMAT_VERSION = "1"
@@ -30,8 +31,8 @@ _FLOAT_FIELDS = ("dropout", "d_initial")
 # What save_adapter writes (str(int), repr(float)), nothing looser: no spaces, underscores, signs or NaN.
 _INT_TEXT = re.compile(r"0|[1-9][0-9]*")
 _FLOAT_TEXT = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
-# [low, high] of each field: the scheme addresses rows < 2**32 and columns < 2**34 with seeds < 2**63.
-_INT_RANGES = {"seed": (0, 2**63 - 1), "rank": (1, 2**32), "max_in": (1, 2**34), "max_out": (1, 2**32)}
+# [low, high] of each field: what SeededProjections accepts (projections.check_seed, check_scheme_sizes).
+_INT_RANGES = {"seed": (0, 2**63 - 1), "rank": (1, MAX_ROWS), "max_in": (1, MAX_COLS), "max_out": (1, MAX_ROWS)}
 
 
 def _import_safetensors():
@@ -41,6 +42,14 @@ def _import_safetensors():
     except ImportError as exc:
         raise ImportError(f"adapter files need the safetensors package (pip install safetensors): {exc}") from None
     return safetensors
+
+
+def _path(function: str, path) -> str:
+    """A file path as str: str, bytes (decoded as the OS does) or os.PathLike; anything else is refused."""
+    try:
+        return os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"{function}: path must be a str, bytes or os.PathLike, got {type(path).__name__} {path!r}") from None
 
 
 def _is_bias(name: str) -> bool:
@@ -115,14 +124,15 @@ def save_adapter(model: nn.Module, path) -> None:
         "dropout": repr(_single(layers, "dropout")),
         "d_initial": repr(_single(layers, "d_initial")),
     }
+    path = _path("save_adapter", path)
     if not sharded:
-        safetensors.torch.save_file(tensors, os.fspath(path), metadata=metadata)
+        safetensors.torch.save_file(tensors, path, metadata=metadata)
         return
     import torch.distributed as dist
 
     try:
         if dist.get_rank() == 0:
-            safetensors.torch.save_file(tensors, os.fspath(path), metadata=metadata)
+            safetensors.torch.save_file(tensors, path, metadata=metadata)
     finally:
         dist.barrier()  # the file is there for every rank once save_adapter returns
 
@@ -138,11 +148,19 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, tensors) of an adapter file, the config's fields parsed and checked; ValueError naming the
     file for anything that is not a complete adapter file of this format and scheme."""
     safetensors = _import_safetensors()
-    path = os.fspath(path)
-    if os.path.isdir(path):
+    path = _path("read_adapter", path)
+    try:
+        mode = os.stat(path).st_mode  # follows links: a link to /dev/zero is a device
+    except FileNotFoundError:
+        raise FileNotFoundError(f"adapter file {path!r} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"adapter file {path!r} can't be read: {exc}") from None
+    if stat.S_ISDIR(mode):
         raise IsADirectoryError(f"adapter file {path!r} is a directory; expected a safetensors file written by save_adapter")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"adapter file {path!r} does not exist")
+    if not stat.S_ISREG(mode):
+        # A FIFO would block the read, /dev/zero would never end: only regular files are read.
+        raise ValueError(f"adapter file {path!r} is not a regular file (a device, FIFO or socket); expected a "
+                         "safetensors file written by save_adapter")
     try:
         with safetensors.safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -174,7 +192,12 @@ def _parse_config(path, metadata: dict) -> dict:
         pattern = _INT_TEXT if is_int else _FLOAT_TEXT
         if not isinstance(text, str) or not pattern.fullmatch(text):
             kind = "a non-negative integer in decimal digits" if is_int else "a decimal number"
-            raise ValueError(f"adapter file {path!r}: metadata {field!r} missing or not {kind} (got {text!r})")
+            raise ValueError(f"adapter file {path!r}: metadata {field!r} missing or not {kind} (got {_short(text)})")
+        if is_int and len(text) > len(str(_INT_RANGES[field][1])):
+            # Out of range by its length alone (and past Python's int-conversion limit, were it 4300 digits).
+            low, high = _INT_RANGES[field]
+            raise ValueError(f"adapter file {path!r}: metadata {field!r} must be in [{low}, {high}], got a "
+                             f"{len(text)}-digit number")
         config[field] = int(text) if is_int else float(text)
     for field, (low, high) in _INT_RANGES.items():
         if not low <= config[field] <= high:
@@ -184,6 +207,11 @@ def _parse_config(path, metadata: dict) -> dict:
     if not math.isfinite(config["d_initial"]):
         raise ValueError(f"adapter file {path!r}: metadata 'd_initial' must be finite, got {config['d_initial']}")
     return config
+
+
+def _short(text) -> str:
+    text = repr(text)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def _layer_names(path, tensors) -> list[str]:
@@ -203,7 +231,18 @@ def _check_tensor(path, key, tensor, shape, dtype):
         )
 
 
-def load_adapter(model: nn.Module, path, *, name: str | None = None) -> nn.Module:
+def _check_finite(path, tensors, allow_nonfinite: bool) -> None:
+    if allow_nonfinite:
+        return
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = tensor[~torch.isfinite(tensor)][0].item()
+            raise ValueError(
+                f"adapter file {path!r}: {key} holds non-finite values ({bad} among them); the model would "
+                "compute NaN or inf. Pass allow_nonfinite=True to load it anyway")
+
+
+def load_adapter(model: nn.Module, path, *, name: str | None = None, allow_nonfinite: bool = False) -> nn.Module:
     """Load an adapter file into ``model`` and return it.
 
     If the model has VeRA layers they must be exactly the file's (names, seed, rank, sizes); if it has none,
@@ -214,9 +253,12 @@ def load_adapter(model: nn.Module, path, *, name: str | None = None) -> nn.Modul
     ``name``: instead of replacing each layer's own lambdas, add the adapter to every layer's bank under
     this name (``layer.add_adapter``), to serve it beside others with ``set_adapter_ids``. A banked adapter
     has no bias of its own: a file with trained biases is refused.
+
+    A file whose tensors hold NaN or inf is refused unless ``allow_nonfinite``.
     """
-    path = os.fspath(path)
+    path = _path("load_adapter", path)
     config, tensors = read_adapter(path)
+    _check_finite(path, tensors, allow_nonfinite)
     names = _layer_names(path, tensors)
     existing = dict(vera_layers(model))
     if name is not None:
@@ -301,7 +343,8 @@ def load_adapter(model: nn.Module, path, *, name: str | None = None) -> nn.Modul
     layers = dict(vera_layers(model))
     if name is not None:
         for layer_name in names:
-            layers[layer_name].add_adapter(name, tensors[f"{layer_name}.lambda_d"], tensors[f"{layer_name}.lambda_b"])
+            layers[layer_name].add_adapter(name, tensors[f"{layer_name}.lambda_d"], tensors[f"{layer_name}.lambda_b"],
+                                           allow_nonfinite=allow_nonfinite)
         return model
     with torch.no_grad():
         for layer in names:

@@ -21,7 +21,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import stat
 import sys
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -34,6 +36,20 @@ _BENCH_IMPLS = {"vera-cuda": "cuda", "vera-triton": "triton"}
 _UNMEASURED_PREFERENCE = {("cuda", "vera_linear_multi"): "triton", ("cuda", "vera_delta_multi"): "triton"}
 
 
+# The shipped table is a few KB; a file above this is not one (and is never read: see load).
+MAX_TABLE_BYTES = 1 << 20
+# Each entry's fields and what they hold (in/out/rank: a size, or None where the benchmark had none).
+_ENTRY_FIELDS = {"gpu": str, "capability": str, "op": str, "dtype": str, "m_bucket": int, "in": (int, type(None)),
+                 "out": (int, type(None)), "rank": (int, type(None)), "best": str}
+# Choices remembered per _Chooser (one per (call dtype, M bucket, layer size)): a bound on the memory.
+_CHOICES_KEPT = 4096
+
+
+class TableError(ValueError):
+    """An auto table file that is not one: too large, not a regular file, not JSON, or entries that are not
+    what entries_from_records writes."""
+
+
 def m_bucket(m: int) -> int:
     """The power of two at or above M (1, 2, 4, ..., 16, ..., 8192, ...): calls in one bucket share a choice."""
     return 1 << max(0, int(m) - 1).bit_length()
@@ -41,14 +57,64 @@ def m_bucket(m: int) -> int:
 
 @functools.cache
 def load(path: str = TABLE_PATH) -> tuple:
-    """The table's entries (a tuple of dicts); none when the file is missing."""
-    if not os.path.exists(path):
+    """The table's entries (a tuple of dicts), read and checked once per path: none when the file is
+    missing, and none, with a warning naming the file, when it is not a valid table (``auto`` then keeps
+    dispatch.py's fixed order). Never raises: a broken table must not break every auto-dispatched call."""
+    try:
+        return read_table(path)
+    except TableError as exc:
+        warnings.warn(f"auto table {path!r} is ignored ({exc}); backend='auto' keeps its fixed order", RuntimeWarning,
+                      stacklevel=2)
         return ()
-    with open(path) as f:
-        table = json.load(f)
-    if table.get("format") != FORMAT:
-        raise ValueError(f"{path}: expected format {FORMAT}, got {table.get('format')!r}")
-    return tuple(table.get("entries", ()))
+
+
+def read_table(path: str) -> tuple:
+    """The checked entries of the table at ``path`` (none when it is missing); TableError says what is wrong."""
+    try:
+        info = os.stat(path)  # follows links: a link to /dev/zero is a device
+    except FileNotFoundError:
+        return ()
+    except OSError as exc:
+        raise TableError(f"can't be read: {exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise TableError("not a regular file")
+    if info.st_size > MAX_TABLE_BYTES:
+        raise TableError(f"{info.st_size} bytes, more than the {MAX_TABLE_BYTES} a table may have")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TABLE_BYTES + 1)  # bounded even if the file grew since the stat
+    except OSError as exc:
+        raise TableError(f"can't be read: {exc}") from None
+    if len(data) > MAX_TABLE_BYTES:
+        raise TableError(f"more than the {MAX_TABLE_BYTES} bytes a table may have")
+    try:
+        table = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise TableError(f"not JSON: {exc}") from None
+    if not isinstance(table, dict) or table.get("format") != FORMAT:
+        got = table.get("format") if isinstance(table, dict) else type(table).__name__
+        raise TableError(f"expected a JSON object with format {FORMAT}, got {got!r}")
+    entries = table.get("entries", [])
+    if not isinstance(entries, list):
+        raise TableError(f"'entries' must be a list, got {type(entries).__name__}")
+    return tuple(_checked_entry(i, entry) for i, entry in enumerate(entries))
+
+
+def _checked_entry(i: int, entry) -> dict:
+    if not isinstance(entry, dict):
+        raise TableError(f"entry {i} is a {type(entry).__name__}, not an object")
+    for field, kind in _ENTRY_FIELDS.items():
+        if field not in entry:
+            raise TableError(f"entry {i} has no {field!r}")
+        value = entry[field]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise TableError(f"entry {i}: {field!r} is {value!r}")
+        if isinstance(value, int) and value < 1:
+            raise TableError(f"entry {i}: {field!r} must be >= 1, got {value}")
+    backends = sorted(set(_BENCH_IMPLS.values()))
+    if entry["best"] not in backends:
+        raise TableError(f"entry {i}: 'best' must name a measured backend ({', '.join(backends)}), got {entry['best']!r}")
+    return entry
 
 
 def _device_key(device: torch.device) -> Optional[tuple[str, str]]:
@@ -87,7 +153,7 @@ def measured_choice(op: str, device: torch.device, implementation_for: Callable[
     if key is None:
         return None
     gpu, capability = key
-    entries = [e for e in load() if e["op"] == op and (e["gpu"] == gpu or e["capability"] == capability)]
+    entries = [e for e in load(TABLE_PATH) if e["op"] == op and (e["gpu"] == gpu or e["capability"] == capability)]
     if not entries:
         preferred = _UNMEASURED_PREFERENCE.get((device.type, op))
         return implementation_for(preferred) if preferred else None
@@ -100,18 +166,28 @@ def measured_choice(op: str, device: torch.device, implementation_for: Callable[
 
 class _Chooser:
     """Calls the measured-fastest implementation for each call's dtype and M (x is the first argument,
-    flattened to (M, in); B the fifth). A backend that can't run here falls back to the first one that can."""
+    flattened to (M, in); B the fifth). A backend that can't run here falls back to the first one that can.
+    The choice is searched once per (dtype, M bucket, layer size), then remembered: a call costs a dict
+    lookup, whatever the table's size."""
 
     def __init__(self, op, gpu, capability, entries, implementations):
         self.op, self.gpu, self.capability, self.entries, self.implementations = op, gpu, capability, entries, implementations
         self._fallback = next(iter(implementations.values()))
+        self._chosen: dict[tuple, object] = {}
 
     def __call__(self, x, *args):
         # vera_linear(x, weight, bias, A, B, ...); vera_delta(x, A, B, ...)
         A, B = (args[2], args[3]) if self.op == "vera_linear" else (args[0], args[1])
-        name = best_backend(self.entries, self.gpu, self.capability, self.op, str(x.dtype).removeprefix("torch."),
-                            x.shape[0], x.shape[1], B.shape[0], A.shape[0])
-        return self.implementations.get(name, self._fallback)(x, *args)
+        key = (x.dtype, m_bucket(x.shape[0]), x.shape[1], B.shape[0], A.shape[0])
+        fn = self._chosen.get(key)
+        if fn is None:
+            name = best_backend(self.entries, self.gpu, self.capability, self.op, str(x.dtype).removeprefix("torch."),
+                                x.shape[0], x.shape[1], B.shape[0], A.shape[0])
+            fn = self.implementations.get(name, self._fallback)
+            if len(self._chosen) >= _CHOICES_KEPT:
+                self._chosen.clear()
+            self._chosen[key] = fn
+        return fn(x, *args)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ def forward(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed, max_in):
 def backward(grad, s, weight, A, B, lambda_d, lambda_b, in_features, need_dx, need_dd, need_db, need_dbias, seed,
              max_in):
     m, n = grad.shape
+    if A is not None and A.shape[1] != in_features:  # the real kernels' check (dx is M x in_features)
+        raise ValueError(f"vera_kernels::backward: in_features must be A's width {A.shape[1]}, got {in_features}")
     # An output not asked for is an empty tensor of its own (a custom op's outputs may not alias).
     return (
         grad.new_empty(m, in_features) if need_dx else grad.new_empty(0),

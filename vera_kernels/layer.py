@@ -199,26 +199,47 @@ class FusedVeRALinear(_VeRABase):
         """ΔW = (b ⊙ B)(d ⊙ A), out x in, in fp32 (float64 for a float64 base), from the projections in the
         base dtype: exactly the adapter the unmerged forward applies. Under tensor parallelism: this rank's
         shard of it, a DTensor placed as the weight."""
+        return self._delta_of(None)
+
+    def _delta_of(self, lambdas) -> torch.Tensor:
+        """ΔW of ``lambdas`` ((lambda_d, lambda_b); None: the layer's own, as they are now)."""
         if self._tensor_parallel is not None:
-            return self._tensor_parallel.delta_weight(self)
-        return self._delta_weight(self.weight.device, self.weight.dtype)
+            return self._tensor_parallel.delta_weight(self, lambdas)
+        return self._delta_weight(self.weight.device, self.weight.dtype, lambdas)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ΔW into the base weight in place (one rounding to its dtype); the forward is then the base alone."""
+        """Fold ΔW into the base weight in place (one rounding to its dtype); the forward is then the base alone.
+
+        The lambdas merged are kept (a copy): unmerge() takes out that ΔW, whatever is done to the lambdas
+        meanwhile. Refused when apply_vera found the weight tied to another module's (see merge_and_unload)."""
         if self.merged:
             raise RuntimeError("FusedVeRALinear is already merged; unmerge() first")
+        tied = self._tied_now()
+        if tied:
+            raise RuntimeError(_tied_message("merge()", "this layer", tied))
+        merged = (self.lambda_d.detach().clone(), self.lambda_b.detach().clone())
         weight = self._weight_out_in()
-        weight.copy_((weight.to(_accumulation_dtype(weight.dtype)) + self.delta_weight()).to(weight.dtype))
+        weight.copy_((weight.to(_accumulation_dtype(weight.dtype)) + self._delta_of(merged)).to(weight.dtype))
+        self._merged_lambdas = merged
         self.merged = True
+
+    def _tied_now(self) -> list[str]:
+        """The other modules' parameters that apply_vera found tied to this layer's weight, while the layer
+        still holds that weight (``layer.weight = nn.Parameter(...)`` unties it)."""
+        names, weight = getattr(self, "_tied", ((), None))
+        return list(names) if weight is self.weight else []
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take ΔW out of the base weight again (exact in fp32 up to rounding; in bf16/fp16 within a few ulps)."""
+        """Take the merged ΔW out of the base weight again (exact in fp32 up to rounding; in bf16/fp16 within
+        a few ulps): the ΔW of the lambdas as merge() saw them, not as they are now."""
         if not self.merged:
             raise RuntimeError("FusedVeRALinear is not merged")
+        merged = getattr(self, "_merged_lambdas", None)
         weight = self._weight_out_in()
-        weight.copy_((weight.to(_accumulation_dtype(weight.dtype)) - self.delta_weight()).to(weight.dtype))
+        weight.copy_((weight.to(_accumulation_dtype(weight.dtype)) - self._delta_of(merged)).to(weight.dtype))
+        self._merged_lambdas = None
         self.merged = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -362,16 +383,23 @@ class VeRAWrapper(_VeRABase):
         nothing changed."""
         if self.merged:
             raise RuntimeError("VeRAWrapper is already merged; unmerge() first")
-        self._set_base(merge_delta(self.base_layer, self.delta_weight(), +1, self.quantization_config))
+        merged = (self.lambda_d.detach().clone(), self.lambda_b.detach().clone())
+        self._set_base(merge_delta(self.base_layer, self._delta_weight(self.lambda_d.device, torch.float32, merged),
+                                   +1, self.quantization_config))
+        self._merged_lambdas = merged
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take ΔW out of the base again (dequantize, subtract, re-quantize): the base is W0 within the two
-        roundings (merge's, unmerge's), not bit for bit the one before merge()."""
+        """Take the merged ΔW out of the base again (dequantize, subtract, re-quantize): the ΔW of the lambdas as
+        merge() saw them; the base is W0 within the two roundings (merge's, unmerge's), not bit for bit the one
+        before merge()."""
         if not self.merged:
             raise RuntimeError("VeRAWrapper is not merged")
-        self._set_base(merge_delta(self.base_layer, self.delta_weight(), -1, self.quantization_config))
+        merged = getattr(self, "_merged_lambdas", None)
+        self._set_base(merge_delta(self.base_layer, self._delta_weight(self.lambda_d.device, torch.float32, merged),
+                                   -1, self.quantization_config))
+        self._merged_lambdas = None
         self.merged = False
 
     def check_mergeable(self) -> None:
@@ -393,6 +421,16 @@ class VeRAWrapper(_VeRABase):
 
 
 VERA_LAYERS = (FusedVeRALinear, VeRAWrapper)
+
+
+def _tied_message(what: str, layer: str, tied) -> str:
+    names = ", ".join(repr(name) for name in tied)
+    return (
+        f"{what}: the weight of {layer} is tied to {names} (the same Parameter or memory): merging ΔW into it would "
+        f"change that module's output too. Untie it first, e.g. module.weight = "
+        f"nn.Parameter(module.weight.detach().clone()) for the adapted module (for a Hugging Face model, also "
+        f"set config.tie_word_embeddings = False so that it is not tied again), or keep the adapter unmerged"
+    )
 
 
 def refuse_loads_into_merged_layers(module, state_dict, prefix, *_):

@@ -12,7 +12,7 @@ import sys
 import torch
 from torch import nn
 
-from .layer import VERA_LAYERS, FusedVeRALinear, VeRAWrapper, refuse_loads_into_merged_layers
+from .layer import VERA_LAYERS, FusedVeRALinear, VeRAWrapper, _conv1d_type, _tied_message, refuse_loads_into_merged_layers
 from .projection_sources import ExplicitProjections, SeededProjections
 from .routing import RoutingBlock, routing_ids
 from .vera_base import _check_base_dtype
@@ -112,6 +112,27 @@ def adapter_ids(model: nn.Module, ids):
     return RoutingBlock({module: module.make_routing(ids, "adapter_ids") for _, module in layers}, model)
 
 
+def _ties(model: nn.Module, layer_name: str, layer: nn.Module) -> list[str]:
+    """The name of every parameter outside ``layer`` that is its weight, or a view of the
+    same memory (tied weights: GPT-2's lm_head and wte), so that merging ΔW into it would change that module
+    too."""
+    weight = layer.weight
+    start = weight.data_ptr() if weight.device.type != "meta" and weight.numel() else None
+    found = []
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if module is layer or module_name == layer_name or module_name.startswith(layer_name + "."):
+            continue
+        for attribute, parameter in module._parameters.items():
+            if parameter is None:
+                continue
+            shares = parameter is weight or (
+                start is not None and parameter.device == weight.device and parameter.numel() > 0
+                and parameter.data_ptr() == start)
+            if shares:
+                found.append(f"{module_name}.{attribute}" if module_name else attribute)
+    return found
+
+
 def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module, tuple[int, int]]]:
     """(name, module, (in, out)) of every module apply_vera would adapt; errors name what is wrong."""
     if isinstance(target_modules, str):
@@ -203,6 +224,11 @@ def apply_vera(
     model.requires_grad_(False)
     for name, layer in new_layers:
         _replace(model, name, layer)
+    for name, layer in new_layers:
+        tied = _ties(model, name, layer) if isinstance(layer, FusedVeRALinear) else ()
+        if tied:
+            # For merge() to refuse while the layer holds this weight (merge_and_unload looks at the model again).
+            layer._tied = (tuple(tied), layer.weight)
         layer.lambda_d.requires_grad_(True)
         layer.lambda_b.requires_grad_(True)
         if bias == "vera_only" and getattr(layer, "bias", None) is not None:
@@ -405,6 +431,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 module.check_mergeable()
             except TypeError as exc:
                 raise TypeError(f"merge_and_unload: layer {name!r}: {exc}") from None
+    for name, layer in layers:
+        if isinstance(layer, FusedVeRALinear):
+            tied = _ties(model, name, layer)
+            if tied and not layer.merged:
+                raise ValueError(_tied_message("merge_and_unload", f"VeRA layer {name!r}", tied))
     for name, layer in layers:
         if isinstance(layer, VeRAWrapper):
             if not layer.merged:

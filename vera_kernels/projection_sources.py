@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .projections import check_positive_int, check_seed, get_projections
+from .projections import check_positive_int, check_scheme_sizes, check_seed, get_projections
 
 
 def _outside_compiled_graphs(fn, *args):
@@ -80,6 +80,7 @@ class SeededProjections(_ProjectionSource):
         only those slices are generated (the scale still follows max_in), so a large max_in costs no memory."""
         super().__init__(rank, max_in, max_out)
         self.seed = check_seed(seed)
+        check_scheme_sizes(self.rank, self.max_in, self.max_out)
         for name, value, limit in (("in_features", in_features, self.max_in), ("out_features", out_features, self.max_out)):
             if value is not None:
                 check_positive_int(name, value)

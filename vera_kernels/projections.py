@@ -19,6 +19,7 @@ dispatch to the other backends and the per-(seed, shape, device, dtype) cache.
 from __future__ import annotations
 
 import math
+import numbers
 import struct
 import threading
 from collections import OrderedDict
@@ -33,6 +34,11 @@ TAG_B = 1
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _MASK32 = 0xFFFFFFFF
+# What the scheme addresses: the counter holds a row in 32 bits and a column group (col // 4) in 32 bits,
+# so rows < 2**32 and columns < 2**34 (past them elements would repeat). A (rank x max_in) and B
+# (max_out x rank) must fit: these are the limits of a seeded pair, its layers and its adapter files.
+MAX_ROWS = 2**32
+MAX_COLS = 2**34
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 
@@ -56,6 +62,30 @@ def check_positive_int(name: str, value) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
+
+
+def check_finite_float(name: str, value) -> float:
+    """A real number (int, float, a NumPy scalar; not bool) that is finite, as a float; errors name the
+    argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number (int or float), got {type(value).__name__} {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got an int too large for a float") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def check_scheme_sizes(rank: int, max_in: int, max_out: int) -> None:
+    """The sizes of a seeded pair, within what the scheme addresses (MAX_ROWS, MAX_COLS): A is rank x max_in,
+    B is max_out x rank. Each must already be a positive int."""
+    for name, value, limit in (("rank", rank, MAX_ROWS), ("max_in", max_in, MAX_COLS), ("max_out", max_out, MAX_ROWS)):
+        if value > limit:
+            raise ValueError(
+                f"{name} must be <= {limit} (2**{limit.bit_length() - 1}: the projection scheme {SCHEME} addresses "
+                f"A's columns < 2**34 and rows < 2**32), got {value}")
 
 
 def check_dtype(dtype) -> torch.dtype:
@@ -207,7 +237,7 @@ def projection_block(
     for name, value in (("row_offset", row_offset), ("col_offset", col_offset)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    if row_offset + rows > 2**32 or col_offset + cols > 2**34:
+    if row_offset + rows > MAX_ROWS or col_offset + cols > MAX_COLS:
         raise ValueError("the scheme addresses rows < 2**32 and cols < 2**34; the block reaches past that")
     check_dtype(dtype)
     device = torch.device(device)

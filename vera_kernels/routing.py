@@ -211,10 +211,11 @@ class AdapterBank:
             raise KeyError(f"{type(self).__name__}: no adapter named {name!r} in the bank (has {sorted(self.adapters)})") from None
 
     @torch.no_grad()
-    def add_adapter(self, name: str, lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> int:
+    def add_adapter(self, name: str, lambda_d: torch.Tensor, lambda_b: torch.Tensor, *,
+                    allow_nonfinite: bool = False) -> int:
         """Put an adapter (lambda_d: rank, lambda_b: out_features) in the bank; returns its index, the id that
         routes rows to it. Indices are stable: removing an adapter frees its slot for a later add and
-        changes no other index."""
+        changes no other index. Vectors holding NaN or inf are refused unless ``allow_nonfinite``."""
         if not isinstance(name, str) or not name:
             raise TypeError(f"add_adapter: name must be a non-empty str, got {name!r}")
         if name in self._bank_names:
@@ -223,6 +224,8 @@ class AdapterBank:
             if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != (size,):
                 got = f"shape {tuple(t.shape)}, {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"add_adapter: {arg} must be a floating tensor of shape ({size},), got {got}")
+            if not allow_nonfinite and not torch.isfinite(t).all():
+                raise ValueError(f"add_adapter: {arg} of {name!r} holds NaN or inf; pass allow_nonfinite=True to bank it anyway")
         index = self._bank_names.index(None) if None in self._bank_names else len(self._bank_names)
         if index == self._bank_d.shape[0]:
             # Capacity doubles, so that adding N adapters copies O(N) rows in all.

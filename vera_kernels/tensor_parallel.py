@@ -113,13 +113,15 @@ class _TensorParallel:
         return ops.vera_linear(x, weight, bias, A, B, d, b, backend=backend)
 
     @torch.no_grad()
-    def delta_weight(self, layer: FusedVeRALinear) -> DTensor:
+    def delta_weight(self, layer: FusedVeRALinear, lambdas=None) -> DTensor:
         """This rank's shard of ΔW = (b ⊙ B)(d ⊙ A) (rows o0:o1 colwise, columns i0:i1 rowwise), placed as the
-        weight, so merge()/unmerge() update each shard in place without communication."""
+        weight, so merge()/unmerge() update each shard in place without communication. ``lambdas``: (lambda_d,
+        lambda_b) to take instead of the layer's (the copy merge() kept)."""
         weight = layer.weight
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         A, B = layer.projections.pair(weight.to_local().device, weight.dtype)
-        d, b = layer.lambda_d.to_local(), layer.lambda_b.to_local()
+        d, b = lambdas if lambdas is not None else (layer.lambda_d, layer.lambda_b)
+        d, b = d.to_local(), b.to_local()
         local = (b.to(acc)[:, None] * B.to(acc)) @ (d.to(acc)[:, None] * A.to(acc))
         return DTensor.from_local(local, self.mesh, weight.placements, run_check=False, shape=weight.shape,
                                   stride=weight.stride())

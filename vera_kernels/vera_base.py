@@ -10,7 +10,7 @@ from torch import nn
 
 from . import dispatch, ops
 from .projection_sources import SeededProjectionShard, SeededProjections
-from .projections import check_positive_int
+from .projections import check_finite_float, check_positive_int
 from .routing import AdapterBank
 
 
@@ -39,6 +39,12 @@ def _backend_for(backend: str, dtype: torch.dtype) -> str:
     return "torch" if backend == "auto" and dtype == torch.float64 else backend
 
 
+def _check_backend(backend) -> str:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in dispatch.NAMES):
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(dispatch.NAMES)}; got {backend!r}")
+    return backend
+
+
 def _check_base_dtype(dtype: torch.dtype, backend: str) -> None:
     allowed = ops.KERNEL_DTYPES + ((torch.float64,) if _backend_for(backend, torch.float64) == "torch" else ())
     if dtype not in allowed:
@@ -53,10 +59,10 @@ class _VeRABase(AdapterBank, nn.Module):
     def _init_adapter(self, in_features, out_features, rank, *, seed, d_initial, dropout, max_in, max_out,
                       projections, backend, device):
         check_positive_int("rank", rank)
-        if not 0.0 <= dropout < 1.0:
+        d_initial = check_finite_float("d_initial", d_initial)
+        if not 0.0 <= check_finite_float("dropout", dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if backend != "auto" and backend not in dispatch.NAMES:
-            raise ValueError(f"backend must be 'auto' or one of {', '.join(dispatch.NAMES)}; got {backend!r}")
+        _check_backend(backend)
         if projections is None:
             max_in = in_features if max_in is None else check_positive_int("max_in", max_in)
             max_out = out_features if max_out is None else check_positive_int("max_out", max_out)
@@ -79,12 +85,28 @@ class _VeRABase(AdapterBank, nn.Module):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.projections = projections
         self.d_initial, self.dropout = float(d_initial), float(dropout)
-        self.backend = backend
+        self._backend = backend
         # fp32 whatever the base dtype: small vectors whose updates would vanish in bf16.
         self.lambda_d = nn.Parameter(torch.full((rank,), float(d_initial), dtype=torch.float32, device=device))
         self.lambda_b = nn.Parameter(torch.zeros(out_features, dtype=torch.float32, device=device))
         self._init_bank(rank, out_features, device)
         self._plans: dict = {}  # (kind, device, dtype) -> _Plan, cleared when the layer's tensors change
+
+    @property
+    def backend(self) -> str:
+        """The backend the layer's ops run on ("auto" or a name of vera_kernels.backends()). Setting it
+        takes effect at the next call: the plans made for the old one are dropped."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        _check_backend(backend)
+        weight = self._parameters.get("weight")  # FusedVeRALinear's base weight: its dtype must run there
+        if weight is not None:
+            _check_base_dtype(weight.dtype, backend)
+        self._backend = backend
+        self._plans.clear()
+        self._prepare_for_device()
 
     def _projection_slices(self, device, dtype):
         A, B = self.projections.pair(device, dtype)
@@ -116,27 +138,46 @@ class _VeRABase(AdapterBank, nn.Module):
 
     # Kept fp32 when the module is cast to a narrower float (.half(), .to(torch.bfloat16)): updates to these
     # small vectors would vanish in bf16 (lambda_d = 0.1 does not move under AdamW at lr 1e-4). Widening
-    # (.double()) is exact and follows the module.
+    # (.double()) is exact and follows the module. Their gradients follow them (a Parameter's .grad must
+    # have its dtype), so a cast after a backward keeps both fp32.
     _FP32_TENSORS = ("lambda_d", "lambda_b", "_bank_d", "_bank_b")
 
     # Set by VeRAColwiseParallel / VeRARowwiseParallel (tensor_parallel._TensorParallel): the layer's shard.
     _tensor_parallel = None
 
     def _apply(self, fn, recurse=True):
-        before = {name: (getattr(self, name), getattr(self, name).detach()) for name in self._FP32_TENSORS}
-        grads = {name: t.grad for name, (t, _) in before.items() if isinstance(t, nn.Parameter)}
-        module = super()._apply(fn, recurse)
-        for name, (_, old) in before.items():
-            now = getattr(self, name)
-            if old.dtype == torch.float32 and now.dtype in (torch.float16, torch.bfloat16):
+        # The narrowing is refused for these tensors inside the function nn.Module._apply calls on each
+        # tensor (and on each gradient), not patched afterwards: a fix-up after the fact is too late when
+        # torch refuses to give an fp32 Parameter an fp16 .grad halfway through, which left the layer
+        # half cast. And should the cast fail for another reason, these tensors are put back as they were.
+        own = {name: getattr(self, name) for name in self._FP32_TENSORS}
+        kept = {id(t) for t in (*own.values(), *(t.grad for t in own.values())) if t is not None}
+
+        def keep_fp32(t):
+            out = fn(t)
+            if id(t) in kept and out.dtype in (torch.float16, torch.bfloat16) and t.is_floating_point():
                 with torch.no_grad():
-                    kept = old.to(device=now.device)
-                if isinstance(now, nn.Parameter):
-                    now.data = kept
-                    if grads[name] is not None:
-                        now.grad = grads[name].to(device=now.device)
+                    out = t.to(device=out.device, dtype=torch.float32)
+                if out is t:  # a new tensor, as fn's results are (torch may swap it into the Parameter)
+                    out = t.detach()
+            return out
+
+        # torch converts a Parameter and its gradient in place (through .data): keep what they hold.
+        before = {name: (t, t.data, t.grad, None if t.grad is None else t.grad.data) for name, t in own.items()}
+        try:
+            module = super()._apply(keep_fp32, recurse)
+        except BaseException:
+            for name, (t, data, grad, grad_data) in before.items():
+                if isinstance(t, nn.Parameter):
+                    t.grad = None  # its dtype may have changed; set again below, matching the data
+                    t.data = data
+                    if grad is not None:
+                        grad.data = grad_data
+                    t.grad = grad
+                    self._parameters[name] = t
                 else:
-                    self._buffers[name] = kept
+                    self._buffers[name] = t
+            raise
         self._plans.clear()
         self._prepare_for_device()
         return module
@@ -160,12 +201,15 @@ class _VeRABase(AdapterBank, nn.Module):
         return plan
 
     @torch.no_grad()
-    def _delta_weight(self, device, projection_dtype) -> torch.Tensor:
+    def _delta_weight(self, device, projection_dtype, lambdas=None) -> torch.Tensor:
         """ΔW = (b ⊙ B)(d ⊙ A), out x in, accumulated in fp32 (float64 for float64), from the projections in
-        ``projection_dtype``."""
+        ``projection_dtype``; of ``lambdas`` ((lambda_d, lambda_b), e.g. the copy merge() kept), else the
+        layer's own."""
         acc = _accumulation_dtype(projection_dtype)
         A, B = self._projection_slices(device, projection_dtype)
-        return (self.lambda_b.to(acc)[:, None] * B.to(acc)) @ (self.lambda_d.to(acc)[:, None] * A.to(acc))
+        d, b = lambdas if lambdas is not None else (self.lambda_d, self.lambda_b)
+        d, b = d.to(device=device, dtype=acc), b.to(device=device, dtype=acc)
+        return (b[:, None] * B.to(acc)) @ (d[:, None] * A.to(acc))
 
     def _adapter_repr(self) -> str:
         parts = [f"rank={self.rank}", self.projections.describe(), f"max_in={self.projections.max_in}",
