@@ -48,6 +48,8 @@ from typing import Callable
 
 import torch
 
+from .autotune import parameters
+
 _TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ARCHS = (90, 80)
@@ -221,17 +223,6 @@ def _specialize(value) -> tuple[str, bool]:
         return f"tensordesc<{_TYPE_NAMES[value.base.dtype]}[{','.join(map(str, value.block_shape))}]>", False
     kind, key = jit.native_specialize_impl(CUDABackend, value, False, True, True)
     return kind, key == "D"
-
-
-def parameters(fn) -> list[tuple[str, bool]]:
-    """(name, is constexpr) of each parameter of a jit function (or of the interpreter's stand-in, which
-    keeps only the Python function: its annotations then say which are constexpr)."""
-    if hasattr(fn, "params"):
-        return [(p.name, p.is_constexpr) for p in fn.params]
-    import inspect
-
-    return [(name, str(p.annotation).split(".")[-1].endswith("constexpr"))
-            for name, p in inspect.signature(fn.fn).parameters.items()]
 
 
 def compile_spec(fn, args: dict, config) -> tuple[dict, dict, dict]:
