@@ -1,3 +1,4 @@
+import json
 import os
 import time
 
@@ -18,3 +19,14 @@ def deadline_passed() -> bool:
     """Whether VERA_BENCH_DEADLINE (Unix time) has passed: the cases left are skipped (bench/conftest.py)."""
     deadline = os.environ.get("VERA_BENCH_DEADLINE")
     return deadline is not None and time.time() > float(deadline)
+
+
+def write_json_atomically(path: str, data) -> None:
+    """``data`` as JSON at ``path``, replaced in one step (a reader, or a run killed meanwhile, sees the old
+    file or the new one, never half of one; the temporary file is a dotfile beside it)."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(tmp, path)

@@ -105,7 +105,7 @@ def test_main_table_json_after_every_group_and_exit_status(monkeypatch, tmp_path
     seen = []
 
     def fake_run(groups):
-        def run(device, backends, *, level, on_group):
+        def run(device, backends, *, level, on_group, dtypes):
             rows = []
             for group in groups:
                 on_group("a group", group, 0.1)

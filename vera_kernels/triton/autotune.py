@@ -344,13 +344,56 @@ def launch(kernel: str, fn, grid, args: dict, *, interpreted: bool, device: torc
             meta = {**args, **config.kwargs}
             if kernel == "gemm":
                 set_block_shapes(meta)
-            fn[grid(meta) if callable(grid) else grid](**meta, num_warps=config.num_warps,
-                                                       num_stages=config.num_stages)
+            compiled = fn[grid(meta) if callable(grid) else grid](**meta, num_warps=config.num_warps,
+                                                                  num_stages=config.num_stages)
+            _record(kernel, config, compiled)
             return
         tuner = _tuner(kernel, fn, arch, bool(args.get("IEEE", False)))
-        tuner[grid](**args)
+        compiled = tuner[grid](**args)
         with _lock:
             _chosen[(kernel, arch, tune_key(kernel, fn, args))] = tuner.best_config
+        _record(kernel, tuner.best_config, compiled)
+
+
+_recorders: list[dict] = []  # one per open recording() block
+
+
+@contextlib.contextmanager
+def recording():
+    """Within this block, each distinct compiled kernel the package launches is kept with its config; the
+    dict yielded maps each to :func:`kernel_facts` when the block ends (bench/conftest.py: the static facts
+    of every kernel a benchmark case ran, beside its time)."""
+    seen: dict = {}
+    with _lock:
+        _recorders.append(seen)
+    facts: dict = {}
+    try:
+        yield facts
+    finally:
+        with _lock:
+            _recorders.remove(seen)
+        facts.update({key: kernel_facts(kernel, config, compiled) for key, (kernel, config, compiled) in seen.items()})
+
+
+def _record(kernel: str, config: Config, compiled) -> None:
+    if _recorders and hasattr(compiled, "metadata"):  # a CompiledKernel (the interpreter returns none)
+        key = (kernel, getattr(compiled, "hash", id(compiled)))
+        with _lock:
+            for seen in _recorders:
+                seen.setdefault(key, (kernel, config, compiled))
+
+
+def kernel_facts(kernel: str, config: Config, compiled) -> dict:
+    """What a compiled kernel is: its name, config, registers and spills per thread (known once it has been
+    loaded, i.e. launched), shared memory, and its tensor-core and TMA instructions counted in its PTX
+    (wgmma: Hopper's warpgroup MMA; mma.sync: Ampere's; cp.async.bulk.tensor: TMA loads)."""
+    metadata = compiled.metadata
+    ptx = compiled.asm.get("ptx", "") if hasattr(compiled, "asm") else ""
+    return dict(kernel=kernel, name=metadata.name, config=_describe(config), num_warps=metadata.num_warps,
+                num_stages=metadata.num_stages, shared_bytes=metadata.shared,
+                registers=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None),
+                wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
+                tma_loads=ptx.count("cp.async.bulk.tensor"))
 
 
 def _without_tuning(kernel: str, fn, arch: int, args: dict, device: torch.device) -> Config | None:
