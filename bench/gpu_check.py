@@ -65,6 +65,7 @@ class Step:
     if_short: str  # what is cut inside the step when its time runs out
     beside: bool = False  # runs beside the step before it, within that step's budget
     rest: bool = False  # runs on the time the steps before it left unused
+    argv: tuple = ()  # its command line, for a step that is not one of PLAN's (see commands())
 
 
 PLAN = (
@@ -215,6 +216,8 @@ class Context:
 
 def commands(step: Step, ctx: Context) -> list[tuple[list[str], dict]]:
     """The command lines (argv, extra environment) of ``step``, run one after the other."""
+    if step.argv:
+        return [(list(step.argv), {})]
     py, dry = ctx.python, ctx.dry_run
     bench = dict(VERA_BENCH_JSON=ctx.path(ctx.results), VERA_BENCH_APPEND="1", VERA_BENCH_CASES=ctx.path("cases.json"),
                  **({"VERA_BENCH_DRY_RUN": "1"} if dry else {}))
@@ -252,10 +255,14 @@ def commands(step: Step, ctx: Context) -> list[tuple[list[str], dict]]:
 
 
 class Runner:
-    def __init__(self, plan, ctx: Context, out: str, budget: int, publisher: Publisher, log):
+    """Runs a plan's steps in order, each under min(its budget, what is left before the reserve)."""
+
+    def __init__(self, plan, ctx: Context, out: str, budget: int, publisher: Publisher, log, *,
+                 reserve: int = RESERVE_S, min_step: int = MIN_STEP_S):
         self.plan, self.ctx, self.out, self.budget, self.publisher, self.log = plan, ctx, out, budget, publisher, log
+        self.min_step = min_step
         self.start = time.monotonic()
-        self.end = self.start + budget - RESERVE_S
+        self.end = self.start + budget - reserve
         self.outcomes: list[dict] = []
         self.summary_lines: list[str] = []
         self._lock = threading.RLock()
@@ -298,9 +305,9 @@ class Runner:
         running = []
         for step in steps:
             limit = self.limit_of(steps[0]) if step.beside else self.limit_of(step)
-            if limit < MIN_STEP_S:
+            if limit < self.min_step:
                 self.outcomes.append(dict(step=step.name, status="skipped", seconds=0, limit=limit))
-                self.note(f"== {step.name}: skipped, {max(limit, 0)} s left (under {MIN_STEP_S} s)")
+                self.note(f"== {step.name}: skipped, {max(limit, 0)} s left (under {self.min_step} s)")
                 continue
             self.note(f"== {step.name} (limit {limit} s): {step.what}")
             thread = threading.Thread(target=self._run_step, args=(step, limit))
