@@ -117,6 +117,7 @@ def cases(device: str = DEVICE, quick: bool | None = None, dry_run: bool | None 
             for m in s["ms"]:
                 passes = PASSES[:1] if m <= DECODE_M else PASSES
                 for pass_ in passes:
+                    start = len(out)
                     if first_rank:
                         out.append(Case("base", pass_, m, in_f, out_f, None))
                         if pass_ == "forward":
@@ -129,10 +130,8 @@ def cases(device: str = DEVICE, quick: bool | None = None, dry_run: bool | None 
                         compiled.append(Case("peft-compile", pass_, m, in_f, out_f, rank))
                     if first_rank:
                         out += [Case(f"lora-{r}", pass_, m, in_f, out_f, None) for r in LORA_RANKS]
-                    if m <= DECODE_M and device == "cuda":
-                        eager = [c for c in out if c.m == m and c.pass_ == pass_ and c.rank in (rank, None)
-                                 and (c.in_features, c.out_features) == (in_f, out_f)]
-                        out += [Case(c.impl + "+graph", pass_, m, in_f, out_f, c.rank) for c in eager
+                    if m <= DECODE_M and device == "cuda" and primary:  # the same, replayed from a CUDA graph
+                        out += [Case(c.impl + "+graph", pass_, m, in_f, out_f, c.rank) for c in out[start:]
                                 if c.impl in GRAPHED or c.impl.startswith("vera-")]
     return out + compiled
 

@@ -127,6 +127,17 @@ def test_main_table_json_after_every_group_and_exit_status(monkeypatch, tmp_path
         verify.main(["--full", "--quick"])
 
 
+def test_main_dtype_selects_the_op_groups(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(verify, "run", lambda device, backends, *, level, on_group, dtypes: seen.append(dtypes) or [
+        verify.Row("torch", "a check", 0.0, "elements", True)])
+    assert verify.main(["--device", "cpu", "--quick", "--dtype", "float32", "--dtype", "bfloat16"]) == 0
+    assert verify.main(["--device", "cpu", "--quick"]) == 0
+    assert seen == [[torch.bfloat16, torch.float32], list(verify.DTYPE_ORDER)]  # bf16 first, whatever the order given
+    with pytest.raises(SystemExit):
+        verify.main(["--dtype", "float64"])
+
+
 def _terms(low, grad, name):
     """The M terms of a reduction (M x out or M x r), each formed in fp32 from dtype values and rounded to
     the dtype: a legitimate way to compute them."""
