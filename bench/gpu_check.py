@@ -344,6 +344,9 @@ class Runner:
         self.note(f"== {step.name}: {status} after {seconds} s (limit {limit} s)")
 
 
+_running: set = set()  # the steps' processes now running (each leads its own process group)
+
+
 def _run_with_limit(argv, env, seconds: float, log, name: str) -> int | None:
     """Run ``argv`` (its output appended to ``log``) in its own process group; kill the group at the
     limit. The exit status, or None when killed."""
@@ -351,22 +354,37 @@ def _run_with_limit(argv, env, seconds: float, log, name: str) -> int | None:
     log.flush()
     process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                preexec_fn=os.setpgrp)
+    _running.add(process)
     try:
         return process.wait(timeout=max(seconds, 0.1))
     except subprocess.TimeoutExpired:
-        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        _kill_group(process)
         log.write(f"\n===== {name}: killed at its limit ({seconds:.0f} s)\n")
         log.flush()
         return None
+    finally:
+        _running.discard(process)
+
+
+def _kill_group(process, grace: float = 5):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _on_termination(signum, frame):
+    """SIGTERM/SIGINT (e.g. an outer timeout): the steps' process groups go too, then the files are published
+    as they stand (main's finally)."""
+    for process in list(_running):
+        _kill_group(process, grace=2)
+    raise SystemExit(128 + signum)
 
 
 def _cache_entries() -> int:
@@ -493,6 +511,8 @@ def main(argv=None) -> int:
                   len(os.sched_getaffinity(0)))
     allowed = ALLOWED + (results, results.removesuffix(".json") + ".png")
     publisher = Publisher(stage, out, allowed)
+    signal.signal(signal.SIGTERM, _on_termination)
+    signal.signal(signal.SIGINT, _on_termination)
     with open(os.path.join(out, "run.log"), "a") as log:
         publisher.start()
         runner = Runner(PLAN, ctx, out, budget, publisher, log)

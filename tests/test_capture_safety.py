@@ -124,13 +124,17 @@ def gpu_path(monkeypatch):
 
     class Tuner:
         def __init__(self, kernel, fn, arch, ieee):
-            self.kernel, self.fn, self.arch = kernel, fn, arch
+            self.kernel, self.fn, self.arch, self.cache = kernel, fn, arch, {}
 
         def __getitem__(self, grid):
             def run(**args):
-                # What Triton's autotuner does: time the candidates (here: choose the last), launch the best.
-                state.tuned.append(args)
-                self.best_config = autotune.candidates(self.kernel, self.arch, args)[-1]
+                # What Triton's autotuner does: time the candidates of a new key (here: choose the last),
+                # then launch the key's choice.
+                key = autotune.tune_key(self.kernel, self.fn, args)
+                if key not in self.cache:
+                    state.tuned.append(args)
+                    self.cache[key] = autotune.candidates(self.kernel, self.arch, args)[-1]
+                self.best_config = self.cache[key]
                 self.fn.launched.append({**args, **self.best_config.kwargs})
             return run
 

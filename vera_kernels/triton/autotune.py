@@ -8,8 +8,9 @@ Kernels (names used by :func:`pin_config`):
   fold      b ⊙ B                                              BLOCK_N, BLOCK_R
   sum       the second stage of the reductions over M          BLOCK_P, BLOCK_N
 
-The autotune key is (M bucket, sizes, every constexpr the configs do not set, dtypes): M is bucketed to a power of two so that a
-training run with varying sequence lengths tunes a handful of times, not once per length. The config
+The autotune key is (M bucket, sizes, every constexpr the configs do not set, dtypes): M is bucketed to a
+power of two so that a training run with varying sequence lengths tunes a handful of times, not once per
+length. The config
 lists depend on the GPU generation (sm_80: mma.sync with cp.async pipelines; sm_90: wgmma wants 64-row
 warpgroup tiles and deeper stages). A tuned choice is cached per key for the process, so repeated calls
 give the same bits; pin a config to get the same bits across processes too (autotuning may pick
@@ -23,6 +24,7 @@ the first candidate, with one warning naming the shape; it never tunes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
 import warnings
@@ -127,12 +129,13 @@ def parameters(fn) -> list[tuple[str, bool]]:
             for name, p in inspect.signature(fn.fn).parameters.items()]
 
 
-def key_names(kernel: str, fn) -> list[str]:
+@functools.lru_cache(maxsize=None)
+def key_names(kernel: str, fn) -> tuple[str, ...]:
     """The autotune key of ``kernel`` (a tuned one) launched as ``fn``: its sizes, then every constexpr of
     ``fn`` that no config sets."""
     tuned = {name for arch in (80, 90) for ieee in (False, True) for c in configs(kernel, arch, ieee) for name in c.kwargs}
-    return _SIZES[kernel] + [name for name, constexpr in parameters(fn)
-                             if constexpr and name not in tuned and name not in _SIZES[kernel]]
+    return tuple(_SIZES[kernel]) + tuple(name for name, constexpr in parameters(fn)
+                                         if constexpr and name not in tuned and name not in _SIZES[kernel])
 
 
 def tune_key(kernel: str, fn, args: dict) -> tuple:
@@ -304,7 +307,8 @@ def _tuner(kernel: str, fn, arch: int, ieee: bool):
         if (kernel, arch, ieee) not in _tuners:
             prune = {"early_config_prune": _pruner(kernel)} if kernel in _TUNED else None
             hooked = [_with_hook(kernel, c) for c in configs(kernel, arch, ieee)]
-            _tuners[(kernel, arch, ieee)] = triton.autotune(hooked, key=key_names(kernel, fn), prune_configs_by=prune)(fn)
+            key = list(key_names(kernel, fn))
+            _tuners[(kernel, arch, ieee)] = triton.autotune(hooked, key=key, prune_configs_by=prune)(fn)
         return _tuners[(kernel, arch, ieee)]
 
 
@@ -339,7 +343,7 @@ def launch(kernel: str, fn, grid, args: dict, *, interpreted: bool, device: torc
         config = _pinned.get(kernel) or config or fixed_config(kernel, interpreted)
         if config is None:
             arch = arch_of(torch.cuda.get_device_capability(device))
-            config = _without_tuning(kernel, fn, arch, args, device)
+            config = _without_tuning(kernel, fn, arch, args)
         if config is not None:
             meta = {**args, **config.kwargs}
             if kernel == "gemm":
@@ -349,9 +353,11 @@ def launch(kernel: str, fn, grid, args: dict, *, interpreted: bool, device: torc
             _record(kernel, config, compiled)
             return
         tuner = _tuner(kernel, fn, arch, bool(args.get("IEEE", False)))
+        tuned_before = len(tuner.cache)
         compiled = tuner[grid](**args)
-        with _lock:
-            _chosen[(kernel, arch, tune_key(kernel, fn, args))] = tuner.best_config
+        if len(tuner.cache) != tuned_before:  # a new key was tuned: keep its choice (captures take it)
+            with _lock:
+                _chosen[(kernel, arch, tune_key(kernel, fn, args))] = tuner.best_config
         _record(kernel, tuner.best_config, compiled)
 
 
@@ -396,7 +402,7 @@ def kernel_facts(kernel: str, config: Config, compiled) -> dict:
                 tma_loads=ptx.count("cp.async.bulk.tensor"))
 
 
-def _without_tuning(kernel: str, fn, arch: int, args: dict, device: torch.device) -> Config | None:
+def _without_tuning(kernel: str, fn, arch: int, args: dict) -> Config | None:
     """The config of a launch that must not autotune, else None (autotune). A kernel with one config (fold,
     sum) takes it; within :func:`untuned` the first candidate; while the stream captures a CUDA graph
     (autotuning synchronizes, which fails a capture) the choice autotuning made for this key, else the
@@ -405,7 +411,7 @@ def _without_tuning(kernel: str, fn, arch: int, args: dict, device: torch.device
         return configs(kernel, arch)[0]
     if _untuned:
         return candidates(kernel, arch, args)[0]
-    if not buffers.graph_capturing(device):
+    if not buffers.graph_capturing():  # (launch holds the tensors' device current)
         return None
     key = (kernel, arch, tune_key(kernel, fn, args))
     found = candidates(kernel, arch, args)
