@@ -235,20 +235,38 @@ def compile_spec(fn, args: dict, config) -> tuple[dict, dict, dict]:
     values = {**args, **config.kwargs}
     if "x_desc" in values:  # the descriptors take the config's tile shapes (the launcher's pre-hook)
         autotune.set_block_shapes(values)
-    signature, constexprs, attrs = {}, {}, {}
-    for i, (name, is_constexpr) in enumerate(parameters(fn)):
+    signature, constexprs, specialization = {}, {}, []
+    for name, is_constexpr in parameters(fn):
         value = values[name]
-        kind, key = ("constexpr", "") if is_constexpr else _specialize(value)
+        kind, key = ("constexpr", value) if is_constexpr else _specialize(value)
         signature[name] = kind
         if kind == "constexpr":
             constexprs[name] = value
-            key = ""
-        # The attributes exactly as the JIT's launcher derives them (an entry for each parameter whose key is
-        # a string, empty unless "D"): they are part of Triton's cache key, so this compilation is the one
-        # the JIT later finds in the cache (bench/gpu_check.sh's ahead-of-time compile; tests/test_gpu_check.py).
-        if isinstance(key, str):
-            attrs[(i,)] = [["tt.divisibility", 16]] if "D" in key else []
-    return signature, constexprs, attrs
+            key = value
+        specialization.append((kind, key))
+    return signature, constexprs, _attributes(fn, specialization, values)
+
+
+def _attributes(fn, specialization, values) -> dict:
+    """The compile attributes (divisibility) of a launch, derived by Triton's own JIT code from the
+    launcher's specialization: they are part of Triton's cache key, and Triton versions build them
+    differently (3.9 has an empty entry for every constexpr, 3.6 none), so this compilation is the one the
+    JIT later finds in its cache (bench/gpu_check.sh's ahead-of-time compile; tests/test_gpu_check.py)."""
+    from types import SimpleNamespace
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction
+
+    holder = SimpleNamespace(params=[SimpleNamespace(name=name) for name, _ in parameters(fn)])
+    bound = {name: values[name] for name, _ in parameters(fn)}
+    global _BACKEND
+    if _BACKEND is None:  # parse_attr is the same for every CUDA target
+        _BACKEND = make_backend(GPUTarget("cuda", 90, 32))
+    return JITFunction._pack_args(holder, _BACKEND, {}, bound, specialization, None)[3]
+
+
+_BACKEND = None
 
 
 @dataclass
