@@ -33,8 +33,8 @@ def _session_records():
 
 def _estimate(case, dtype):
     try:
-        return plan.estimate_seconds(case.impl.removesuffix("+graph"), case.pass_, case.m, case.in_features, case.out_features, case.rank,
-                                     dtype)
+        impl = case.impl.removesuffix("+graph")  # replayed from a CUDA graph: the same launches
+        return plan.estimate_seconds(impl, case.pass_, case.m, case.in_features, case.out_features, case.rank, dtype)
     except Exception as exc:  # an estimate must never cost a GPU session its measurements: record why not
         return f"not estimated: {type(exc).__name__}: {exc}"
 

@@ -383,7 +383,8 @@ def test_benchmark_groups():
     assert {"base+graph", "peft+graph", "lora-8+graph"} <= graphed
     # Each graphed case comes right after the eager ones of its M; none on CPU (no CUDA graphs).
     assert not any(c.impl.endswith("+graph") for c in harness.cases("cpu", quick=False, dry_run=True))
-    assert harness.flops("lora-8+graph", "forward", 1, 64, 96, None) == harness.flops("lora-8", "forward", 1, 64, 96, None)
+    assert harness.flops("lora-8+graph", "forward", 1, 64, 96, None) == harness.flops("lora-8", "forward", 1, 64, 96,
+                                                                                      None)
 
 
 def test_the_dry_run_has_one_compile_case():

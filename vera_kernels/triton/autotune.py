@@ -133,7 +133,8 @@ def parameters(fn) -> list[tuple[str, bool]]:
 def key_names(kernel: str, fn) -> tuple[str, ...]:
     """The autotune key of ``kernel`` (a tuned one) launched as ``fn``: its sizes, then every constexpr of
     ``fn`` that no config sets."""
-    tuned = {name for arch in (80, 90) for ieee in (False, True) for c in configs(kernel, arch, ieee) for name in c.kwargs}
+    tuned = {name for arch in (80, 90) for ieee in (False, True) for c in configs(kernel, arch, ieee)
+             for name in c.kwargs}
     return tuple(_SIZES[kernel]) + tuple(name for name, constexpr in parameters(fn)
                                          if constexpr and name not in tuned and name not in _SIZES[kernel])
 
