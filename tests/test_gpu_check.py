@@ -327,6 +327,9 @@ for *_, launch in static.capture([s for s in static.SCENARIOS if s.name in sys.a
     if launch.kernel == "gemm":
         autotune.set_block_shapes(meta)
     kernel = launch.fn.warmup(grid=(1,), **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+    # How Triton's autotuner launches its choice: the config's all_kwargs (num_ctas and the rest too).
+    tuned = launch.fn.warmup(grid=(1,), **{**meta, **config.all_kwargs()})
+    assert tuned.hash == kernel.hash
     found.append((kernel.metadata.name, launch.args.get("USE_TMA")))
 print(sorted(set(found)))
 """
