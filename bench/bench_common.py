@@ -8,6 +8,7 @@ Settings (environment variables), the same in every file:
 """
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -103,3 +104,14 @@ class LoadProbe:
             others = min(1.0, max(0.0, (busy - self.busy - own) / (wall * cpus)))
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         return dict(load_avg_1min=load, cpus=cpus, others_busy=others)
+
+
+def write_json_atomically(path: str, data) -> None:
+    """``data`` as JSON at ``path``, replaced in one step (a reader, or a run killed meanwhile, sees the old
+    file or the new one, never half of one; the temporary file is a dotfile beside it)."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(tmp, path)

@@ -9,6 +9,8 @@ Implementations of one adapted linear layer (x: M x in, W0: out x in frozen, bia
   peft          PEFT's own VeRA layer, eager (its defaults: λ vectors in fp32)
   peft-compile  the same under torch.compile (only a few shapes: each compiles for tens of seconds)
   lora-8/64     PEFT's LoRA layer at r = 8 and 64 (its defaults: adapter weights upcast to fp32)
+  <impl>+graph  decode only, on a GPU: the same layer's forward captured once in a CUDA graph and replayed
+                (what a serving loop does): the kernels' time without the host's per-call overhead
 Passes: forward (inference, no_grad), backward (y.backward(g) after an untimed forward) and
 forward+backward (one training step). x requires grad (an upstream layer would want dx); the trained
 parameters are the adapter's. Inputs are random normal, never zeros.
@@ -27,6 +29,8 @@ Settings come from the environment (the suite runs under plain ``pytest bench/ -
                           rows, and every other suite's (bench/conftest.py) under "suites"
   VERA_BENCH_DEADLINE=T   skip the cases left after Unix time T (a GPU session's budget; bench/conftest.py)
   VERA_BENCH_DRY_RUN=1    tiny shapes, one round (bench/gpu_check.sh --dry-run: the plumbing, no figures)
+  VERA_BENCH_GROUP=G      only the cases of group G (see group(): target, decode, compile, rest)
+  VERA_BENCH_APPEND=1     keep the records already in VERA_BENCH_JSON (one file over several sessions)
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from torch import nn
 
 import bench_common
 from bench_common import LoadProbe, dispersion  # noqa: F401  (LoadProbe: used from here by the suite)
+from bench_common import write_json_atomically
 from vera_kernels.measure import saved_activation_bytes  # noqa: F401  (bench/test_bench_cpu.py uses it from here)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,6 +63,8 @@ CPU = dict(dtype=torch.float32, layers=[(1024, 1024), (1024, 2752)], ranks=[64, 
 DRY_RUN = dict(dtype=torch.float32, layers=[(64, 96)], ranks=[16], ms=[32, 1], rounds=1, warmup=1)
 DECODE_M = 16  # M at or under this: decode, forward only (nobody trains on one token)
 LORA_RANKS = (8, 64)
+GRAPHED = ("base", "peft", "lora-8")  # besides the fused backends: replayed from a CUDA graph at decode M
+GROUPS = ("target", "decode", "compile", "rest")
 
 
 @dataclass(frozen=True)
@@ -112,17 +119,47 @@ def cases(device: str = DEVICE, quick: bool | None = None, dry_run: bool | None 
             for m in s["ms"]:
                 passes = PASSES[:1] if m <= DECODE_M else PASSES
                 for pass_ in passes:
+                    start = len(out)
                     if first_rank:
                         out.append(Case("base", pass_, m, in_f, out_f, None))
                         if pass_ == "forward":
                             out.append(Case("merged", pass_, m, in_f, out_f, None))
                     out += [Case(impl, pass_, m, in_f, out_f, rank) for impl in vera]
-                    # torch.compile: the largest decode M and the largest M of the primary shapes only.
-                    if primary and m in (max(decode_ms, default=None), max(s["ms"])) and pass_ != "backward":
+                    # torch.compile: the largest decode M and the largest M of the primary shapes only (the
+                    # dry run: the first of those, the plumbing of bench/gpu_check.sh's compile step).
+                    if (primary and m in (max(decode_ms, default=None), max(s["ms"])) and pass_ != "backward"
+                            and not (s["dry_run"] and compiled)):
                         compiled.append(Case("peft-compile", pass_, m, in_f, out_f, rank))
                     if first_rank:
                         out += [Case(f"lora-{r}", pass_, m, in_f, out_f, None) for r in LORA_RANKS]
+                    if m <= DECODE_M and device == "cuda" and primary:  # the same, replayed from a CUDA graph
+                        out += [Case(c.impl + "+graph", pass_, m, in_f, out_f, c.rank) for c in out[start:]
+                                if c.impl in GRAPHED or c.impl.startswith("vera-")]
     return out + compiled
+
+
+def group(case: Case, device: str = DEVICE, quick: bool | None = None, dry_run: bool | None = None) -> str:
+    """A case's place in bench/gpu_check.sh's plan: "target" (the first layer and rank at the training Ms,
+    forward and forward+backward), "decode" (the first layer and rank at decode M, eager and graphed),
+    "compile" (the first torch.compile case), "rest" (everything else)."""
+    s = settings(device, quick, dry_run)
+    primary = (case.in_features, case.out_features) == s["layers"][0] and case.rank in (s["ranks"][0], None)
+    if case.impl == "peft-compile":
+        first = next(c for c in cases(device, quick, dry_run) if c.impl == "peft-compile")
+        return "compile" if case == first else "rest"
+    if primary and case.m <= DECODE_M:
+        return "decode"
+    if primary and case.pass_ in ("forward", "forward+backward"):
+        return "target"
+    return "rest"
+
+
+def selected_cases(device: str = DEVICE) -> list[Case]:
+    """The cases this session runs: all of them, or VERA_BENCH_GROUP's."""
+    wanted = os.environ.get("VERA_BENCH_GROUP")
+    if wanted and wanted not in GROUPS:
+        raise ValueError(f"VERA_BENCH_GROUP must be one of {', '.join(GROUPS)}; got {wanted!r}")
+    return [c for c in cases(device) if not wanted or group(c, device) == wanted]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,7 +239,9 @@ def build(impl: str, in_features: int, out_features: int, rank: int | None, dtyp
     model = peft.get_peft_model(_Holder(linear), config).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     _randomize(trainable)
-    module = torch.compile(model) if impl == "peft-compile" else model
+    # The dry run checks the plumbing of the compile step: Dynamo's trace, not Inductor's minute of C++.
+    compile_backend = "eager" if settings(device)["dry_run"] else "inductor"
+    module = torch.compile(model, backend=compile_backend) if impl == "peft-compile" else model
     return Layer(module, trainable, _storages(model))
 
 
@@ -219,7 +258,10 @@ class Runner:
 
     def __init__(self, case: Case, dtype, device: str = DEVICE):
         self.case, self.device = case, device
-        self.layer = build(case.impl, case.in_features, case.out_features, case.rank, dtype, device)
+        self.graphed = case.impl.endswith("+graph")
+        self.layer = build(case.impl.removesuffix("+graph"), case.in_features, case.out_features, case.rank, dtype,
+                           device)
+        self.graph = None
         torch.manual_seed(1)
         self.x = torch.randn(case.m, case.in_features, device=device, dtype=dtype, requires_grad=True)
         self.grad = torch.randn(case.m, case.out_features, device=device, dtype=dtype)
@@ -241,7 +283,9 @@ class Runner:
             self._flush.zero_()
 
     def op(self):
-        if self.case.pass_ == "forward":
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.case.pass_ == "forward":
             with torch.no_grad():
                 self.layer.module(self.x)
         elif self.case.pass_ == "backward":
@@ -267,6 +311,21 @@ class Runner:
             self.setup()
             self.target()
         self.event_times.clear()
+        if self.graphed:
+            self._capture()
+
+    def _capture(self):
+        """Capture the forward in a CUDA graph (after the eager warm-up: plans, projections and autotuning
+        are done, so the capture tunes nothing); op() replays it."""
+        side = torch.cuda.Stream()  # a warm-up on a side stream first, as torch.cuda.graph's docs ask
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            self.layer.module(self.x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            self.layer.module(self.x)
+        self.graph = graph
 
     def saved_activation_bytes(self) -> int | None:
         """Bytes of the distinct storages autograd saves for backward in one forward (None for inference)."""
@@ -296,6 +355,7 @@ def flops(impl: str, pass_: str, m: int, in_features: int, out_features: int, ra
     2 r (in + out) per token forward and 2 r (in + 2 out) backward (dx, dd, db), for LoRA 2 r (in + out)
     forward and 4 r (in + out) backward (dx and both weight gradients). Merged: the base's."""
     base = 2 * m * in_features * out_features
+    impl = impl.removesuffix("+graph")  # the same layer replayed from a CUDA graph: the same work
     if impl.startswith("lora-"):
         r = int(impl.removeprefix("lora-"))
         fwd, bwd = base + 2 * m * r * (in_features + out_features), base + 4 * m * r * (in_features + out_features)
@@ -335,6 +395,10 @@ class Records:
         self.device, self.path, self.rows, self.suite_rows = device, results_path(device), [], []
         self.header = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            environment=environment(device), settings=_jsonable(settings(device)))
+        if os.environ.get("VERA_BENCH_APPEND") == "1" and os.path.exists(self.path):
+            with open(self.path) as f:
+                earlier = json.load(f)
+            self.header, self.rows = {k: v for k, v in earlier.items() if k != "results"}, earlier["results"]
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -345,10 +409,7 @@ class Records:
         self._write()
 
     def _write(self) -> None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with open(self.path + ".tmp", "w") as f:
-            json.dump(dict(self.header, results=self.rows, suites=self.suite_rows), f, indent=1, default=str)
-        os.replace(self.path + ".tmp", self.path)
+        write_json_atomically(self.path, dict(self.header, results=self.rows, suites=self.suite_rows))
 
 
 _session = None

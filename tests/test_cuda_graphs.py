@@ -85,3 +85,56 @@ def test_reduce_overhead_compile_serves_the_bank(backend):
             got = compiled(x).clone()
             expected = model(x)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _layer(backend):
+    torch.manual_seed(0)
+    return vk.FusedVeRALinear.from_linear(nn.Linear(DIM, HIDDEN).cuda(), RANK, backend=backend).eval()
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda", "triton"))
+def test_larger_eager_calls_after_a_capture_leave_the_graphs_buffers_alone(backend):
+    # Eager calls at a larger M grow (and free) the cached workspaces; the graph captured at a small M must
+    # keep its own (tests/test_capture_safety.py checks the rule on CPU).
+    layer = _layer(backend)
+    static_x = torch.randn(4, DIM, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            layer(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_y = layer(static_x)
+    with torch.no_grad():
+        for m in (300, 2000):
+            layer(torch.randn(m, DIM, device="cuda"))
+        for _ in range(3):
+            x = torch.randn(4, DIM, device="cuda")
+            static_x.copy_(x)
+            graph.replay()
+            torch.cuda.synchronize()
+            torch.testing.assert_close(static_y, layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+def test_a_capture_never_autotunes(backend):
+    # A shape never run eagerly: the capture takes the first candidate config (compiled beforehand here, as
+    # a capture should not compile either) with one warning naming the shape, and replays correctly.
+    from vera_kernels.triton import autotune
+
+    layer = _layer(backend)
+    with torch.no_grad():
+        layer(torch.randn(7, DIM, device="cuda"))  # the projections and the plan, at another M
+        x = torch.randn(48, DIM, device="cuda")
+        with autotune.untuned():
+            expected = layer(x)  # compiles the first candidates, tunes nothing
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with pytest.warns(RuntimeWarning, match="untuned shape during a CUDA graph capture"):
+            with torch.cuda.graph(graph):
+                static_y = layer(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(static_y, expected, rtol=0, atol=0)

@@ -105,7 +105,7 @@ def test_main_table_json_after_every_group_and_exit_status(monkeypatch, tmp_path
     seen = []
 
     def fake_run(groups):
-        def run(device, backends, *, level, on_group):
+        def run(device, backends, *, level, on_group, dtypes):
             rows = []
             for group in groups:
                 on_group("a group", group, 0.1)
@@ -125,6 +125,17 @@ def test_main_table_json_after_every_group_and_exit_status(monkeypatch, tmp_path
     assert "y 5.00e-01" in out and "FAIL (seed 7" in out and "1 passed, 1 failed" in out and "Failed:" in out
     with pytest.raises(SystemExit):
         verify.main(["--full", "--quick"])
+
+
+def test_main_dtype_selects_the_op_groups(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(verify, "run", lambda device, backends, *, level, on_group, dtypes: seen.append(dtypes) or [
+        verify.Row("torch", "a check", 0.0, "elements", True)])
+    assert verify.main(["--device", "cpu", "--quick", "--dtype", "float32", "--dtype", "bfloat16"]) == 0
+    assert verify.main(["--device", "cpu", "--quick"]) == 0
+    assert seen == [[torch.bfloat16, torch.float32], list(verify.DTYPE_ORDER)]  # bf16 first, whatever the order given
+    with pytest.raises(SystemExit):
+        verify.main(["--dtype", "float64"])
 
 
 def _terms(low, grad, name):

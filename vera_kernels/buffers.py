@@ -1,4 +1,5 @@
-"""Fresh output buffers for the kernels, and the test switch that poisons them.
+"""Fresh output buffers for the kernels, the test switch that poisons them, and whether a CUDA graph is
+being captured (what the Triton workspaces and autotuning must know).
 
 A leaf module (it imports only torch): every backend allocates with :func:`new_output`, and the C++ ops,
 which allocate their outputs in C++, follow the same switch (``vera_kernels._C.set_poison_outputs``).
@@ -46,3 +47,15 @@ def new_output(*shape, dtype: torch.dtype, device) -> torch.Tensor:
     if _poison_outputs:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def graph_capturing(device: torch.device | None = None) -> bool:
+    """Whether the current stream of ``device`` (a CUDA device; else the current device) is capturing a CUDA
+    graph: then allocations come from the graph's private pool and nothing may synchronize. False while
+    CUDA was never initialized (nothing can capture then, and asking would initialize it)."""
+    if not torch.cuda.is_initialized():
+        return False
+    if device is not None and device.type == "cuda" and device.index is not None:
+        with torch.cuda.device(device.index):
+            return torch.cuda.is_current_stream_capturing()
+    return torch.cuda.is_current_stream_capturing()

@@ -586,10 +586,12 @@ def runnable_backends(device: str, backend_names: list[str] | None = None) -> li
     return runnable
 
 
-def run(device: str, backend_names: list[str] | None = None, *, level: str = "default", on_group=None) -> list[Row]:
+def run(device: str, backend_names: list[str] | None = None, *, level: str = "default", on_group=None,
+        dtypes=DTYPE_ORDER) -> list[Row]:
     """Every check of ``level`` of every backend that runs on ``device`` (or of ``backend_names``), group by
-    group: the projection scheme per backend, the ops per dtype (bf16 first) and shape set, the float64
-    reference. ``on_group(what, rows, seconds)`` is called after each group (default: a progress line)."""
+    group: the projection scheme per backend, the ops per dtype (of ``dtypes``, in DTYPE_ORDER: bf16 first)
+    and shape set, the float64 reference. ``on_group(what, rows, seconds)`` is called after each group
+    (default: a progress line)."""
     from . import ops  # noqa: F401  registers the torch backend's ops
 
     on_group = on_group or _progress
@@ -610,7 +612,7 @@ def run(device: str, backend_names: list[str] | None = None, *, level: str = "de
         for backend in sorted(set(runnable) - set(with_ops)):
             print(f"[skip] {backend}: does not implement vera_linear yet", flush=True)
         if with_ops:
-            for dtype in DTYPE_ORDER:
+            for dtype in [d for d in DTYPE_ORDER if d in dtypes]:
                 for set_name, shapes in shape_sets(device, level).items():
                     what = f"ops {_dtype_name(dtype)} {set_name}, {len(shapes)} shape{'s' * (len(shapes) > 1)}"
                     group(what, lambda: op_group(with_ops, device, dtype, set_name, shapes))
@@ -721,6 +723,8 @@ def main(argv=None) -> int:
     how_much.add_argument("--quick", action="store_true",
                           help="the odd shapes and the scheme's known answers only (a smoke test); "
                           "default: a representative subset, under 2 minutes on 2 CPU cores (CI runs it)")
+    parser.add_argument("--dtype", action="append", choices=[_dtype_name(d) for d in DTYPE_ORDER],
+                        help="check the ops in this dtype only (repeatable; default: all, bfloat16 first)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and the environment as JSON, "
                         "rewritten after every group")
     parser.add_argument("--static", action="store_true",
@@ -753,7 +757,8 @@ def main(argv=None) -> int:
         if args.json:
             write_json(args.json, env, level, time.perf_counter() - start, done, complete=False)
 
-    rows = run(device, args.backend, level=level, on_group=on_group)
+    dtypes = [d for d in DTYPE_ORDER if not args.dtype or _dtype_name(d) in args.dtype]
+    rows = run(device, args.backend, level=level, on_group=on_group, dtypes=dtypes)
     failed = [r for r in rows if not r.passed]
     elapsed = time.perf_counter() - start
     if failed:

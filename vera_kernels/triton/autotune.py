@@ -8,23 +8,33 @@ Kernels (names used by :func:`pin_config`):
   fold      b ⊙ B                                              BLOCK_N, BLOCK_R
   sum       the second stage of the reductions over M          BLOCK_P, BLOCK_N
 
-The autotune key is (M bucket, sizes, kernel variant, dtypes): M is bucketed to a power of two so that a
-training run with varying sequence lengths tunes a handful of times, not once per length. The config
+The autotune key is (M bucket, sizes, every constexpr the configs do not set, dtypes): M is bucketed to a
+power of two so that a training run with varying sequence lengths tunes a handful of times, not once per
+length. The config
 lists depend on the GPU generation (sm_80: mma.sync with cp.async pipelines; sm_90: wgmma wants 64-row
 warpgroup tiles and deeper stages). A tuned choice is cached per key for the process, so repeated calls
 give the same bits; pin a config to get the same bits across processes too (autotuning may pick
 another BLOCK_K, hence another summation order, in another process).
+
+CUDA graphs: autotuning times configs and synchronizes, which a capture forbids. A launch met while its
+stream captures takes the choice autotuning made for its key (run the shape once before capturing), else
+the first candidate, with one warning naming the shape; it never tunes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
 import triton
 from triton import Config
+
+from .. import buffers
 
 KERNELS = ("rank", "finish", "gemm", "fold", "sum")
 
@@ -101,16 +111,38 @@ _IEEE = {
 }
 
 _TABLES = {"rank": _RANK, "gemm": _GEMM, "fold": _FOLD, "sum": _SUM}
-_KEYS = {
-    # The variant flags too: the pruner keeps different configs for them (spills, decode tiles).
-    "rank": ["M_BUCKET", "R", "K", "MODE", "BLOCK_M", "BLOCK_R", "GENERATE_P", "SCALE_P", "HAS_BIAS", "HAS_IDS"],
-    "gemm": ["M_BUCKET", "N", "K_ADAPTER", "K_BASE", "USE_TMA", "SCALE_IN_LOOP", "ON_THE_FLY", "HAS_IDS", "P_IS_NK"],
-    "fold": ["R"],
-    "sum": ["P", "N"],
-}
+# The autotune key of a tuned kernel: these sizes, then every constexpr of the kernel that the configs do not
+# set (key_names): each one changes the compiled kernel, hence which config is fastest and which ones the
+# pruner keeps (vera_delta's GEMM, without the base GEMM, is not vera_linear's). Triton adds the dtypes.
+_SIZES = {"rank": ["M_BUCKET", "R", "K"], "gemm": ["M_BUCKET", "N", "K_ADAPTER", "K_BASE"]}
 _TUNED = ("rank", "gemm")
 # Descriptor arguments of the fused GEMM and their block shapes, set from the config before each launch.
 _DESCRIPTORS = ("x_desc", "w_desc", "t_desc", "p_desc")
+
+
+def parameters(fn) -> list[tuple[str, bool]]:
+    """(name, is constexpr) of each parameter of a jit function (or of the interpreter's stand-in, which
+    keeps only the Python function: its annotations then say which are constexpr)."""
+    if hasattr(fn, "params"):
+        return [(p.name, p.is_constexpr) for p in fn.params]
+    return [(name, str(p.annotation).split(".")[-1].endswith("constexpr"))
+            for name, p in inspect.signature(fn.fn).parameters.items()]
+
+
+@functools.lru_cache(maxsize=None)
+def key_names(kernel: str, fn) -> tuple[str, ...]:
+    """The autotune key of ``kernel`` (a tuned one) launched as ``fn``: its sizes, then every constexpr of
+    ``fn`` that no config sets."""
+    tuned = {name for arch in (80, 90) for ieee in (False, True) for c in configs(kernel, arch, ieee)
+             for name in c.kwargs}
+    return tuple(_SIZES[kernel]) + tuple(name for name, constexpr in parameters(fn)
+                                         if constexpr and name not in tuned and name not in _SIZES[kernel])
+
+
+def tune_key(kernel: str, fn, args: dict) -> tuple:
+    """What autotuning keys its choice on for this launch: the key's values and the tensors' dtypes."""
+    return (tuple((name, args[name]) for name in key_names(kernel, fn))
+            + tuple(str(v.dtype) for v in args.values() if isinstance(v, torch.Tensor)))
 
 
 def set_block_shapes(nargs: dict) -> None:
@@ -223,6 +255,8 @@ _tuners: dict[tuple[str, int, bool], object] = {}
 _lock = threading.Lock()
 _capture = None  # a list while static.captured() records launches instead of running them
 _untuned = False  # within untuned(): the first candidate instead of autotuning
+_chosen: dict[tuple, Config] = {}  # (kernel, arch, tune_key) -> the config autotuning chose
+_warned: set[tuple] = set()  # the keys met untuned during a CUDA graph capture (one warning each)
 
 
 @dataclass(frozen=True)
@@ -274,7 +308,8 @@ def _tuner(kernel: str, fn, arch: int, ieee: bool):
         if (kernel, arch, ieee) not in _tuners:
             prune = {"early_config_prune": _pruner(kernel)} if kernel in _TUNED else None
             hooked = [_with_hook(kernel, c) for c in configs(kernel, arch, ieee)]
-            _tuners[(kernel, arch, ieee)] = triton.autotune(hooked, key=_KEYS[kernel], prune_configs_by=prune)(fn)
+            key = list(key_names(kernel, fn))
+            _tuners[(kernel, arch, ieee)] = triton.autotune(hooked, key=key, prune_configs_by=prune)(fn)
         return _tuners[(kernel, arch, ieee)]
 
 
@@ -307,14 +342,112 @@ def launch(kernel: str, fn, grid, args: dict, *, interpreted: bool, device: torc
         return
     with on_device(device):
         config = _pinned.get(kernel) or config or fixed_config(kernel, interpreted)
-        if config is None and _untuned:
-            config = candidates(kernel, arch_of(torch.cuda.get_device_capability(device)), args)[0]
+        if config is None:
+            arch = arch_of(torch.cuda.get_device_capability(device))
+            config = _without_tuning(kernel, fn, arch, args)
         if config is not None:
             meta = {**args, **config.kwargs}
             if kernel == "gemm":
                 set_block_shapes(meta)
-            fn[grid(meta) if callable(grid) else grid](**meta, num_warps=config.num_warps,
-                                                       num_stages=config.num_stages)
+            compiled = fn[grid(meta) if callable(grid) else grid](**meta, num_warps=config.num_warps,
+                                                                  num_stages=config.num_stages)
+            _record(kernel, config, compiled)
             return
-        tuner = _tuner(kernel, fn, arch_of(torch.cuda.get_device_capability(device)), bool(args.get("IEEE", False)))
-        tuner[grid](**args)
+        tuner = _tuner(kernel, fn, arch, bool(args.get("IEEE", False)))
+        tuned_before = len(tuner.cache)
+        compiled = tuner[grid](**args)
+        if len(tuner.cache) != tuned_before:  # a new key was tuned: keep its choice (captures take it)
+            with _lock:
+                _chosen[(kernel, arch, tune_key(kernel, fn, args))] = tuner.best_config
+        _record(kernel, tuner.best_config, compiled)
+
+
+_recorders: list[dict] = []  # one per open recording() block
+
+
+@contextlib.contextmanager
+def recording():
+    """Within this block, each distinct compiled kernel the package launches is kept with its config; the
+    dict yielded maps each to :func:`kernel_facts` when the block ends (bench/conftest.py: the static facts
+    of every kernel a benchmark case ran, beside its time)."""
+    seen: dict = {}
+    with _lock:
+        _recorders.append(seen)
+    facts: dict = {}
+    try:
+        yield facts
+    finally:
+        with _lock:
+            _recorders.remove(seen)
+        facts.update({key: kernel_facts(kernel, config, compiled) for key, (kernel, config, compiled) in seen.items()})
+
+
+def _record(kernel: str, config: Config, compiled) -> None:
+    if _recorders and hasattr(compiled, "metadata"):  # a CompiledKernel (the interpreter returns none)
+        key = (kernel, getattr(compiled, "hash", id(compiled)))
+        with _lock:
+            for seen in _recorders:
+                seen.setdefault(key, (kernel, config, compiled))
+
+
+def kernel_facts(kernel: str, config: Config, compiled) -> dict:
+    """What a compiled kernel is: its name, config, registers and spills per thread (known once it has been
+    loaded, i.e. launched), shared memory, and its tensor-core and TMA instructions counted in its PTX
+    (wgmma: Hopper's warpgroup MMA; mma.sync: Ampere's; cp.async.bulk.tensor: TMA loads)."""
+    metadata = compiled.metadata
+    ptx = compiled.asm.get("ptx", "") if hasattr(compiled, "asm") else ""
+    return dict(kernel=kernel, name=metadata.name, config=_describe(config), num_warps=metadata.num_warps,
+                num_stages=metadata.num_stages, shared_bytes=metadata.shared,
+                registers=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None),
+                wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
+                tma_loads=ptx.count("cp.async.bulk.tensor"))
+
+
+def _without_tuning(kernel: str, fn, arch: int, args: dict) -> Config | None:
+    """The config of a launch that must not autotune, else None (autotune). A kernel with one config (fold,
+    sum) takes it; within :func:`untuned` the first candidate; while the stream captures a CUDA graph
+    (autotuning synchronizes, which fails a capture) the choice autotuning made for this key, else the
+    first candidate, with one warning per key when there was a choice to make."""
+    if kernel not in _TUNED:
+        return configs(kernel, arch)[0]
+    if _untuned:
+        return candidates(kernel, arch, args)[0]
+    if not buffers.graph_capturing():  # (launch holds the tensors' device current)
+        return None
+    key = (kernel, arch, tune_key(kernel, fn, args))
+    found = candidates(kernel, arch, args)
+    with _lock:
+        chosen = _chosen.get(key)
+        warn = chosen is None and len(found) > 1 and key not in _warned
+        _warned.add(key)
+    if warn:
+        warnings.warn(f"vera_kernels: the {kernel} kernel met an untuned shape during a CUDA graph capture "
+                      f"({describe_key(kernel, fn, args)}): it runs the first candidate config "
+                      f"({_describe(found[0])}), not a tuned one. Run this shape once before capturing "
+                      f"to capture the tuned config.", RuntimeWarning, stacklevel=4)
+    return chosen or found[0]
+
+
+def describe_key(kernel: str, fn, args: dict) -> str:
+    """A launch's shape as its autotune key sees it: "M_BUCKET=512 N=4096 ... bfloat16 HAS_BASE_GEMM ..."
+    (the constexpr switches that are on; the dtypes of its tensors)."""
+    names = key_names(kernel, fn)
+    sizes = [f"{n}={args[n]}" for n in _SIZES[kernel]]
+    flags = [n if args[n] is True else f"{n}={args[n]}" for n in names[len(_SIZES[kernel]):]
+             if args[n] not in (None, False, 0) and n != "INTERPRET"]
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in args.values() if isinstance(v, torch.Tensor)})
+    return " ".join(sizes + dtypes + flags)
+
+
+def _describe(config: Config) -> str:
+    blocks = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{blocks} num_warps={config.num_warps} num_stages={config.num_stages}"
+
+
+def choices() -> list[dict]:
+    """Every choice autotuning made in this process: its kernel, arch, key (the key's names and values, then
+    the tensors' dtypes) and config."""
+    with _lock:
+        items = list(_chosen.items())
+    return [dict(kernel=kernel, arch=arch, key=[list(k) if isinstance(k, tuple) else k for k in key],
+                 config=_describe(config)) for (kernel, arch, key), config in items]

@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import buffers
 from ..buffers import new_output
 from ..projections import TAG_A, TAG_B, projection_scale
 from . import autotune
@@ -471,11 +472,24 @@ def num_sms(device: torch.device) -> int:
 # thread) and grown when a call needs more, so a decode step allocates nothing but its outputs. Kernels on
 # one stream run in the order they were enqueued and one thread enqueues a call's kernels together, so a
 # buffer is never overwritten by another call before the kernels that read it have run.
+#
+# CUDA graphs. A captured graph keeps the addresses its kernels were given and replays them later, in
+# between eager calls; so the cache must never hand a graph a buffer it may later free or give to another
+# call (a larger M replaces a cached buffer: the old one is freed). The rule: while the stream captures,
+# a call takes no cached workspace and leaves the cache alone; it allocates its own, which the caching
+# allocator takes from the graph's private pool, and drops it at the end of the call like any temporary
+# of a PyTorch op. Memory a capture frees stays reserved for its graph: only later allocations of the same
+# capture (which the graph runs after this call's kernels, in capture order) or of captures that share its
+# pool (which torch requires to be replayed in capture order) can reuse it. No eager call, whatever its M,
+# can then touch memory a graph reads. The cost is paid at capture time: a replay allocates nothing.
 _workspaces: dict[tuple, torch.Tensor] = {}
 _workspace_lock = threading.Lock()
 
 
 def workspace(purpose: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer of ``numel`` elements for this call's kernels (see the rule above)."""
+    if buffers.graph_capturing(device):
+        return new_output(max(numel, 1), dtype=dtype, device=device)[:numel]
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (purpose, dtype, str(device), stream, threading.get_ident())
     with _workspace_lock:

@@ -48,6 +48,8 @@ from typing import Callable
 
 import torch
 
+from .autotune import parameters
+
 _TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ARCHS = (90, 80)
@@ -208,30 +210,22 @@ def kernel_name(fn) -> str:
     return fn.fn.__name__
 
 
-def _specialize(value) -> tuple[str, bool]:
-    """(signature type, divisible by 16) of a launch argument: Triton's own launcher's decision (an int
-    equal to 1 or None is a constant; ints and pointers divisible by 16 are marked so); a host-side TMA
-    descriptor is typed by its dtype and the tile shape the config gave it."""
+def _specialize(value) -> tuple[str, object]:
+    """(signature type, specialization key) of a launch argument, Triton's own launcher's: an int equal to
+    1 or None is a constant; ints and pointers divisible by 16 have the key "D", other ints and pointers
+    "", floats and descriptors None; a host-side TMA descriptor is typed by its dtype and the tile shape
+    the config gave it."""
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime import jit
 
     from .linear import TensorDescriptor
 
-    if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
-        return f"tensordesc<{_TYPE_NAMES[value.base.dtype]}[{','.join(map(str, value.block_shape))}]>", False
-    kind, key = jit.native_specialize_impl(CUDABackend, value, False, True, True)
-    return kind, key == "D"
-
-
-def parameters(fn) -> list[tuple[str, bool]]:
-    """(name, is constexpr) of each parameter of a jit function (or of the interpreter's stand-in, which
-    keeps only the Python function: its annotations then say which are constexpr)."""
-    if hasattr(fn, "params"):
-        return [(p.name, p.is_constexpr) for p in fn.params]
-    import inspect
-
-    return [(name, str(p.annotation).split(".")[-1].endswith("constexpr"))
-            for name, p in inspect.signature(fn.fn).parameters.items()]
+    try:
+        return jit.native_specialize_impl(CUDABackend, value, False, True, True)
+    except (TypeError, ValueError):  # a Triton whose launcher types descriptors in Python
+        if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
+            return f"tensordesc<{_TYPE_NAMES[value.base.dtype]}[{', '.join(map(str, value.block_shape))}]>", None
+        raise
 
 
 def compile_spec(fn, args: dict, config) -> tuple[dict, dict, dict]:
@@ -241,16 +235,38 @@ def compile_spec(fn, args: dict, config) -> tuple[dict, dict, dict]:
     values = {**args, **config.kwargs}
     if "x_desc" in values:  # the descriptors take the config's tile shapes (the launcher's pre-hook)
         autotune.set_block_shapes(values)
-    signature, constexprs, attrs = {}, {}, {}
-    for i, (name, is_constexpr) in enumerate(parameters(fn)):
+    signature, constexprs, specialization = {}, {}, []
+    for name, is_constexpr in parameters(fn):
         value = values[name]
-        kind, divisible = ("constexpr", False) if is_constexpr else _specialize(value)
+        kind, key = ("constexpr", value) if is_constexpr else _specialize(value)
         signature[name] = kind
         if kind == "constexpr":
             constexprs[name] = value
-        elif divisible:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    return signature, constexprs, attrs
+            key = value
+        specialization.append((kind, key))
+    return signature, constexprs, _attributes(fn, specialization, values)
+
+
+def _attributes(fn, specialization, values) -> dict:
+    """The compile attributes (divisibility) of a launch, derived by Triton's own JIT code from the
+    launcher's specialization: they are part of Triton's cache key, and Triton versions build them
+    differently (3.9 has an empty entry for every constexpr, 3.6 none), so this compilation is the one the
+    JIT later finds in its cache (bench/gpu_check.sh's ahead-of-time compile; tests/test_gpu_check.py)."""
+    from types import SimpleNamespace
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction
+
+    holder = SimpleNamespace(params=[SimpleNamespace(name=name) for name, _ in parameters(fn)])
+    bound = {name: values[name] for name, _ in parameters(fn)}
+    global _BACKEND
+    if _BACKEND is None:  # parse_attr is the same for every CUDA target
+        _BACKEND = make_backend(GPUTarget("cuda", 90, 32))
+    return JITFunction._pack_args(holder, _BACKEND, {}, bound, specialization, None)[3]
+
+
+_BACKEND = None
 
 
 @dataclass
@@ -524,7 +540,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", action="append", choices=("fp32", "bf16", "fp16"), help="only this dtype (repeatable)")
     p.add_argument("--scenario", action="append", choices=[s.name for s in SCENARIOS], metavar="NAME",
                    help="only this scenario (repeatable)")
-    p.add_argument("--m", type=int, action="append", choices=MS, help="only this M (repeatable; default: all)")
+    p.add_argument("--m", type=int, action="append",
+                   help="this M (repeatable; default: 1, 32, 512 and 2048, whose launches differ)")
     p.add_argument("--configs", choices=("all", "first"), default="all",
                    help="every config a launch can reach (default), or the first (the one verify runs)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: the CPUs)")
