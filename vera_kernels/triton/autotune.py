@@ -234,6 +234,7 @@ class Launch:
     args: dict
     device: torch.device
     config: Config | None  # given by the caller; None: pinned, the interpreter's or autotuned
+    grid: object = None  # as given: a tuple, or a function of the meta-parameters
 
 
 def pin_config(kernel: str, config: dict | None, *, num_warps: int = 4, num_stages: int = 3) -> None:
@@ -303,7 +304,7 @@ def launch(kernel: str, fn, grid, args: dict, *, interpreted: bool, device: torc
     ``kernel``, else ``config`` when given, else the interpreter's or the autotuned one. While the static
     check captures, the launch is recorded instead."""
     if _capture is not None:
-        _capture.append(Launch(kernel, fn, args, device, config))
+        _capture.append(Launch(kernel, fn, args, device, config, grid))
         return
     with on_device(device):
         config = _pinned.get(kernel) or config or fixed_config(kernel, interpreted)
