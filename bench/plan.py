@@ -55,6 +55,14 @@ TARGET = dict(m=8192, in_features=4096, out_features=4096, rank=256, dtype="bflo
 # Proxy sizes: pairwise distinct, and none a product or a small multiple of another, so that every traced
 # dimension maps back to one symbol. M is above the CUDA decode threshold (the large-M plan).
 PROXY = dict(m=41, in_features=29, out_features=23, rank=7)
+# The decode plan's proxy (requested M <= DECODE_M): M decode-sized, in long enough for the Triton shrink to
+# split K under the interpreter (more than two of its 32-wide K blocks).
+DECODE_M = 16
+DECODE_PROXY = dict(m=3, in_features=67, out_features=23, rank=7)
+
+
+def proxy_for(shape: dict) -> dict:
+    return DECODE_PROXY if shape["m"] <= DECODE_M else PROXY
 
 GEMMS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
 # One launch each, whatever they call inside (a reduction's output fill is part of its kernel on a GPU).
@@ -467,21 +475,22 @@ def base_passes(p, dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def traced(dtype_name: str) -> tuple:
-    """((plan name, how it was traced, {pass: events}), ...) at the proxy shape: traced once per dtype,
-    rescaled to any shape by describe() and describe_triton()."""
+def traced(dtype_name: str, decode: bool = False) -> tuple:
+    """((plan name, how it was traced, {pass: events}), ...) at the proxy shape (DECODE_PROXY with
+    ``decode``): traced once per dtype, rescaled to any shape by describe() and describe_triton()."""
     dtype = getattr(torch, dtype_name)
+    proxy = DECODE_PROXY if decode else PROXY
     candidates = []
     if vera_kernels_cpu_available():
-        candidates.append(("cpp", cpp_passes(PROXY), "fp32"))
+        candidates.append(("cpp", cpp_passes(proxy), "fp32"))
     if triton_on_cpu():
-        candidates.append(("triton", triton_passes(PROXY, dtype), "triton"))
-    candidates.append(("unfused", unfused_passes(PROXY, dtype), "dtype"))
+        candidates.append(("triton", triton_passes(proxy, dtype), "triton"))
+    candidates.append(("unfused", unfused_passes(proxy, dtype), "dtype"))
     try:
-        candidates.append(("peft", peft_passes(PROXY, dtype), "dtype"))
+        candidates.append(("peft", peft_passes(proxy, dtype), "dtype"))
     except ImportError:
         pass
-    candidates.append(("base", base_passes(PROXY, dtype), "dtype"))
+    candidates.append(("base", base_passes(proxy, dtype), "dtype"))
     out = []
     for name, passes, how in candidates:
         events = {}
@@ -504,9 +513,9 @@ def build_plans(shape: dict, facts: dict | None = None) -> list[Plan]:
     what their compiled code shows and run at its estimated efficiency, else at peak."""
     dtype = getattr(torch, shape["dtype"])
     target_size = torch.empty(0, dtype=dtype).element_size()
-    symbols = Symbols(PROXY, shape)
+    symbols = Symbols(proxy_for(shape), shape)
     plans = []
-    for name, how, events in traced(shape["dtype"]):
+    for name, how, events in traced(shape["dtype"], proxy_for(shape) is DECODE_PROXY):
         plan = Plan(name)
         for pass_, pass_events in events.items():
             plan.passes[pass_] = (describe_triton(pass_events, symbols) if how == "triton"

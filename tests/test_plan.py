@@ -231,3 +231,13 @@ def test_compiled_facts_attach_in_launch_order():
     assert launches[1].efficiency == 1.0 and "wgmma" not in launches[1].facts
     assert launches[0].seconds() == pytest.approx(at_peak / plan.WGMMA_WAIT_ZERO)
     assert "est. 35% of peak" in launches[0].facts
+
+
+def test_triton_decode_is_two_launches():
+    """Decode (M <= 16): the split shrink reduces its partials in its own launch, then the fused GEMM (b
+    scaled in its loop: no fold)."""
+    if not plan.triton_on_cpu():
+        pytest.skip("the Triton interpreter is off")
+    triton = next(p for p in plan.build_plans(dict(plan.TARGET, m=1)) if p.name == "triton")
+    assert [launch.name for launch in triton.passes["forward"]] == ["triton::_rank_gemm_kernel",
+                                                                     "triton::_fused_gemm_kernel"]

@@ -84,7 +84,7 @@ def test_jobs_cover_every_candidate_config_once():
     jobs = static.jobs(captures)
     for _, _, m, launch in captures:
         for arch in static.ARCHS:
-            given = [launch.config] if launch.config is not None else None  # e.g. the rank finish's
+            given = [launch.config] if launch.config is not None else None  # a caller's own config
             for config in given or autotune.candidates(launch.kernel, arch, launch.args):
                 described = static.describe_config(config, launch.args)
                 assert any(j.kernel == static.kernel_name(launch.fn) and j.arch == arch and j.config == described

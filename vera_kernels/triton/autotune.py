@@ -3,7 +3,6 @@ or a config pinned by the user.
 
 Kernels (names used by :func:`pin_config`):
   rank      GEMMs with N = r: s = x Aᵀ, dt = (g ⊙ b) B, G = gᵀ s   BLOCK_M, BLOCK_R, BLOCK_K
-  finish    second stage of a rank GEMM split over K            (none; warps by tile, finish_config)
   gemm      the persistent fused GEMM (forward y, dx)          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
   fold      b ⊙ B                                              BLOCK_N, BLOCK_R
   sum       the second stage of the reductions over M          BLOCK_P, BLOCK_N
@@ -26,7 +25,7 @@ import torch
 import triton
 from triton import Config
 
-KERNELS = ("rank", "finish", "gemm", "fold", "sum")
+KERNELS = ("rank", "gemm", "fold", "sum")
 
 # Under the interpreter every program is a Python loop over numpy ops: few, large programs are fast. The
 # blocks are still smaller than the test shapes' r and in, so the K loops, the r split, the K split and
@@ -122,14 +121,6 @@ def set_block_shapes(nargs: dict) -> None:
     for name in _DESCRIPTORS:
         if nargs.get(name) is not None:
             nargs[name].block_shape = shapes[name]
-
-
-def finish_config(block_m: int, block_r: int) -> Config:
-    """The config of a rank GEMM's second stage, whose tile is the rank GEMM's (fp32 partials, up to
-    128 x 128, and in MODE_DT the s tile beside them): 8 warps, as 4 spill at 128 x 128 (bf16, Triton 3.6)
-    and keep an 8-byte stack frame at 32 x 64 (fp32, sm_80, Triton 3.9); but 4 at 64 x 64, where ptxas
-    keeps such a frame with 8. The static check compiles exactly this config, on both Tritons."""
-    return _c(4 if block_m * block_r == 64 * 64 else 8, 1)
 
 
 def arch_of(capability: tuple[int, int]) -> int:

@@ -1,11 +1,11 @@
 """The fused VeRA kernels (docs/DESIGN.md sections 2 and 4) and their host-side launchers.
 
-Forward: the shrink and the GEMM (plus the tiny fold when M > 16; plus the split's second stage when
-M is decode-sized), no M x out intermediate:
+Forward: the shrink and the GEMM (plus the tiny fold when M > 16), no M x out intermediate:
   _fold_kernel          Bb = b ⊙ B (out x r, x's dtype): the trained vector folded into the frozen projection,
                         so the GEMM's K loop needs no per-tile scaling.
   _rank_gemm_kernel     s = x Aᵀ (M x r, saved for backward) and t = d ⊙ s (MODE_SHRINK). Split over K for
-                        decode-sized M (fp32 partials, then _rank_finish_kernel sums them in a fixed order).
+                        decode-sized M: fp32 partials, summed in split order by the tile's last program
+                        to finish (a ticket counter), in the same launch.
   _fused_gemm_kernel    y = [x | t] · [W0ᵀ ; Bbᵀ] + bias: ONE K loop over in and then r into one fp32
                         accumulator (pointer variant), or two pipelined TMA loops (tensor descriptors, sm_90,
                         16-bit dtypes, M > 32, 16-byte aligned rows; Triton does not pipeline descriptor loads under
@@ -333,7 +333,7 @@ def _rank_epilogue(acc, m0, r0, slot, M, R,
 
 @triton.jit
 def _rank_gemm_kernel(
-    a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pr, pscale_ptr, stride_pscale, part_ptr,
+    a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pr, pscale_ptr, stride_pscale, part_ptr, count_ptr,
     d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids, s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr,
     red_ptr, b_mat_ptr, stride_bn, stride_br, colsum_ptr,
     M, R, K, K_SPLIT, seed, tag, proj_scale, M_BUCKET,
@@ -342,8 +342,10 @@ def _rank_gemm_kernel(
     OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """acc[m, j] = Σ_k a[m, k] p[k, j] over this program's K range, then _rank_epilogue (or, SPLIT, the fp32
-    partial into part[split, m, j] for _rank_finish_kernel). The GEMMs whose N is the rank r:
+    """acc[m, j] = Σ_k a[m, k] p[k, j] over this program's K range, then _rank_epilogue. SPLIT (MODE_SHRINK,
+    MODE_DT): the fp32 partial goes to part[split, m, j], and the last of the tile's programs to finish (a
+    ticket counter per tile, count[pid], 0 between launches) sums them in split order and runs the
+    epilogue. The GEMMs whose N is the rank r:
       MODE_SHRINK  a = x, p = Aᵀ (generated: ON_THE_FLY)             -> s, t
       MODE_DT      a = g scaled by b along k, p = B (or generated)     -> ds, dd partials
       MODE_G       a = gᵀ, p = [s | 1] (the ones column with HAS_BIAS) -> db (and dbias) partials
@@ -377,41 +379,36 @@ def _rank_gemm_kernel(
                       pscale_ptr, stride_pscale, seed, tag, proj_scale, GENERATE_P, P_ROW_IS_R, SCALE_P,
                       OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_R, BLOCK_K)
     if SPLIT:
+        # Last-program reduction: each split stores its fp32 partial and takes a ticket; the program that
+        # takes the last one sums every split's partial in split order (so the bits do not depend on which
+        # program arrives last), runs the epilogue and puts the counter back to 0 for the next launch.
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        rows = (split * M + offs_m)[:, None].to(tl.int64)
-        tl.store(part_ptr + rows * R + offs_r[None, :], acc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+        mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+        tl.store(part_ptr + (split * M + offs_m)[:, None].to(tl.int64) * R + offs_r[None, :], acc, mask=mask)
+        # Every thread's stores are made before the ticket is taken (a CTA barrier; the atomic's release at
+        # GPU scope then publishes them), and the winner's reads come after its acquire.
+        tl.debug_barrier()
+        splits = tl.num_programs(1)
+        ticket = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()
+        if ticket == splits - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for i in range(0, splits):
+                rows = (i * M + offs_m)[:, None].to(tl.int64)
+                # .cg: from L2, where the other SMs' partials are (never a stale line of this SM's L1).
+                total += tl.load(part_ptr + rows * R + offs_r[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(count_ptr + pid, 0)
+            _rank_epilogue(total, m0, r0, pid // num_r, M, R, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids,
+                           s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr, red_ptr, b_mat_ptr, stride_bn,
+                           stride_br, colsum_ptr, seed, proj_scale, MODE, HAS_IDS, HAS_BIAS, ON_THE_FLY, OUT_KIND,
+                           INTERPRET, BLOCK_M, BLOCK_R)
     else:
         slot = pid // num_r if MODE == 1 else split * num_r + pid % num_r
         _rank_epilogue(acc, m0, r0, slot, M, R, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids,
                        s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr, red_ptr, b_mat_ptr, stride_bn, stride_br,
                        colsum_ptr, seed, proj_scale, MODE, HAS_IDS, HAS_BIAS, ON_THE_FLY, OUT_KIND, INTERPRET,
                        BLOCK_M, BLOCK_R)
-
-
-@triton.jit
-def _rank_finish_kernel(
-    part_ptr, SPLITS, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids, s_ptr, stride_sm, stride_sr,
-    t_ptr, stride_tm, stride_tr, red_ptr, M, R,
-    MODE: tl.constexpr, HAS_IDS: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """The second stage of a split rank GEMM (MODE_SHRINK or MODE_DT): the partials summed over the splits
-    in their order (the same bits every run), then the epilogue the unsplit kernel would have run."""
-    num_r = tl.cdiv(R, BLOCK_R)
-    pid = tl.program_id(0)
-    m0 = (pid // num_r) * BLOCK_M
-    r0 = (pid % num_r) * BLOCK_R
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_r = r0 + tl.arange(0, BLOCK_R)
-    mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for split in range(0, SPLITS):
-        rows = (split * M + offs_m)[:, None].to(tl.int64)
-        acc += tl.load(part_ptr + rows * R + offs_r[None, :], mask=mask, other=0.0)
-    _rank_epilogue(acc, m0, r0, pid // num_r, M, R, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids,
-                   s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr, red_ptr, None, 0, 0, None, 0, 1.0,
-                   MODE, HAS_IDS, False, False, OUT_KIND, INTERPRET, BLOCK_M, BLOCK_R)
 
 
 @triton.jit
@@ -481,8 +478,10 @@ def workspace(purpose: str, numel: int, dtype: torch.dtype, device: torch.device
     with _workspace_lock:
         buffer = _workspaces.get(key)
         if buffer is None or buffer.numel() < numel:
-            # NaN-filled: an element a kernel forgets to write shows up in the results.
-            buffer = torch.full((max(numel, 1),), float("nan"), dtype=dtype, device=device)
+            # NaN-filled: an element a kernel forgets to write shows up in the results. Integer ones are
+            # counters (the split rank GEMM's tickets): 0, which the kernels using them restore.
+            fill = float("nan") if dtype.is_floating_point else 0
+            buffer = torch.full((max(numel, 1),), fill, dtype=dtype, device=device)
             _workspaces[key] = buffer
         return buffer[:numel]
 
@@ -577,12 +576,13 @@ def split_k(tiles: int, k: int, device: torch.device, m_bucket: int) -> tuple[in
 def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, pscale=None, ids=None,
                s=None, t=None, red=None, b_mat=None, colsum=None, generate=False, p_row_is_r=False, seed=0, tag=0,
                proj_scale=1.0, with_ones=False, on_the_fly_b=False, split=True):
-    """One rank GEMM (see _rank_gemm_kernel) with its second stage when it is split over K."""
+    """One rank GEMM (see _rank_gemm_kernel): one launch, split over K or not."""
     block_m, block_r = rank_blocks(mode, m, r, generate or on_the_fly_b, dtype == torch.float32)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(r + with_ones, block_r)
     splits, k_split = split_k(tiles, k, device, autotune.m_bucket(m)) if split else (1, max(k, 1))
     split_partials = splits > 1 and mode != MODE_G
     part = workspace("rank", splits * m * r, torch.float32, device) if split_partials else None
+    count = workspace("tickets", tiles, torch.int32, device) if split_partials else None
     epilogue = dict(
         d_ptr=d, stride_d=d.stride(-1), stride_d_bank=d.stride(0) if ids is not None else 0,
         ids_ptr=ids, stride_ids=0 if ids is None else ids.stride(0),
@@ -591,7 +591,8 @@ def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, p
     )
     args = dict(
         a_ptr=a, stride_am=a_strides[0], stride_ak=a_strides[1], p_ptr=p, stride_pk=p_strides[0], stride_pr=p_strides[1],
-        pscale_ptr=pscale, stride_pscale=0 if pscale is None else pscale.stride(0), part_ptr=part, **epilogue,
+        pscale_ptr=pscale, stride_pscale=0 if pscale is None else pscale.stride(0), part_ptr=part, count_ptr=count,
+        **epilogue,
         b_mat_ptr=b_mat, stride_bn=0 if b_mat is None else b_mat.stride(0), stride_br=0 if b_mat is None else b_mat.stride(1),
         colsum_ptr=colsum, M=m, R=r, K=k, K_SPLIT=k_split, seed=seed, tag=tag, proj_scale=proj_scale,
         M_BUCKET=autotune.m_bucket(m), MODE=mode, SPLIT=split_partials, GENERATE_P=generate, P_ROW_IS_R=p_row_is_r,
@@ -599,12 +600,6 @@ def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, p
         **_flags(dtype), BLOCK_M=block_m, BLOCK_R=block_r,
     )
     _launch("rank", _rank_gemm_kernel, lambda meta: (tiles, splits), args, device)
-    if split_partials:
-        finish = dict(part_ptr=part, SPLITS=splits, **{k_: v for k_, v in epilogue.items()}, M=m, R=r, MODE=mode,
-                      HAS_IDS=ids is not None, OUT_KIND=_OUT_KIND[dtype], INTERPRET=interpreted(),
-                      BLOCK_M=block_m, BLOCK_R=block_r)
-        _launch("finish", _rank_finish_kernel, lambda meta: (triton.cdiv(m, block_m) * triton.cdiv(r, block_r),),
-                finish, device, autotune.finish_config(block_m, block_r))
     return splits
 
 
