@@ -81,3 +81,11 @@ def test_occupancy(regs, smem, warps, expected):
 def test_waves():
     assert sass.waves(192, 1) == pytest.approx(192 / 132)
     assert sass.waves(132, 1) == 1.0
+
+
+def test_tma_store_epilogue():
+    """The TMA variant with TMA_STORE: the output leaves by two UTMASTG (half-width subtiles), no STG; the
+    drain between the in and r loops is still there (Triton cannot pipeline one loop over two descriptors)."""
+    p = sass.pipeline(fixture("fused_gemm_tma_store.sass"))
+    assert p.store == "TMA" and len(p.loops) == 2 and all(l.wait_depth == 1 for l in p.loops)
+    assert p.drains == 1

@@ -284,7 +284,8 @@ def test_tma_and_pointer_variants_agree(backend, dtype, monkeypatch):
     results = {}
     for tma in (True, False):
         monkeypatch.setattr(linear, "FORCE_TMA", tma)
-        assert [a["USE_TMA"] for k, a in _forward_launches(70, 48, 80, 24, dtype) if k == "gemm"] == [tma]
+        launches = [a for k, a in _forward_launches(70, 48, 80, 24, dtype) if k == "gemm"]
+        assert [(a["USE_TMA"], a["TMA_STORE"]) for a in launches] == [(tma, tma)]  # y (80 wide) by TMA stores
         results[tma] = _run(vera_linear, inputs, grad, backend=backend)
     assert _bits_equal(results[True], results[False])
     exact = _run(vera_linear, {k: v.double() for k, v in inputs.items()}, grad.double(), backend="torch")

@@ -109,14 +109,14 @@ _KEYS = {
 }
 _TUNED = ("rank", "gemm")
 # Descriptor arguments of the fused GEMM and their block shapes, set from the config before each launch.
-_DESCRIPTORS = ("x_desc", "w_desc", "t_desc", "p_desc")
+_DESCRIPTORS = ("x_desc", "w_desc", "t_desc", "p_desc", "out_desc")
 
 
 def set_block_shapes(nargs: dict) -> None:
     """Give the fused GEMM's tensor descriptors the config's tile shapes (a Config pre-hook: TMA copies
     whole tiles, so the descriptor carries them). W0 and P are N x K in the forward, K x N in dx."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    shapes = dict(x_desc=[bm, bk], t_desc=[bm, bk])
+    shapes = dict(x_desc=[bm, bk], t_desc=[bm, bk], out_desc=[bm, bn // 2])  # the output in half-width subtiles
     shapes["w_desc"] = shapes["p_desc"] = [bn, bk] if nargs["P_IS_NK"] else [bk, bn]
     for name in _DESCRIPTORS:
         if nargs.get(name) is not None:

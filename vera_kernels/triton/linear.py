@@ -10,7 +10,8 @@ Forward: the shrink and the GEMM (plus the tiny fold when M > 16), no M x out in
                         accumulator (pointer variant), or two pipelined TMA loops (tensor descriptors, sm_90,
                         16-bit dtypes, M > 32, 16-byte aligned rows; Triton does not pipeline descriptor loads under
                         a branch, so one loop switching descriptors would run unpipelined);
-                        persistent grouped grid (one program per SM walks the tiles); output written once.
+                        persistent grouped grid (one program per SM walks the tiles); output written once
+                        (TMA variant: by TMA stores of two half-width subtiles where y's rows are aligned).
                         Decode (M <= 16) and on-the-fly projections scale the B tile by b inside the r part
                         of the loop instead of folding (no fold launch, nothing allocated).
                         Many adapters (HAS_IDS): b differs per row, so the r part runs first into the
@@ -204,7 +205,7 @@ def _fold_kernel(b_mat_ptr, stride_bn, stride_br, lb_ptr, stride_lb, out_ptr, st
 
 @triton.jit
 def _fused_gemm_kernel(
-    out_ptr, stride_om, stride_on,
+    out_ptr, stride_om, stride_on, out_desc,
     x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, x_desc, w_desc,
     t_ptr, stride_tm, stride_tk, p_ptr, stride_pk, stride_pn, t_desc, p_desc,
     scale_ptr, stride_scale, stride_scale_bank, ids_ptr, stride_ids,
@@ -212,7 +213,8 @@ def _fused_gemm_kernel(
     M, N, K_BASE, K_ADAPTER, seed, proj_scale, M_BUCKET,
     HAS_BASE_GEMM: tl.constexpr, SCALE_IN_LOOP: tl.constexpr, HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_BASE_OUT: tl.constexpr, ON_THE_FLY: tl.constexpr, PROJ_TAG: tl.constexpr, PROJ_ROW_IS_N: tl.constexpr,
-    USE_TMA: tl.constexpr, P_IS_NK: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
+    USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, P_IS_NK: tl.constexpr, OUT_KIND: tl.constexpr,
+    INTERPRET: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out = [x | t] · [w ; p] (+ bias, + base), one fp32 accumulator per tile, the output written once.
@@ -279,7 +281,16 @@ def _fused_gemm_kernel(
         mask = (offs_m[:, None] < M) & n_ok[None, :]
         if HAS_BASE_OUT:
             acc += tl.load(base_ptr + rows * stride_basem + offs_n[None, :] * stride_basen, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows * stride_om + offs_n[None, :] * stride_on, _round_to(acc, OUT_KIND, INTERPRET), mask=mask)
+        if TMA_STORE:
+            # TMA store (the hardware clips the tile at the tensor's edges), in two half-width subtiles:
+            # half the shared-memory staging, and the first copy runs while the second half converts.
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            left, right = tl.split(halves)
+            out_desc.store([m0, n0], _round_to(left, OUT_KIND, INTERPRET))
+            out_desc.store([m0, n0 + BLOCK_N // 2], _round_to(right, OUT_KIND, INTERPRET))
+        else:
+            tl.store(out_ptr + rows * stride_om + offs_n[None, :] * stride_on, _round_to(acc, OUT_KIND, INTERPRET),
+                     mask=mask)
 
 
 @triton.jit
@@ -629,8 +640,11 @@ def _fused_gemm(out, t, proj, proj_strides, scale, x, w, w_strides, bias, base_o
     # descriptor variants keep small stack frames (8-16 bytes, the static check).
     use_tma = (_tma_capable(device) and out.dtype != torch.float32 and not on_the_fly and not scale_in_loop
                and not autotune.decode_sized(m) and tma_ok(t, proj, *((x, w) if x is not None else ())))
+    # The output through TMA too where it can be addressed so (its rows 16-byte aligned: out a multiple of
+    # 8 elements in 16-bit dtypes).
+    tma_store = use_tma and tma_ok(out)
     args = dict(
-        out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1),
+        out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1), out_desc=_descriptor(out) if tma_store else None,
         x_ptr=x, stride_xm=0 if x is None else x.stride(0), stride_xk=0 if x is None else x.stride(1),
         w_ptr=w, stride_wk=w_strides[0], stride_wn=w_strides[1],
         x_desc=_descriptor(x) if use_tma else None, w_desc=_descriptor(w) if use_tma else None,
@@ -645,7 +659,7 @@ def _fused_gemm(out, t, proj, proj_strides, scale, x, w, w_strides, bias, base_o
         M=m, N=n, K_BASE=k_base, K_ADAPTER=k_adapter, seed=seed, proj_scale=proj_scale, M_BUCKET=autotune.m_bucket(m),
         HAS_BASE_GEMM=x is not None, SCALE_IN_LOOP=scale_in_loop, HAS_IDS=ids is not None, HAS_BIAS=bias is not None,
         HAS_BASE_OUT=base_out is not None, ON_THE_FLY=on_the_fly, PROJ_TAG=tag, PROJ_ROW_IS_N=row_is_n,
-        USE_TMA=use_tma, P_IS_NK=proj_is_nk, **_flags(out.dtype),
+        USE_TMA=use_tma, TMA_STORE=tma_store, P_IS_NK=proj_is_nk, **_flags(out.dtype),
     )
     # Persistent: one program per SM. Decode-sized M: tiles are small and many, several per SM, so the
     # hardware balances them (a persistent loop over 2 tiles would leave SMs idle in the second round).
