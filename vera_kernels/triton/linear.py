@@ -226,7 +226,9 @@ def _fused_gemm_kernel(
     gathered b multiplies the adapter's sum alone, then the in part accumulates on top.
 
     Persistent: the grid has at most one program per SM; program p takes tiles p, p + programs, ... in
-    grouped order (GROUP_M row blocks share each column block's operand tiles while they are in L2)."""
+    grouped order (GROUP_M row blocks share each column block's operand tiles while they are in L2). The
+    tile loop is a plain range: ``tl.range(..., flatten=True)`` compiles to the same SASS (Triton 3.9,
+    sm_90a, the TMA variant: its two inner loops are not flattened)."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
@@ -258,8 +260,10 @@ def _fused_gemm_kernel(
                                   M, N, scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, False, False, 0,
                                   OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         elif USE_TMA:
-            # Two pipelined loops: Triton does not pipeline descriptor loads under a branch, so a single
-            # loop that switches descriptors would run unpipelined (checked in the compiled code).
+            # Two pipelined loops (wgmma wait depth 1 each, a drain between them: sass.py): Triton does not
+            # pipeline descriptor loads under a branch, so one loop over [in | r] that picks its descriptors
+            # per step compiles to wgmma waiting to depth 0 every step (checked in the SASS for sm_90a,
+            # Triton 3.9, 128x256x64 bf16), worse than one drain per tile.
             if HAS_BASE_GEMM:
                 acc = _k_loop_tma(acc, x_desc, w_desc, K_BASE, m0, n0, P_IS_NK, INTERPRET, IEEE, BLOCK_K)
             acc = _k_loop_tma(acc, t_desc, p_desc, K_ADAPTER, m0, n0, P_IS_NK, INTERPRET, IEEE, BLOCK_K)
