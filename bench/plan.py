@@ -29,8 +29,11 @@ Plans:
            after; FLOPs inferred from the operand shapes (see describe_triton)
 
 Roofline per launch: max(FLOPs / peak, bytes / bandwidth), summed over the launches (no launch latency,
-no overlap between launches): what a plan's launches allow with every kernel at the hardware's rate, not
-how close a kernel's own code comes to it (cuBLAS does; a Triton kernel may not). H200: 790 TFLOP/s for GEMMs on bf16/fp16 operands (cuBLAS's rate, measured
+no overlap between launches): what a plan's launches allow with every kernel at the hardware's rate (cuBLAS
+comes close). Triton launches are compiled for sm_90a at the requested shape (vera_kernels/triton/static.py,
+plan_rows; skip with --no-sass): their registers, occupancy, grid and software pipeline as the SASS has it
+are printed beside them, and their FLOPs run at the efficiency that pipeline allows (kernel_efficiency, an
+estimate stated in docs/DESIGN.md section 4). Requested M <= 16 traces the plans at a decode proxy. H200: 790 TFLOP/s for GEMMs on bf16/fp16 operands (cuBLAS's rate, measured
 on one), 67 TFLOP/s on fp32 operands (TF32 is off by default), 4.3 TB/s (a measured copy).
 The arithmetic floor (docs/DESIGN.md section 5): forward 1 + r (in + out) / (in out) times the base forward,
 forward+backward (dx, dd, db) (2 in out + r (2 in + 3 out)) / (2 in out) times base forward + dx.

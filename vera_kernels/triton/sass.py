@@ -80,8 +80,9 @@ class Pipeline:
         return f"{loops}; drains {self.drains}; store {self.store}"
 
     def as_dict(self) -> dict:
-        return dict(loops=[dict(start=l.start, end=l.end, wgmma=l.wgmma, mmas=l.mmas, wait_depth=l.wait_depth)
-                           for l in self.loops], drains=self.drains, store=self.store, summary=self.describe())
+        return dict(loops=[dict(start=loop.start, end=loop.end, wgmma=loop.wgmma, mmas=loop.mmas,
+                                wait_depth=loop.wait_depth) for loop in self.loops],
+                    drains=self.drains, store=self.store, summary=self.describe())
 
 
 def instructions(sass: str) -> list[Instruction]:
@@ -94,8 +95,8 @@ def instructions(sass: str) -> list[Instruction]:
 def _branch_target(ins: Instruction) -> int | None:
     if ins.base != "BRA":
         return None
-    m = re.match(r"(?:`\()?.*?(0x[0-9a-f]+)", ins.operands)
-    return int(m.group(1), 16) if m else None
+    m = re.search(r"0x[0-9a-f]+", ins.operands)  # cuobjdump prints absolute targets: "BRA 0x1770"
+    return int(m.group(0), 16) if m else None
 
 
 def _depbar_depth(ins: Instruction) -> int | None:
