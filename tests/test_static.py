@@ -196,3 +196,24 @@ def test_kernels_compile_for_hopper_and_ampere(compiled):
 def test_static_cli_prints_the_totals():
     done = subprocess.run([sys.executable, "-m", "vera_kernels.triton.static", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--configs" in done.stdout
+
+
+def test_plan_rows_compile_each_launch_at_the_shape():
+    """bench.plan's view (static.plan_rows through the CLI's --plan): every launch of the forward and the
+    backward in order, compiled for sm_90a, with its grid at the shape and its pipeline from the SASS."""
+    try:
+        rows = static.report(["--plan", "512,512,512,256", "--dtype", "bf16"])
+    except RuntimeError as exc:
+        if "cuobjdump not found" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    assert [r["kernel"] for r in rows["forward"]] == ["_rank_gemm_kernel", "_fold_kernel", "_fused_gemm_kernel"]
+    assert [r["kernel"] for r in rows["backward"]][-1] == "_fused_gemm_kernel"
+    for r in rows["forward"] + rows["backward"]:
+        assert r["error"] is None and r["sm"] == "sm_90a" and r["blocks_per_sm"] >= 1 and r["programs"] >= 1
+    gemm = rows["forward"][-1]
+    block_m, block_n = (int(b) for b in gemm["config"].split("x")[:2])
+    assert "USE_TMA" in gemm["flags"].split() and gemm["pipeline"]["store"] == "TMA"
+    assert gemm["units"] == -(-512 // block_m) * -(-512 // block_n)  # the persistent GEMM's waves count tiles
+    assert gemm["waves"] == pytest.approx(gemm["units"] / (132 * gemm["blocks_per_sm"]))
+    assert all(loop["wgmma"] and loop["wait_depth"] >= 1 for loop in gemm["pipeline"]["loops"])
