@@ -350,6 +350,19 @@ def test_split_shrink_sums_the_partials_in_split_order(backend, dtype):
     assert _bits_equal([s, t], [s2, t2.clone()])
 
 
+def test_split_k_fills_the_sms_without_a_partial_wave(backend, monkeypatch):
+    """The G GEMM at the target shape (out = 4096: 32 x 2 tiles of 128 x 128, one program per SM on 132
+    SMs) splits 2 ways (128 programs), not 3 (192 programs: a second, partial wave); decode's single tile
+    still splits as far as K allows."""
+    from vera_kernels.triton import linear
+
+    monkeypatch.setattr(linear, "num_sms", lambda device: 132)
+    assert linear.split_k(64, 8192, torch.device(DEVICE), 8192)[0] == 2
+    assert linear.split_k(67, 8192, torch.device(DEVICE), 8192)[0] == 1  # tiles x 2 > SMs: no split
+    splits, per_split = linear.split_k(1, 4096, torch.device(DEVICE), 1)
+    assert splits * 1 <= 132 and splits == -(-4096 // per_split) and splits > 16
+
+
 def autotune_bucket(m):
     from vera_kernels.triton import autotune
 

@@ -576,14 +576,16 @@ def rank_blocks(mode: int, m: int, r: int, on_the_fly: bool, ieee: bool) -> tupl
 
 
 def split_k(tiles: int, k: int, device: torch.device, m_bucket: int) -> tuple[int, int]:
-    """(splits, K per split) so that tiles x splits programs fill the device's SMs; K per split is a
-    multiple of every BLOCK_K the kernel may use (its K ranges start on a block)."""
+    """(splits, K per split) so that tiles x splits programs fill the device's SMs without exceeding them
+    (the G GEMM's 128 x 128 tiles run one program per SM: 4096 / 128 x 2 tiles split 3 ways would be 1.45
+    waves, the second one partial; 2 ways is 0.97 waves); K per split is a multiple of every BLOCK_K the
+    kernel may use (its K ranges start on a block)."""
     fixed = autotune.fixed_config("rank", interpreted())
     granule = fixed.kwargs["BLOCK_K"] if fixed is not None else autotune.split_granule(m_bucket <= autotune.DECODE_BUCKET)
     sms = num_sms(device)
     if tiles * 2 > sms or k <= granule:
         return 1, max(k, 1)
-    splits = min(-(-sms // tiles), -(-k // granule))
+    splits = min(sms // tiles, -(-k // granule))
     per_split = -(-(-(-k // splits)) // granule) * granule
     return -(-k // per_split), per_split
 
