@@ -44,8 +44,11 @@ Plans:
            (cuda_decode_plan). Forward only (decode is inference).
 
 Roofline per launch: max(FLOPs / peak, bytes / bandwidth), summed over the launches (no launch latency,
-no overlap between launches): what a plan's launches allow with every kernel at the hardware's rate, not
-how close a kernel's own code comes to it (cuBLAS does; a Triton kernel may not). H200: 790 TFLOP/s for GEMMs on bf16/fp16 operands (cuBLAS's rate, measured
+no overlap between launches): what a plan's launches allow with every kernel at the hardware's rate (cuBLAS
+comes close). Triton launches are compiled for sm_90a at the requested shape (vera_kernels/triton/static.py,
+plan_rows; skip with --no-sass): their registers, occupancy, grid and software pipeline as the SASS has it
+are printed beside them, and their FLOPs run at the efficiency that pipeline allows (kernel_efficiency, an
+estimate stated in docs/DESIGN.md section 4). Requested M <= 16 traces the plans at a decode proxy. H200: 790 TFLOP/s for GEMMs on bf16/fp16 operands (cuBLAS's rate, measured
 on one), 67 TFLOP/s on fp32 operands (TF32 is off by default), 4.3 TB/s (a measured copy).
 The arithmetic floor (docs/DESIGN.md section 5): forward 1 + r (in + out) / (in out) times the base forward,
 forward+backward (dx, dd, db) (2 in out + r (2 in + 3 out)) / (2 in out) times base forward + dx.
@@ -74,6 +77,14 @@ TARGET = dict(m=8192, in_features=4096, out_features=4096, rank=256, dtype="bflo
 # Proxy sizes: pairwise distinct, and none a product or a small multiple of another, so that every traced
 # dimension maps back to one symbol. M is above the CUDA decode threshold (the large-M plan).
 PROXY = dict(m=41, in_features=29, out_features=23, rank=7)
+# The decode plan's proxy (requested M <= DECODE_M): M decode-sized, in long enough for the Triton shrink to
+# split K under the interpreter (more than two of its 32-wide K blocks).
+DECODE_M = 16
+DECODE_PROXY = dict(m=3, in_features=67, out_features=23, rank=7)
+
+
+def proxy_for(shape: dict) -> dict:
+    return DECODE_PROXY if shape["m"] <= DECODE_M else PROXY
 
 GEMMS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
 # One launch each, whatever they call inside (a reduction's output fill is part of its kernel on a GPU).
@@ -98,9 +109,11 @@ class Launch:
     bytes_read: float
     bytes_written: float
     peak: float = PEAK_FLOPS
+    efficiency: float = 1.0  # the fraction of peak its compiled code is estimated to reach (kernel_efficiency)
+    facts: str = ""  # what the compiled code shows (a Triton launch with --sass): config, registers, pipeline
 
     def seconds(self) -> float:
-        return max(self.flops / self.peak, (self.bytes_read + self.bytes_written) / BANDWIDTH)
+        return max(self.flops / (self.peak * self.efficiency), (self.bytes_read + self.bytes_written) / BANDWIDTH)
 
 
 @dataclass
@@ -326,6 +339,74 @@ def describe_triton(launches: list[TritonLaunch], symbols: Symbols) -> list[Laun
 
 
 # --------------------------------------------------------------------------------------------------
+# What the compiled Triton kernels show (vera_kernels/triton/static.py, sass.py), and the estimate's model.
+
+# The model (docs/DESIGN.md section 4; an estimate, the GPU benchmark is the judge). A Triton launch's
+# FLOPs run at peak times the product of:
+WGMMA_PIPELINED = 0.9  # wgmma K loops that keep >= 1 group in flight (Triton's persistent TMA matmul
+#                        tutorial reaches about 0.9-1.05x cuBLAS)
+WGMMA_WAIT_ZERO = 0.35  # a wgmma K loop that waits to depth 0 every step: loads and tensor cores serialize
+MMA_SYNC = 0.6  # mma.sync (HMMA) on sm_90: the pre-Hopper instruction, about 60% of wgmma's rate
+PER_DRAIN = 0.92  # each drain between K loops: the pipeline empties and refills once per tile
+STG_EPILOGUE = 0.97  # a wgmma kernel's epilogue by synchronous STG (not overlapped as a TMA store is)
+# and waves / ceil(waves) (the last wave's idle SMs). Memory-bound launches are unchanged (bytes / bandwidth).
+
+
+def kernel_efficiency(row: dict) -> float:
+    """The fraction of peak a compiled launch (a static.plan_rows row) is estimated to reach."""
+    pipeline = row.get("pipeline")
+    if not pipeline or not pipeline["loops"]:
+        return 1.0
+    loops = pipeline["loops"]
+    if not any(loop["wgmma"] for loop in loops):
+        efficiency = MMA_SYNC
+    elif any(loop["wgmma"] and loop["wait_depth"] == 0 for loop in loops):
+        efficiency = WGMMA_WAIT_ZERO
+    else:
+        efficiency = WGMMA_PIPELINED
+    efficiency *= PER_DRAIN ** pipeline["drains"]
+    if any(loop["wgmma"] for loop in loops) and pipeline["store"] != "TMA":
+        efficiency *= STG_EPILOGUE
+    waves = row.get("waves") or 0
+    if waves > 0:
+        efficiency *= waves / -(-waves // 1)
+    return efficiency
+
+
+def describe_compiled(row: dict) -> str:
+    if row.get("error"):
+        return f"{row['sm']} {row['config']}: FAILED to compile"
+    units = "tiles" if row["units"] != row["programs"] else "programs"
+    return (f"{row['sm']} {row['config']}: {row['registers']} regs, {row['shared'] / 1024:.0f} KB smem, "
+            f"{row['blocks_per_sm']} block(s)/SM, {row['programs']} programs, {row['waves']:.2f} waves of {units}; "
+            f"{row['pipeline']['summary']}; est. {kernel_efficiency(row):.0%} of peak")
+
+
+def compiled_facts(shape: dict) -> dict:
+    """static.plan_rows at ``shape`` for sm_90a (compiled in a process without the interpreter): per pass,
+    each Triton launch's compiled facts. Raises RuntimeError when it cannot compile (no cuobjdump)."""
+    from vera_kernels.triton import static
+
+    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[shape["dtype"]]
+    sizes = ",".join(str(shape[k]) for k in ("m", "in_features", "out_features", "rank"))
+    return static.report(["--plan", sizes, "--dtype", dtype, "--arch", "90"])
+
+
+def attach_facts(plan_: Plan, facts: dict) -> None:
+    """Each Triton launch of each pass takes its compiled facts (matched by kernel, in launch order: the
+    proxy trace and the capture at the shape run the same host code) and its estimated efficiency."""
+    for pass_, launches in plan_.passes.items():
+        rows = list(facts["backward" if pass_ == "backward" else "forward"])
+        for launch in launches:
+            kernel = launch.name.removeprefix("triton::")
+            row = next((r for r in rows if r["kernel"] == kernel), None)
+            if row is None:
+                continue
+            rows.remove(row)
+            launch.efficiency, launch.facts = kernel_efficiency(row), describe_compiled(row)
+
+
+# --------------------------------------------------------------------------------------------------
 # The plans, run at the proxy shape.
 
 
@@ -448,23 +529,24 @@ def base_passes(p, dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def traced(dtype_name: str) -> tuple:
-    """((plan name, how it was traced, {pass: events}), ...) at the proxy shape: traced once per dtype,
-    rescaled to any shape by describe() and describe_triton()."""
+def traced(dtype_name: str, decode: bool = False) -> tuple:
+    """((plan name, how it was traced, {pass: events}), ...) at the proxy shape (DECODE_PROXY with
+    ``decode``): traced once per dtype, rescaled to any shape by describe() and describe_triton()."""
     dtype = getattr(torch, dtype_name)
+    proxy = DECODE_PROXY if decode else PROXY
     candidates = []
     if vera_kernels_cpu_available():
-        candidates.append(("cpp", cpp_passes(PROXY), "fp32"))
+        candidates.append(("cpp", cpp_passes(proxy), "fp32"))
     if triton_on_cpu():
-        candidates.append(("triton", triton_passes(PROXY, dtype), "triton"))
-    candidates.append(("unfused", unfused_passes(PROXY, dtype), "dtype"))
+        candidates.append(("triton", triton_passes(proxy, dtype), "triton"))
+    candidates.append(("unfused", unfused_passes(proxy, dtype), "dtype"))
     try:
-        candidates.append(("peft", peft_passes(PROXY, dtype), "dtype"))
+        candidates.append(("peft", peft_passes(proxy, dtype), "dtype"))
     except ImportError:
         pass
     if vera_kernels_cpu_available():
-        candidates.append(("wrapped", wrapped_passes(PROXY), "fp32"))
-    candidates.append(("base", base_passes(PROXY, dtype), "dtype"))
+        candidates.append(("wrapped", wrapped_passes(proxy), "fp32"))
+    candidates.append(("base", base_passes(proxy, dtype), "dtype"))
     out = []
     for name, passes, how in candidates:
         events = {}
@@ -482,16 +564,20 @@ def vera_kernels_cpu_available() -> bool:
     return vera_kernels.backends()["cpu"].available
 
 
-def build_plans(shape: dict) -> list[Plan]:
+def build_plans(shape: dict, facts: dict | None = None) -> list[Plan]:
+    """Every traced plan at ``shape``; with ``facts`` (compiled_facts), the Triton plan's launches carry
+    what their compiled code shows and run at its estimated efficiency, else at peak."""
     dtype = getattr(torch, shape["dtype"])
     target_size = torch.empty(0, dtype=dtype).element_size()
-    symbols = Symbols(PROXY, shape)
+    symbols = Symbols(proxy_for(shape), shape)
     plans = []
-    for name, how, events in traced(shape["dtype"]):
+    for name, how, events in traced(shape["dtype"], proxy_for(shape) is DECODE_PROXY):
         plan = Plan(name)
         for pass_, pass_events in events.items():
             plan.passes[pass_] = (describe_triton(pass_events, symbols) if how == "triton"
                                   else describe(pass_events, symbols, target_size, how == "fp32"))
+        if how == "triton" and facts is not None:
+            attach_facts(plan, facts)
         plans.append(plan)
     return plans
 
@@ -625,6 +711,8 @@ def report(shape: dict, plans: list[Plan]) -> str:
                 shapes = " ".join("(" + ",".join(s) + ")" for s in launch.shapes)
                 lines.append(f"  {launch.name:32s} {launch.flops / 1e9:9.2f} GFLOP  read {_fmt_bytes(launch.bytes_read)}"
                              f"  write {_fmt_bytes(launch.bytes_written)}  {launch.seconds() * 1e6:8.1f} us  {shapes}")
+                if launch.facts:
+                    lines.append(f"  {'':22s} {launch.facts}")
         lines.append("")
     if decode:
         lines.append(f"note: at M <= {DECODE_MAX_ROWS} the cuda backend runs the cuda decode plan ({H200_SMS} SMs: "
@@ -654,8 +742,17 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=TARGET["rank"], help="VeRA's r (default: %(default)s)")
     parser.add_argument("--dtype", default=TARGET["dtype"], choices=["float32", "bfloat16", "float16"],
                         help="the dtype of x, the weights and the projections (default: %(default)s)")
+    parser.add_argument("--no-sass", dest="sass", action="store_false",
+                        help="skip compiling the Triton launches for sm_90a (their facts and efficiency; "
+                             "then the Triton plan is estimated at peak)")
     shape = vars(parser.parse_args(argv))
-    print(report(shape, build_plans(shape)))
+    facts = None
+    if shape.pop("sass") and triton_on_cpu():
+        try:
+            facts = compiled_facts(shape)
+        except RuntimeError as exc:
+            print(f"note: Triton launches not compiled ({str(exc).splitlines()[0]}): estimated at peak")
+    print(report(shape, build_plans(shape, facts)))
 
 
 if __name__ == "__main__":

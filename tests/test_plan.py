@@ -276,3 +276,54 @@ def test_cuda_decode_plan_reads_each_matrix_once(m):
     assert estimate / base <= 1.3
     with pytest.raises(ValueError, match="1 <= M <= 16"):
         plan.cuda_decode_plan(dict(shape, m=17))
+
+
+    with _Allocations() as allocations:
+        forward()
+    assert sorted(allocations.shapes) == [(1, 7), (1, 23)], allocations.shapes
+
+
+def _compiled_row(kernel, loops, drains=0, store="STG.E.128", programs=132, units=132, waves=1.0):
+    pipeline = dict(loops=[dict(start=0, end=1, wgmma=w, mmas=4, wait_depth=d) for w, d in loops], drains=drains,
+                    store=store, summary="...")
+    return dict(kernel=kernel, sm="sm_90a", config="128x256x64 w8 s3", registers=200, shared=147456, blocks_per_sm=1,
+                programs=programs, units=units, waves=waves, pipeline=pipeline, error=None)
+
+
+def test_kernel_efficiency_model():
+    """The estimate's model (docs/DESIGN.md section 4): a pipelined wgmma loop, a drain, an STG epilogue, a
+    wait to depth 0, mma.sync and the last wave's idle SMs each scale the peak; no K loop: the peak."""
+    full = _compiled_row("k", [(True, 1)], store="TMA")
+    assert plan.kernel_efficiency(full) == pytest.approx(plan.WGMMA_PIPELINED)
+    drained = _compiled_row("k", [(True, 1), (True, 1)], drains=1)
+    assert plan.kernel_efficiency(drained) == pytest.approx(plan.WGMMA_PIPELINED * plan.PER_DRAIN * plan.STG_EPILOGUE)
+    assert plan.kernel_efficiency(_compiled_row("k", [(True, 0)], store="TMA")) == pytest.approx(plan.WGMMA_WAIT_ZERO)
+    assert plan.kernel_efficiency(_compiled_row("k", [(False, None)])) == pytest.approx(plan.MMA_SYNC)
+    assert plan.kernel_efficiency(_compiled_row("k", [(True, 1)], store="TMA", waves=1.45)) == pytest.approx(
+        plan.WGMMA_PIPELINED * 1.45 / 2)
+    assert plan.kernel_efficiency(_compiled_row("k", [])) == 1.0
+
+
+def test_compiled_facts_attach_in_launch_order():
+    """Each Triton launch takes the compiled row of its kernel in launch order, and runs at its efficiency."""
+    launches = [plan.Launch("triton::_rank", [], 1e12, 0, 0), plan.Launch("triton::_sum", [], 0, 1e6, 0),
+                plan.Launch("triton::_rank", [], 1e12, 0, 0)]
+    p = plan.Plan("triton", {"backward": launches})
+    first, second = _compiled_row("_rank", [(True, 0)], store="TMA"), _compiled_row("_rank", [(True, 1)], store="TMA")
+    at_peak = launches[0].seconds()
+    plan.attach_facts(p, {"forward": [], "backward": [first, _compiled_row("_sum", []), second]})
+    assert launches[0].efficiency == pytest.approx(plan.WGMMA_WAIT_ZERO)
+    assert launches[2].efficiency == pytest.approx(plan.WGMMA_PIPELINED)
+    assert launches[1].efficiency == 1.0 and "wgmma" not in launches[1].facts
+    assert launches[0].seconds() == pytest.approx(at_peak / plan.WGMMA_WAIT_ZERO)
+    assert "est. 35% of peak" in launches[0].facts
+
+
+def test_triton_decode_is_two_launches():
+    """Decode (M <= 16): the split shrink reduces its partials in its own launch, then the fused GEMM (b
+    scaled in its loop: no fold)."""
+    if not plan.triton_on_cpu():
+        pytest.skip("the Triton interpreter is off")
+    triton = next(p for p in plan.build_plans(dict(plan.TARGET, m=1)) if p.name == "triton")
+    assert [launch.name for launch in triton.passes["forward"]] == ["triton::_rank_gemm_kernel",
+                                                                     "triton::_fused_gemm_kernel"]

@@ -84,7 +84,7 @@ def test_jobs_cover_every_candidate_config_once():
     jobs = static.jobs(captures)
     for _, _, m, launch in captures:
         for arch in static.ARCHS:
-            given = [launch.config] if launch.config is not None else None  # e.g. the rank finish's
+            given = [launch.config] if launch.config is not None else None  # a caller's own config
             for config in given or autotune.candidates(launch.kernel, arch, launch.args):
                 described = static.describe_config(config, launch.args)
                 assert any(j.kernel == static.kernel_name(launch.fn) and j.arch == arch and j.config == described
@@ -133,16 +133,29 @@ def test_every_launch_asks_for_its_tensors_device():
 def test_static_exit_status(monkeypatch, capsys, tmp_path):
     row = dict(kernel="_k", module="m", arch=90, sm="sm_90a", dtypes=["bf16"], ms=[1], flags="", config="w4 s3",
                scenarios=["s"], error=None, registers=32, local=0, stack=0, opcodes={"HMMA": 2}, shared=0,
-               seconds=1.0, spill_instructions=0, spills=False, hgmma=0, hmma=2)
+               seconds=1.0, spill_instructions=0, spills=False, hgmma=0, hmma=2, blocks_per_sm=4,
+               pipeline=dict(loops=[], drains=0, store="STG.E.128", summary="no K loop; drains 0; store STG.E.128"),
+               pipeline_checked=False, pipeline_violations=[])
     spilling = dict(row, local=16, spills=True)
-    failed = dict(row, error="CompilationError: boom", registers=None, opcodes={}, hmma=0)
-    for rows, status in (([row], 0), ([row, spilling], 1), ([row, failed], 1), ([], 1)):
+    failed = dict(row, error="CompilationError: boom", registers=None, opcodes={}, hmma=0, pipeline=None)
+    draining = dict(row, pipeline_violations=["1 drain(s) between K loops"])  # reported, not checked: passes
+    broken = dict(draining, pipeline_checked=True)
+    for rows, status in (([row], 0), ([row, spilling], 1), ([row, failed], 1), ([], 1), ([row, draining], 0),
+                         ([row, broken], 1)):
         result = dict(environment=dict(triton="x"), seconds=1.0, totals=static.totals(rows), rows=rows)
         monkeypatch.setattr(static, "report", lambda argv=(), result=result: result)
         assert verify.main(["--static", "--json", str(tmp_path / "s.json")]) == status
         assert json.loads((tmp_path / "s.json").read_text())["totals"] == static.totals(rows)
     out = capsys.readouterr().out
     assert "SPILLS" in out and "FAILED: CompilationError: boom" in out
+    assert "ok (not checked: 1 drain(s) between K loops)" in out and "PIPELINE: 1 drain(s) between K loops" in out
+
+
+def test_pipeline_rule_selects_kernels_by_flags(monkeypatch):
+    monkeypatch.setattr(static, "PIPELINE_RULE", (("_k", ("USE_TMA",), ("HAS_IDS",)),))
+    assert static.pipeline_checked("_k", "HAS_BIAS USE_TMA")
+    assert not static.pipeline_checked("_k", "USE_TMA HAS_IDS")
+    assert not static.pipeline_checked("_k", "HAS_BIAS") and not static.pipeline_checked("_other", "USE_TMA")
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +186,34 @@ def test_kernels_compile_for_hopper_and_ampere(compiled):
             assert r[expected] > 0, f"{where}: no {expected.upper()}"
         if "USE_TMA" in r["flags"].split():
             assert r["arch"] == 90 and r["opcodes"].get("UTMALDG", 0) > 0, f"{where}: no TMA load"
+        if r["hgmma"] or r["hmma"]:  # the SASS parse finds the tensor-core K loops of real compiles
+            loops = r["pipeline"]["loops"]
+            assert loops and all(loop["wgmma"] == bool(r["hgmma"]) for loop in loops), where
+        assert r["blocks_per_sm"] >= 1 and r["pipeline"]["store"] != "none", where
     assert any("USE_TMA" in r["flags"].split() for r in rows)
 
 
 def test_static_cli_prints_the_totals():
     done = subprocess.run([sys.executable, "-m", "vera_kernels.triton.static", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--configs" in done.stdout
+
+
+def test_plan_rows_compile_each_launch_at_the_shape():
+    """bench.plan's view (static.plan_rows through the CLI's --plan): every launch of the forward and the
+    backward in order, compiled for sm_90a, with its grid at the shape and its pipeline from the SASS."""
+    try:
+        rows = static.report(["--plan", "512,512,512,256", "--dtype", "bf16"])
+    except RuntimeError as exc:
+        if "cuobjdump not found" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    assert [r["kernel"] for r in rows["forward"]] == ["_rank_gemm_kernel", "_fold_kernel", "_fused_gemm_kernel"]
+    assert [r["kernel"] for r in rows["backward"]][-1] == "_fused_gemm_kernel"
+    for r in rows["forward"] + rows["backward"]:
+        assert r["error"] is None and r["sm"] == "sm_90a" and r["blocks_per_sm"] >= 1 and r["programs"] >= 1
+    gemm = rows["forward"][-1]
+    block_m, block_n = (int(b) for b in gemm["config"].split("x")[:2])
+    assert "USE_TMA" in gemm["flags"].split() and gemm["pipeline"]["store"] == "TMA"
+    assert gemm["units"] == -(-512 // block_m) * -(-512 // block_n)  # the persistent GEMM's waves count tiles
+    assert gemm["waves"] == pytest.approx(gemm["units"] / (132 * gemm["blocks_per_sm"]))
+    assert all(loop["wgmma"] and loop["wait_depth"] >= 1 for loop in gemm["pipeline"]["loops"])

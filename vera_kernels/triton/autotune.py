@@ -3,7 +3,6 @@ or a config pinned by the user.
 
 Kernels (names used by :func:`pin_config`):
   rank      GEMMs with N = r: s = x Aᵀ, dt = (g ⊙ b) B, G = gᵀ s   BLOCK_M, BLOCK_R, BLOCK_K
-  finish    second stage of a rank GEMM split over K            (none; warps by tile, finish_config)
   gemm      the persistent fused GEMM (forward y, dx)          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
   fold      b ⊙ B                                              BLOCK_N, BLOCK_R
   sum       the second stage of the reductions over M          BLOCK_P, BLOCK_N
@@ -36,7 +35,7 @@ from triton import Config
 
 from .. import buffers
 
-KERNELS = ("rank", "finish", "gemm", "fold", "sum")
+KERNELS = ("rank", "gemm", "fold", "sum")
 
 # Under the interpreter every program is a Python loop over numpy ops: few, large programs are fast. The
 # blocks are still smaller than the test shapes' r and in, so the K loops, the r split, the K split and
@@ -117,7 +116,7 @@ _TABLES = {"rank": _RANK, "gemm": _GEMM, "fold": _FOLD, "sum": _SUM}
 _SIZES = {"rank": ["M_BUCKET", "R", "K"], "gemm": ["M_BUCKET", "N", "K_ADAPTER", "K_BASE"]}
 _TUNED = ("rank", "gemm")
 # Descriptor arguments of the fused GEMM and their block shapes, set from the config before each launch.
-_DESCRIPTORS = ("x_desc", "w_desc", "t_desc", "p_desc")
+_DESCRIPTORS = ("x_desc", "w_desc", "t_desc", "p_desc", "out_desc")
 
 
 def parameters(fn) -> list[tuple[str, bool]]:
@@ -149,19 +148,11 @@ def set_block_shapes(nargs: dict) -> None:
     """Give the fused GEMM's tensor descriptors the config's tile shapes (a Config pre-hook: TMA copies
     whole tiles, so the descriptor carries them). W0 and P are N x K in the forward, K x N in dx."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    shapes = dict(x_desc=[bm, bk], t_desc=[bm, bk])
+    shapes = dict(x_desc=[bm, bk], t_desc=[bm, bk], out_desc=[bm, bn // 2])  # the output in half-width subtiles
     shapes["w_desc"] = shapes["p_desc"] = [bn, bk] if nargs["P_IS_NK"] else [bk, bn]
     for name in _DESCRIPTORS:
         if nargs.get(name) is not None:
             nargs[name].block_shape = shapes[name]
-
-
-def finish_config(block_m: int, block_r: int) -> Config:
-    """The config of a rank GEMM's second stage, whose tile is the rank GEMM's (fp32 partials, up to
-    128 x 128, and in MODE_DT the s tile beside them): 8 warps, as 4 spill at 128 x 128 (bf16, Triton 3.6)
-    and keep an 8-byte stack frame at 32 x 64 (fp32, sm_80, Triton 3.9); but 4 at 64 x 64, where ptxas
-    keeps such a frame with 8. The static check compiles exactly this config, on both Tritons."""
-    return _c(4 if block_m * block_r == 64 * 64 else 8, 1)
 
 
 def arch_of(capability: tuple[int, int]) -> int:
@@ -268,6 +259,7 @@ class Launch:
     args: dict
     device: torch.device
     config: Config | None  # given by the caller; None: pinned, the interpreter's or autotuned
+    grid: object = None  # as given: a tuple, or a function of the meta-parameters
 
 
 def pin_config(kernel: str, config: dict | None, *, num_warps: int = 4, num_stages: int = 3) -> None:
@@ -338,7 +330,7 @@ def launch(kernel: str, fn, grid, args: dict, *, interpreted: bool, device: torc
     ``kernel``, else ``config`` when given, else the interpreter's or the autotuned one. While the static
     check captures, the launch is recorded instead."""
     if _capture is not None:
-        _capture.append(Launch(kernel, fn, args, device, config))
+        _capture.append(Launch(kernel, fn, args, device, config, grid))
         return
     with on_device(device):
         config = _pinned.get(kernel) or config or fixed_config(kernel, interpreted)

@@ -1,16 +1,17 @@
 """The fused VeRA kernels (docs/DESIGN.md sections 2 and 4) and their host-side launchers.
 
-Forward: the shrink and the GEMM (plus the tiny fold when M > 16; plus the split's second stage when
-M is decode-sized), no M x out intermediate:
+Forward: the shrink and the GEMM (plus the tiny fold when M > 16), no M x out intermediate:
   _fold_kernel          Bb = b ⊙ B (out x r, x's dtype): the trained vector folded into the frozen projection,
                         so the GEMM's K loop needs no per-tile scaling.
   _rank_gemm_kernel     s = x Aᵀ (M x r, saved for backward) and t = d ⊙ s (MODE_SHRINK). Split over K for
-                        decode-sized M (fp32 partials, then _rank_finish_kernel sums them in a fixed order).
+                        decode-sized M: fp32 partials, summed in split order by the tile's last program
+                        to finish (a ticket counter), in the same launch.
   _fused_gemm_kernel    y = [x | t] · [W0ᵀ ; Bbᵀ] + bias: ONE K loop over in and then r into one fp32
                         accumulator (pointer variant), or two pipelined TMA loops (tensor descriptors, sm_90,
                         16-bit dtypes, M > 32, 16-byte aligned rows; Triton does not pipeline descriptor loads under
                         a branch, so one loop switching descriptors would run unpipelined);
-                        persistent grouped grid (one program per SM walks the tiles); output written once.
+                        persistent grouped grid (one program per SM walks the tiles); output written once
+                        (TMA variant: by TMA stores of two half-width subtiles where y's rows are aligned).
                         Decode (M <= 16) and on-the-fly projections scale the B tile by b inside the r part
                         of the loop instead of folding (no fold launch, nothing allocated).
                         Many adapters (HAS_IDS): b differs per row, so the r part runs first into the
@@ -205,7 +206,7 @@ def _fold_kernel(b_mat_ptr, stride_bn, stride_br, lb_ptr, stride_lb, out_ptr, st
 
 @triton.jit
 def _fused_gemm_kernel(
-    out_ptr, stride_om, stride_on,
+    out_ptr, stride_om, stride_on, out_desc,
     x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, x_desc, w_desc,
     t_ptr, stride_tm, stride_tk, p_ptr, stride_pk, stride_pn, t_desc, p_desc,
     scale_ptr, stride_scale, stride_scale_bank, ids_ptr, stride_ids,
@@ -213,7 +214,8 @@ def _fused_gemm_kernel(
     M, N, K_BASE, K_ADAPTER, seed, proj_scale, M_BUCKET,
     HAS_BASE_GEMM: tl.constexpr, SCALE_IN_LOOP: tl.constexpr, HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_BASE_OUT: tl.constexpr, ON_THE_FLY: tl.constexpr, PROJ_TAG: tl.constexpr, PROJ_ROW_IS_N: tl.constexpr,
-    USE_TMA: tl.constexpr, P_IS_NK: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
+    USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, P_IS_NK: tl.constexpr, OUT_KIND: tl.constexpr,
+    INTERPRET: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out = [x | t] · [w ; p] (+ bias, + base), one fp32 accumulator per tile, the output written once.
@@ -225,7 +227,9 @@ def _fused_gemm_kernel(
     gathered b multiplies the adapter's sum alone, then the in part accumulates on top.
 
     Persistent: the grid has at most one program per SM; program p takes tiles p, p + programs, ... in
-    grouped order (GROUP_M row blocks share each column block's operand tiles while they are in L2)."""
+    grouped order (GROUP_M row blocks share each column block's operand tiles while they are in L2). The
+    tile loop is a plain range: ``tl.range(..., flatten=True)`` compiles to the same SASS (Triton 3.9,
+    sm_90a, the TMA variant: its two inner loops are not flattened)."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
@@ -257,8 +261,10 @@ def _fused_gemm_kernel(
                                   M, N, scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, False, False, 0,
                                   OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         elif USE_TMA:
-            # Two pipelined loops: Triton does not pipeline descriptor loads under a branch, so a single
-            # loop that switches descriptors would run unpipelined (checked in the compiled code).
+            # Two pipelined loops (wgmma wait depth 1 each, a drain between them: sass.py): Triton does not
+            # pipeline descriptor loads under a branch, so one loop over [in | r] that picks its descriptors
+            # per step compiles to wgmma waiting to depth 0 every step (checked in the SASS for sm_90a,
+            # Triton 3.9, 128x256x64 bf16), worse than one drain per tile.
             if HAS_BASE_GEMM:
                 acc = _k_loop_tma(acc, x_desc, w_desc, K_BASE, m0, n0, P_IS_NK, INTERPRET, IEEE, BLOCK_K)
             acc = _k_loop_tma(acc, t_desc, p_desc, K_ADAPTER, m0, n0, P_IS_NK, INTERPRET, IEEE, BLOCK_K)
@@ -280,7 +286,16 @@ def _fused_gemm_kernel(
         mask = (offs_m[:, None] < M) & n_ok[None, :]
         if HAS_BASE_OUT:
             acc += tl.load(base_ptr + rows * stride_basem + offs_n[None, :] * stride_basen, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows * stride_om + offs_n[None, :] * stride_on, _round_to(acc, OUT_KIND, INTERPRET), mask=mask)
+        if TMA_STORE:
+            # TMA store (the hardware clips the tile at the tensor's edges), in two half-width subtiles:
+            # half the shared-memory staging, and the first copy runs while the second half converts.
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            left, right = tl.split(halves)
+            out_desc.store([m0, n0], _round_to(left, OUT_KIND, INTERPRET))
+            out_desc.store([m0, n0 + BLOCK_N // 2], _round_to(right, OUT_KIND, INTERPRET))
+        else:
+            tl.store(out_ptr + rows * stride_om + offs_n[None, :] * stride_on, _round_to(acc, OUT_KIND, INTERPRET),
+                     mask=mask)
 
 
 @triton.jit
@@ -334,7 +349,7 @@ def _rank_epilogue(acc, m0, r0, slot, M, R,
 
 @triton.jit
 def _rank_gemm_kernel(
-    a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pr, pscale_ptr, stride_pscale, part_ptr,
+    a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pr, pscale_ptr, stride_pscale, part_ptr, count_ptr,
     d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids, s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr,
     red_ptr, b_mat_ptr, stride_bn, stride_br, colsum_ptr,
     M, R, K, K_SPLIT, seed, tag, proj_scale, M_BUCKET,
@@ -343,8 +358,10 @@ def _rank_gemm_kernel(
     OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """acc[m, j] = Σ_k a[m, k] p[k, j] over this program's K range, then _rank_epilogue (or, SPLIT, the fp32
-    partial into part[split, m, j] for _rank_finish_kernel). The GEMMs whose N is the rank r:
+    """acc[m, j] = Σ_k a[m, k] p[k, j] over this program's K range, then _rank_epilogue. SPLIT (MODE_SHRINK,
+    MODE_DT): the fp32 partial goes to part[split, m, j], and the last of the tile's programs to finish (a
+    ticket counter per tile, count[pid], 0 between launches) sums them in split order and runs the
+    epilogue. The GEMMs whose N is the rank r:
       MODE_SHRINK  a = x, p = Aᵀ (generated: ON_THE_FLY)             -> s, t
       MODE_DT      a = g scaled by b along k, p = B (or generated)     -> ds, dd partials
       MODE_G       a = gᵀ, p = [s | 1] (the ones column with HAS_BIAS) -> db (and dbias) partials
@@ -378,41 +395,36 @@ def _rank_gemm_kernel(
                       pscale_ptr, stride_pscale, seed, tag, proj_scale, GENERATE_P, P_ROW_IS_R, SCALE_P,
                       OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_R, BLOCK_K)
     if SPLIT:
+        # Last-program reduction: each split stores its fp32 partial and takes a ticket; the program that
+        # takes the last one sums every split's partial in split order (so the bits do not depend on which
+        # program arrives last), runs the epilogue and puts the counter back to 0 for the next launch.
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        rows = (split * M + offs_m)[:, None].to(tl.int64)
-        tl.store(part_ptr + rows * R + offs_r[None, :], acc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+        mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+        tl.store(part_ptr + (split * M + offs_m)[:, None].to(tl.int64) * R + offs_r[None, :], acc, mask=mask)
+        # Every thread's stores are made before the ticket is taken (a CTA barrier; the atomic's release at
+        # GPU scope then publishes them), and the winner's reads come after its acquire.
+        tl.debug_barrier()
+        splits = tl.num_programs(1)
+        ticket = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()
+        if ticket == splits - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for i in range(0, splits):
+                rows = (i * M + offs_m)[:, None].to(tl.int64)
+                # .cg: from L2, where the other SMs' partials are (never a stale line of this SM's L1).
+                total += tl.load(part_ptr + rows * R + offs_r[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(count_ptr + pid, 0)
+            _rank_epilogue(total, m0, r0, pid // num_r, M, R, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids,
+                           s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr, red_ptr, b_mat_ptr, stride_bn,
+                           stride_br, colsum_ptr, seed, proj_scale, MODE, HAS_IDS, HAS_BIAS, ON_THE_FLY, OUT_KIND,
+                           INTERPRET, BLOCK_M, BLOCK_R)
     else:
         slot = pid // num_r if MODE == 1 else split * num_r + pid % num_r
         _rank_epilogue(acc, m0, r0, slot, M, R, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids,
                        s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr, red_ptr, b_mat_ptr, stride_bn, stride_br,
                        colsum_ptr, seed, proj_scale, MODE, HAS_IDS, HAS_BIAS, ON_THE_FLY, OUT_KIND, INTERPRET,
                        BLOCK_M, BLOCK_R)
-
-
-@triton.jit
-def _rank_finish_kernel(
-    part_ptr, SPLITS, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids, s_ptr, stride_sm, stride_sr,
-    t_ptr, stride_tm, stride_tr, red_ptr, M, R,
-    MODE: tl.constexpr, HAS_IDS: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """The second stage of a split rank GEMM (MODE_SHRINK or MODE_DT): the partials summed over the splits
-    in their order (the same bits every run), then the epilogue the unsplit kernel would have run."""
-    num_r = tl.cdiv(R, BLOCK_R)
-    pid = tl.program_id(0)
-    m0 = (pid // num_r) * BLOCK_M
-    r0 = (pid % num_r) * BLOCK_R
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_r = r0 + tl.arange(0, BLOCK_R)
-    mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for split in range(0, SPLITS):
-        rows = (split * M + offs_m)[:, None].to(tl.int64)
-        acc += tl.load(part_ptr + rows * R + offs_r[None, :], mask=mask, other=0.0)
-    _rank_epilogue(acc, m0, r0, pid // num_r, M, R, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids,
-                   s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr, red_ptr, None, 0, 0, None, 0, 1.0,
-                   MODE, HAS_IDS, False, False, OUT_KIND, INTERPRET, BLOCK_M, BLOCK_R)
 
 
 @triton.jit
@@ -495,8 +507,10 @@ def workspace(purpose: str, numel: int, dtype: torch.dtype, device: torch.device
     with _workspace_lock:
         buffer = _workspaces.get(key)
         if buffer is None or buffer.numel() < numel:
-            # NaN-filled: an element a kernel forgets to write shows up in the results.
-            buffer = torch.full((max(numel, 1),), float("nan"), dtype=dtype, device=device)
+            # NaN-filled: an element a kernel forgets to write shows up in the results. Integer ones are
+            # counters (the split rank GEMM's tickets): 0, which the kernels using them restore.
+            fill = float("nan") if dtype.is_floating_point else 0
+            buffer = torch.full((max(numel, 1),), fill, dtype=dtype, device=device)
             _workspaces[key] = buffer
         return buffer[:numel]
 
@@ -576,14 +590,16 @@ def rank_blocks(mode: int, m: int, r: int, on_the_fly: bool, ieee: bool) -> tupl
 
 
 def split_k(tiles: int, k: int, device: torch.device, m_bucket: int) -> tuple[int, int]:
-    """(splits, K per split) so that tiles x splits programs fill the device's SMs; K per split is a
-    multiple of every BLOCK_K the kernel may use (its K ranges start on a block)."""
+    """(splits, K per split) so that tiles x splits programs fill the device's SMs without exceeding them
+    (the G GEMM's 128 x 128 tiles run one program per SM: 4096 / 128 x 2 tiles split 3 ways would be 1.45
+    waves, the second one partial; 2 ways is 0.97 waves); K per split is a multiple of every BLOCK_K the
+    kernel may use (its K ranges start on a block)."""
     fixed = autotune.fixed_config("rank", interpreted())
     granule = fixed.kwargs["BLOCK_K"] if fixed is not None else autotune.split_granule(m_bucket <= autotune.DECODE_BUCKET)
     sms = num_sms(device)
     if tiles * 2 > sms or k <= granule:
         return 1, max(k, 1)
-    splits = min(-(-sms // tiles), -(-k // granule))
+    splits = min(sms // tiles, -(-k // granule))
     per_split = -(-(-(-k // splits)) // granule) * granule
     return -(-k // per_split), per_split
 
@@ -591,12 +607,13 @@ def split_k(tiles: int, k: int, device: torch.device, m_bucket: int) -> tuple[in
 def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, pscale=None, ids=None,
                s=None, t=None, red=None, b_mat=None, colsum=None, generate=False, p_row_is_r=False, seed=0, tag=0,
                proj_scale=1.0, with_ones=False, on_the_fly_b=False, split=True):
-    """One rank GEMM (see _rank_gemm_kernel) with its second stage when it is split over K."""
+    """One rank GEMM (see _rank_gemm_kernel): one launch, split over K or not."""
     block_m, block_r = rank_blocks(mode, m, r, generate or on_the_fly_b, dtype == torch.float32)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(r + with_ones, block_r)
     splits, k_split = split_k(tiles, k, device, autotune.m_bucket(m)) if split else (1, max(k, 1))
     split_partials = splits > 1 and mode != MODE_G
     part = workspace("rank", splits * m * r, torch.float32, device) if split_partials else None
+    count = workspace("tickets", tiles, torch.int32, device) if split_partials else None
     epilogue = dict(
         d_ptr=d, stride_d=d.stride(-1), stride_d_bank=d.stride(0) if ids is not None else 0,
         ids_ptr=ids, stride_ids=0 if ids is None else ids.stride(0),
@@ -605,7 +622,8 @@ def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, p
     )
     args = dict(
         a_ptr=a, stride_am=a_strides[0], stride_ak=a_strides[1], p_ptr=p, stride_pk=p_strides[0], stride_pr=p_strides[1],
-        pscale_ptr=pscale, stride_pscale=0 if pscale is None else pscale.stride(0), part_ptr=part, **epilogue,
+        pscale_ptr=pscale, stride_pscale=0 if pscale is None else pscale.stride(0), part_ptr=part, count_ptr=count,
+        **epilogue,
         b_mat_ptr=b_mat, stride_bn=0 if b_mat is None else b_mat.stride(0), stride_br=0 if b_mat is None else b_mat.stride(1),
         colsum_ptr=colsum, M=m, R=r, K=k, K_SPLIT=k_split, seed=seed, tag=tag, proj_scale=proj_scale,
         M_BUCKET=autotune.m_bucket(m), MODE=mode, SPLIT=split_partials, GENERATE_P=generate, P_ROW_IS_R=p_row_is_r,
@@ -613,12 +631,6 @@ def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, p
         **_flags(dtype), BLOCK_M=block_m, BLOCK_R=block_r,
     )
     _launch("rank", _rank_gemm_kernel, lambda meta: (tiles, splits), args, device)
-    if split_partials:
-        finish = dict(part_ptr=part, SPLITS=splits, **{k_: v for k_, v in epilogue.items()}, M=m, R=r, MODE=mode,
-                      HAS_IDS=ids is not None, OUT_KIND=_OUT_KIND[dtype], INTERPRET=interpreted(),
-                      BLOCK_M=block_m, BLOCK_R=block_r)
-        _launch("finish", _rank_finish_kernel, lambda meta: (triton.cdiv(m, block_m) * triton.cdiv(r, block_r),),
-                finish, device, autotune.finish_config(block_m, block_r))
     return splits
 
 
@@ -648,8 +660,11 @@ def _fused_gemm(out, t, proj, proj_strides, scale, x, w, w_strides, bias, base_o
     # descriptor variants keep small stack frames (8-16 bytes, the static check).
     use_tma = (_tma_capable(device) and out.dtype != torch.float32 and not on_the_fly and not scale_in_loop
                and not autotune.decode_sized(m) and tma_ok(t, proj, *((x, w) if x is not None else ())))
+    # The output through TMA too where it can be addressed so (its rows 16-byte aligned: out a multiple of
+    # 8 elements in 16-bit dtypes).
+    tma_store = use_tma and tma_ok(out)
     args = dict(
-        out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1),
+        out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1), out_desc=_descriptor(out) if tma_store else None,
         x_ptr=x, stride_xm=0 if x is None else x.stride(0), stride_xk=0 if x is None else x.stride(1),
         w_ptr=w, stride_wk=w_strides[0], stride_wn=w_strides[1],
         x_desc=_descriptor(x) if use_tma else None, w_desc=_descriptor(w) if use_tma else None,
@@ -664,7 +679,7 @@ def _fused_gemm(out, t, proj, proj_strides, scale, x, w, w_strides, bias, base_o
         M=m, N=n, K_BASE=k_base, K_ADAPTER=k_adapter, seed=seed, proj_scale=proj_scale, M_BUCKET=autotune.m_bucket(m),
         HAS_BASE_GEMM=x is not None, SCALE_IN_LOOP=scale_in_loop, HAS_IDS=ids is not None, HAS_BIAS=bias is not None,
         HAS_BASE_OUT=base_out is not None, ON_THE_FLY=on_the_fly, PROJ_TAG=tag, PROJ_ROW_IS_N=row_is_n,
-        USE_TMA=use_tma, P_IS_NK=proj_is_nk, **_flags(out.dtype),
+        USE_TMA=use_tma, TMA_STORE=tma_store, P_IS_NK=proj_is_nk, **_flags(out.dtype),
     )
     # Persistent: one program per SM. Decode-sized M: tiles are small and many, several per SM, so the
     # hardware balances them (a persistent loop over 2 tiles would leave SMs idle in the second round).

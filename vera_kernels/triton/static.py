@@ -48,6 +48,7 @@ from typing import Callable
 
 import torch
 
+from . import sass
 from .autotune import parameters
 
 _TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -66,12 +67,13 @@ class Problem:
 
     dtype: torch.dtype
     m: int
+    sizes: dict = field(default_factory=lambda: dict(SIZES))
     x: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         from ..projections import generate_projections
 
-        m, k, n, r, adapters = self.m, *SIZES.values()
+        m, k, n, r, adapters = self.m, *self.sizes.values()
         low = lambda *shape: torch.randn(*shape).to(self.dtype)  # noqa: E731
         self.in_features, self.out_features, self.rank = k, n, r
         self.x, self.weight, self.bias, self.base_out = low(m, k), low(n, k), low(n), low(m, n)
@@ -350,17 +352,17 @@ _OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)"
 
 
 def analyse(cubin: bytes, tmpdir: str) -> dict:
-    """Registers, local memory, stack and the opcode counts of a cubin."""
+    """Registers, local memory, stack, the opcode counts and the software pipeline (sass.py) of a cubin."""
     path = os.path.join(tmpdir, "kernel.cubin")
     with open(path, "wb") as f:
         f.write(cubin)
     tool = _cuobjdump()
     usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
-    sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|SHARED|LOCAL|STACK):(\d+)", usage))
-    opcodes = collections.Counter(m.group(1).split(".")[0] for m in _OPCODE.finditer(sass))
+    opcodes = collections.Counter(m.group(1).split(".")[0] for m in _OPCODE.finditer(text))
     return dict(registers=int(fields["REG"]), local=int(fields["LOCAL"]), stack=int(fields["STACK"]),
-                opcodes=dict(opcodes))
+                opcodes=dict(opcodes), pipeline=sass.pipeline(text).as_dict())
 
 
 def describe_config(config, args: dict | None = None) -> str:
@@ -397,9 +399,11 @@ def run_job(job: Job) -> dict:
         fn = getattr(importlib.import_module(job.module), job.kernel)
         compiled = _compile(fn, job.signature, job.constexprs, job.attrs, job.num_warps, job.num_stages, job.arch)
         row.update(analyse(compiled.asm["cubin"], tmpdir), shared=compiled.metadata.shared)
+        limits = sass.SM90 if job.arch == 90 else sass.SM80
+        row["blocks_per_sm"] = sass.occupancy(row["registers"], row["shared"], job.num_warps, limits)
     except Exception as exc:
         row.update(error=f"{type(exc).__name__}: {exc}".strip()[-2000:], registers=None, local=0, stack=0,
-                   opcodes={}, shared=None)
+                   opcodes={}, shared=None, pipeline=None, blocks_per_sm=None)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     row["seconds"] = round(time.perf_counter() - start, 2)
@@ -407,7 +411,25 @@ def run_job(job: Job) -> dict:
     row["spill_instructions"] = ops.get("STL", 0) + ops.get("LDL", 0)
     row["spills"] = bool(row["local"] or row["stack"] or row["spill_instructions"])
     row["hgmma"], row["hmma"] = ops.get("HGMMA", 0), ops.get("HMMA", 0)
+    row["pipeline_checked"] = pipeline_checked(job.kernel, job.flags)
+    row["pipeline_violations"] = _violations(row["pipeline"]) if row["pipeline"] else []
     return row
+
+
+# The pipeline rule (a wgmma K loop that waits to depth 0, a drain between two K loops: sass.py) fails the
+# check only for the kernels listed here, those whose pipeline has been made to pass it: (kernel, the
+# constexpr flags that must all be on, those that must all be off). Every other row reports its findings.
+PIPELINE_RULE = ()
+
+
+def pipeline_checked(kernel: str, flags: str) -> bool:
+    on = set(flags.split())
+    return any(kernel == name and set(need) <= on and not set(refuse) & on for name, need, refuse in PIPELINE_RULE)
+
+
+def _violations(pipeline: dict) -> list[str]:
+    loops = [sass.KLoop(**loop) for loop in pipeline["loops"]]
+    return sass.Pipeline(loops, pipeline["drains"], pipeline["store"]).violations()
 
 
 def _indexed_job(item):
@@ -449,24 +471,37 @@ def compile_all(jobs_: list[Job], processes: int | None = None, progress=None) -
 def totals(rows: list[dict]) -> dict:
     return dict(kernels=len({(r["module"], r["kernel"]) for r in rows}), compiles=len(rows),
                 failed=sum(r["error"] is not None for r in rows), spills=sum(r["spills"] for r in rows),
+                pipeline=sum(bool(r["pipeline_checked"] and r["pipeline_violations"]) for r in rows),
                 compile_seconds=round(sum(r["seconds"] for r in rows), 1))
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = ("kernel", "sm", "dtypes", "flags", "config", "regs", "smem KB", "local+stack", "STL/LDL", "HGMMA",
-              "HMMA", "instr", "s", "result")
+    header = ("kernel", "sm", "dtypes", "flags", "config", "regs", "smem KB", "blocks/SM", "local+stack", "STL/LDL",
+              "HGMMA", "HMMA", "instr", "pipeline (K loops; drains; store)", "s", "result")
     body = []
     for r in rows:
         ok = r["error"] is None
         body.append((r["kernel"], r["sm"], "/".join(r["dtypes"]), r["flags"], r["config"],
                      str(r["registers"]) if ok else "", f"{r['shared'] / 1024:.0f}" if ok else "",
+                     str(r["blocks_per_sm"]) if ok else "",
                      str(r["local"] + r["stack"]), str(r["spill_instructions"]), str(r["hgmma"]), str(r["hmma"]),
-                     str(sum(r["opcodes"].values())), f"{r['seconds']:.1f}",
-                     "SPILLS" if r["spills"] else "ok" if ok else "FAILED: " + r["error"].splitlines()[-1][:200]))
+                     str(sum(r["opcodes"].values())), r["pipeline"]["summary"] if ok else "", f"{r['seconds']:.1f}",
+                     _verdict(r)))
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _verdict(r: dict) -> str:
+    if r["error"] is not None:
+        return "FAILED: " + r["error"].splitlines()[-1][:200]
+    if r["spills"]:
+        return "SPILLS"
+    if r["pipeline_violations"]:
+        return ("PIPELINE: " if r["pipeline_checked"] else "ok (not checked: ") + ", ".join(r["pipeline_violations"]) + (
+            "" if r["pipeline_checked"] else ")")
+    return "ok"
 
 
 def environment() -> dict:
@@ -489,7 +524,7 @@ def run(args) -> dict:
 
     def progress(done, total, row):
         if not args.quiet:
-            verdict = "SPILLS" if row["spills"] else "ok" if row["error"] is None else "FAILED"
+            verdict = _verdict(row)
             print(f"[{done}/{total} {time.perf_counter() - start:5.0f} s] {row['kernel']} {row['sm']} "
                   f"{'/'.join(row['dtypes'])} {row['flags']} {row['config']}: {verdict} ({row['seconds']:.1f} s)",
                   file=sys.stderr, flush=True)
@@ -507,14 +542,61 @@ def run(args) -> dict:
     return result
 
 
+def plan_rows(m: int, in_features: int, out_features: int, rank: int, dtype: torch.dtype, arch: int = 90) -> dict:
+    """bench.plan's view of the launches at one shape: per pass ("forward": vera_linear; "backward": its
+    backward with dx and dbias), each launch in order with the config verify runs (the first candidate,
+    or the caller's), its compiled facts for sm_``arch`` (registers, shared memory, blocks per SM, the
+    pipeline) and its grid at this shape: programs, and waves = work units / (SMs x blocks per SM), a
+    work unit being a program, or a tile for the persistent fused GEMM. The bias is frozen (no dbias), as
+    bench.plan's layer has it."""
+    from . import autotune, linear
+
+    sizes = dict(in_features=in_features, out_features=out_features, rank=rank, adapters=1)
+    torch.manual_seed(0)
+    problem = Problem(dtype, m, sizes)
+    tma = arch >= 90 and dtype != torch.float32
+    passes = {"forward": lambda p: _forward(p), "backward": lambda p: _backward(p, with_bias=False)}
+    out, done = {}, {}
+    for name, call in passes.items():
+        with captured() as launches, _forced_tma(tma):
+            call(problem)
+        rows = []
+        for launch in launches:
+            config = launch.config or autotune.candidates(launch.kernel, arch, launch.args)[0]
+            signature, constexprs, attrs = compile_spec(launch.fn, launch.args, config)
+            module, kernel = launch.fn.fn.__module__, kernel_name(launch.fn)
+            job = Job(module, kernel, signature, constexprs, attrs, config.num_warps, config.num_stages, arch,
+                      _flags(launch.fn, launch.args), describe_config(config, launch.args), cost=0)
+            key = (module, kernel, tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(sorted(attrs)),
+                   config.num_warps, config.num_stages)
+            if key not in done:
+                done[key] = run_job(job)
+            row = dict(done[key])
+            meta = {**launch.args, **config.kwargs}
+            grid = launch.grid(meta) if callable(launch.grid) else launch.grid
+            programs = 1
+            for extent in grid:
+                programs *= extent
+            units = programs
+            if kernel == "_fused_gemm_kernel":
+                units = -(-meta["M"] // meta["BLOCK_M"]) * -(-meta["N"] // meta["BLOCK_N"])
+            row.update(programs=programs, units=units,
+                       waves=sass.waves(units, row["blocks_per_sm"] or 1, linear.STATIC_SMS))
+            rows.append(row)
+        out[name] = rows
+    return out
+
+
 def passed(result: dict) -> bool:
-    return bool(result["rows"]) and not result["totals"]["failed"] and not result["totals"]["spills"]
+    t = result["totals"]
+    return bool(result["rows"]) and not t["failed"] and not t["spills"] and not t.get("pipeline", 0)
 
 
 def summary(result: dict) -> str:
     t = result["totals"]
     return (f"{t['kernels']} kernels, {t['compiles']} compilations (sm_90a, sm_80) in {result['seconds']:.0f} s "
-            f"on Triton {result['environment']['triton']}: {t['failed']} failed, {t['spills']} spill")
+            f"on Triton {result['environment']['triton']}: {t['failed']} failed, {t['spills']} spill, "
+            f"{t.get('pipeline', 0)} break the pipeline rule")
 
 
 def report(argv=()) -> dict:
@@ -547,12 +629,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: the CPUs)")
     p.add_argument("--json", metavar="PATH", help="write the environment, the totals and every row as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--plan", metavar="M,IN,OUT,R", help="bench.plan's view instead: the forward's and backward's "
+                   "launches at this shape (--dtype, one; --arch, one), as JSON in --json")
     return p
 
 
 def main(argv=None) -> int:
     """Print the table and the totals; exit 1 when a kernel fails to compile or spills."""
     args = parser().parse_args(argv)
+    if args.plan:
+        m, k, n, r = map(int, args.plan.split(","))
+        dtype = next(d for d in DTYPES if _TYPE_NAMES[d] == (args.dtype or ["bf16"])[0])
+        with tempfile.TemporaryDirectory(prefix="vera-triton-cache-") as private:
+            os.environ.setdefault("TRITON_CACHE_DIR", private)
+            os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+            result = plan_rows(m, k, n, r, dtype, (args.arch or [90])[0])
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        return 0
     result = run(args)
     if args.json:
         with open(args.json, "w") as f:
