@@ -22,13 +22,13 @@ import os
 import pytest
 import torch
 
-from bench_common import DEVICE, DRY_RUN
+from bench_common import DEVICE, DRY_RUN, QUICK
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-if DRY_RUN or os.environ.get("VERA_BENCH_QUICK") == "1":
+if DRY_RUN or QUICK:
     MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256)
     SEQ, DTYPE, RANKS, ROUNDS, WARMUP = 32, torch.float32, dict(vera=16, lora=8), 1, 1
