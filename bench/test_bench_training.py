@@ -17,8 +17,6 @@ benchmark's extra_info, and bench/conftest.py's per-case record): the median ste
 GPU), the peak memory of a step (GPU; weights included), the trainable and total parameter counts.
 """
 
-import os
-
 import pytest
 import torch
 
