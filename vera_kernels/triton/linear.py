@@ -501,6 +501,9 @@ _workspace_lock = threading.Lock()
 def workspace(purpose: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A buffer of ``numel`` elements for this call's kernels (see the rule above)."""
     if buffers.graph_capturing(device):
+        if not dtype.is_floating_point:
+            # Counters (the split rank GEMM's tickets) start at 0: the fill is captured and runs on every replay.
+            return torch.zeros(max(numel, 1), dtype=dtype, device=device)[:numel]
         return new_output(max(numel, 1), dtype=dtype, device=device)[:numel]
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (purpose, dtype, str(device), stream, threading.get_ident())
