@@ -193,6 +193,8 @@ def test_autotune_pruning(backend, monkeypatch):
         # fp32 (IEEE FMA dots): its own table, short K steps; the host keeps its tiles to 32 x 64.
         ieee = autotune.candidates("rank", arch, dict(M_BUCKET=8192, BLOCK_M=32, BLOCK_R=64, IEEE=True))
         assert ieee and all(c.kwargs["BLOCK_K"] <= 32 and c.num_warps == 4 for c in ieee)
+        split = autotune.candidates("rank", arch, dict(M_BUCKET=8192, BLOCK_M=32, BLOCK_R=64, IEEE=True, SPLIT=True))
+        assert [c.kwargs["BLOCK_K"] for c in split] == [16]  # K steps of 32 spill with the split's reduction
     monkeypatch.setattr(linear, "interpreted", lambda: False)  # the GPU's rank tiles, not the interpreter's
     for mode in (linear.MODE_SHRINK, linear.MODE_DT, linear.MODE_G):
         for m in (1, 32, 512, 8192):

@@ -183,7 +183,7 @@ def _decode_tile(config: Config) -> bool:
 
 
 def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathered: bool = False,
-           tile: int = 0, block_m: int = 0, scaled_a: bool = False, ieee: bool = False) -> bool:
+           tile: int = 0, block_m: int = 0, scaled_a: bool = False, ieee: bool = False, split: bool = False) -> bool:
     """Whether autotuning should time ``config``. The fused GEMM: decode-sized M (<= 32) gets the narrow-M
     configs and larger M the wide ones; generating projection tiles on the fly takes registers, so there
     the tiles keep to 2048 accumulator elements per warp, as with the many-adapter epilogue's gathered
@@ -193,10 +193,11 @@ def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathe
     the split's granule (16 x 128 x 64 also keeps an 8-byte stack frame under Triton 3.6), larger M
     generating a projection K steps of 64 at most (the generated tile sits in registers); when the a tile
     is scaled in registers (dt = (g ⊙ b) B), 1024 of its elements per warp at most (BLOCK_M ``block_m``).
-    fp32 (``ieee``) has its own table, all usable."""
+    fp32 (``ieee``) has its own table, all usable but for a split (``split``) 32 x 64 tile: the last program's
+    sum of the partials adds registers there, and K steps of 32 spilled (sm_80, Triton 3.9)."""
     if kernel == "rank":
         if ieee:
-            return True
+            return not (split and tile >= 32 * 64 and config.kwargs["BLOCK_K"] > 16)
         per_warp = tile / config.num_warps
         block_k = config.kwargs["BLOCK_K"]
         k_step = block_k == split_granule(True) if decode else not on_the_fly or block_k <= 64
@@ -226,7 +227,8 @@ def _prune(kernel: str, configs_: list[Config], args: dict) -> list[Config]:
     tile = args.get("BLOCK_M", 0) * args.get("BLOCK_R", 0)
     kept = [c for c in configs_ if usable(kernel, c, decode=decode, on_the_fly=on_the_fly, gathered=gathered,
                                           tile=tile, block_m=args.get("BLOCK_M", 0),
-                                          scaled_a=args.get("SCALE_P", 0) == 1, ieee=bool(args.get("IEEE", False)))]
+                                          scaled_a=args.get("SCALE_P", 0) == 1, ieee=bool(args.get("IEEE", False)),
+                                          split=bool(args.get("SPLIT", False)))]
     return kept or list(configs_)
 
 
