@@ -264,6 +264,7 @@ def test_merge_unmerge_and_merge_and_unload(fmt):
         with torch.enable_grad(), pytest.raises(RuntimeError, match="unmerge"):
             model(x)
         layer.eval()
+        layer.lambda_b.mul_(3.0)  # edited while merged: unmerge() takes out the ΔW that merge() put in
         layer.unmerge()
         assert not layer.merged
         restored = quantized.dequantized_weight(layer.base_layer).double()
