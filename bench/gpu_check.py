@@ -229,7 +229,7 @@ def commands(step: Step, ctx: Context) -> list[tuple[list[str], dict]]:
                  dict(VERA_KERNELS_CUDA="0" if dry else "1", MAX_JOBS=os.environ.get("MAX_JOBS", str(ctx.jobs))))]
     if step.name == "aot-compile":
         # The dry run compiles one kernel (the plumbing); on the GPU every launch in bf16 at the target Ms.
-        select = (["--scenario", "vera_linear", "--kernel", "_fold_kernel", "--m", "512", "--configs", "first"] if dry
+        select = (["--scenario", "backward", "--kernel", "_sum_rows_kernel", "--m", "512", "--configs", "first"] if dry
                   else ["--m", "1", "--m", "16", "--m", "512", "--m", "2048"])
         return [([py, "-m", "vera_kernels.triton.static", "--arch", str(ctx.arch), "--dtype", "bf16", *select,
                   "--jobs", str(ctx.jobs), "--quiet", "--json", ctx.path("kernels.json")], {"TRITON_INTERPRET": None})]

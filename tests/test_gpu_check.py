@@ -319,7 +319,7 @@ driver.set_active(Driver())
 CUDABackend.add_stages = compiles_again  # reached only on a cache miss
 found = []
 for *_, launch in static.capture([s for s in static.SCENARIOS if s.name in sys.argv[1:]], [torch.bfloat16], [512]):
-    if static.kernel_name(launch.fn) not in ("_fold_kernel", "_fused_gemm_kernel"):
+    if static.kernel_name(launch.fn) != "_fused_gemm_kernel":
         continue
     config = launch.config or autotune.candidates(launch.kernel, 90, launch.args)[0]
     # What autotune.launch passes to the jit function (warmup: compile, or find in the cache, but launch nothing).
@@ -348,20 +348,19 @@ def test_the_jit_finds_the_ahead_of_time_compiles_in_its_cache(tmp_path):
                PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     scenarios = ["vera_linear", "vera_linear (TMA)"]
     aot = [sys.executable, "-m", "vera_kernels.triton.static", "--arch", "90", "--dtype", "bf16", "--m", "512",
-           "--kernel", "_fold_kernel", "--kernel", "_fused_gemm_kernel", "--configs", "first", "--quiet",
+           "--kernel", "_fused_gemm_kernel", "--configs", "first", "--quiet",
            "--json", str(tmp_path / "kernels.json")]
     for name in scenarios:
         aot += ["--scenario", name]
     done = subprocess.run(aot, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
-    assert {r["kernel"] for r in rows} == {"_fold_kernel", "_fused_gemm_kernel"} and all(r["registers"] for r in rows)
+    assert {r["kernel"] for r in rows} == {"_fused_gemm_kernel"} and all(r["registers"] for r in rows)
     entries = sorted(os.listdir(tmp_path / "cache"))
     done = subprocess.run([sys.executable, "-c", _JIT, *scenarios], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == str([("_fold_kernel", None), ("_fused_gemm_kernel", False),
-                                       ("_fused_gemm_kernel", True)])
+    assert done.stdout.strip() == str([("_fused_gemm_kernel", False), ("_fused_gemm_kernel", True)])
     assert sorted(os.listdir(tmp_path / "cache")) == entries  # nothing compiled, nothing added
 
 

@@ -15,9 +15,10 @@ from vera_kernels import verify
 
 from conftest import DEVICE, backend_params
 
-BACKENDS = backend_params("torch", "cpu", "cuda")
-# Not covered yet (docs/DESIGN.md, section 11): the cuda backend assumes finite vectors (checking them would
-# read the device back on every call) and the Triton forward folds b into B before the rank sum.
+BACKENDS = backend_params("torch", "triton", "cpu", "cuda")
+# Not covered (docs/DESIGN.md, section 11): the cuda backend assumes finite vectors (checking them would read
+# the device back on every call). The Triton forward follows the formula (test_triton_forward_...); its
+# backward's regrouped sums are not covered either.
 INFINITY_BACKENDS = backend_params("torch", "cpu")
 INF = float("inf")
 
@@ -46,12 +47,12 @@ def _problem(seed, m=6, in_features=9, out_features=7, rank=4):
     return p
 
 
-def _cases():
+def _cases(m=6):
     """(name, problem, grad) with one infinite value where the name says, some with exact zeros beside it."""
     for seed in range(6):
         for where in ("x", "lambda_d", "lambda_b", "grad"):
-            p = _problem(seed)
-            g = torch.randn(6, 7, generator=torch.Generator().manual_seed(100 + seed))
+            p = _problem(seed, m)
+            g = torch.randn(m, 7, generator=torch.Generator().manual_seed(100 + seed))
             value = INF if seed % 2 else -INF
             target = g if where == "grad" else p[where]
             target.view(-1)[(5 * seed + 1) % target.numel()] = value
@@ -91,6 +92,40 @@ def test_an_infinity_gives_the_formulas_result(backend, dtype, form):
         got = _run(rounded, g, backend, dtype, form)
         for what, a, w in zip(("y", "dx", "dd", "db"), got, want):
             _assert_same_ieee(a, w, tolerance, f"{backend} {dtype} {form} {name}: {what}")
+
+
+@pytest.mark.parametrize("form", ["linear", "delta"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [6, 40])  # decode-sized and not (the launches differ)
+@pytest.mark.parametrize("backend", backend_params("triton"))
+def test_triton_forward_gives_the_formulas_result_with_an_infinity(backend, m, dtype, form):
+    # Regression: an infinite lambda_b gave NaN in the Triton forward where the formula gives ±inf (b ⊙ B
+    # was folded before the rank sum, which then added ±inf terms of both signs). y only: the backward's
+    # regrouped products (G = gᵀ s) are not covered (docs/DESIGN.md, section 11).
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, p, g in _cases(m):
+        if name.startswith("grad"):
+            continue  # the gradient does not reach y
+        rounded = {k: (v if k.startswith("lambda") else v.to(dtype).float()) for k, v in p.items()}
+        if dtype == torch.float32:
+            want = _forward({k: v.double() for k, v in rounded.items()}, "torch", torch.float64, form)
+        else:
+            want = _forward(rounded, "torch", dtype, form)
+        got = _forward(rounded, backend, dtype, form)
+        _assert_same_ieee(got, want, tolerance, f"{backend} {dtype} {form} {name}: y")
+
+
+def _forward(p, backend, dtype, form):
+    lam = torch.float64 if dtype == torch.float64 else torch.float32
+    d, b = p["lambda_d"].to(DEVICE, lam), p["lambda_b"].to(DEVICE, lam)
+    x, A, B = (p[k].to(DEVICE, dtype) for k in ("x", "A", "B"))
+    with torch.no_grad():
+        if form == "linear":
+            y = vera_kernels.vera_linear(x, p["weight"].to(DEVICE, dtype), p["bias"].to(DEVICE, dtype), A, B, d, b,
+                                         backend=backend)
+        else:
+            y = vera_kernels.vera_delta(x, A, B, d, b, p["base_out"].to(DEVICE, dtype), backend=backend)
+    return y.double().cpu()
 
 
 def _fp16_problem(case):

@@ -73,8 +73,8 @@ def test_scenarios_reach_every_dtype_and_mode():
         if name != "_philox_kernel":  # the one kernel without a dtype
             assert {d for d, _, _ in launches} == set(static.DTYPES), name
     gemm = [args for _, _, args in by_kernel["_fused_gemm_kernel"]]
-    # many adapters, on the fly, vera_delta, bias, the TMA variant, b scaled in the loop (decode), dx
-    for flag in ("HAS_IDS", "ON_THE_FLY", "HAS_BASE_OUT", "HAS_BIAS", "USE_TMA", "SCALE_IN_LOOP", "P_IS_NK"):
+    # many adapters, on the fly, vera_delta, bias, the TMA variant, b scaling the r part (forward) or not (dx)
+    for flag in ("HAS_IDS", "ON_THE_FLY", "HAS_BASE_OUT", "HAS_BIAS", "USE_TMA", "SCALE_R", "P_IS_NK"):
         assert {bool(a[flag]) for a in gemm} == {False, True}, flag
     assert {m for _, m, _ in by_kernel["_fused_gemm_kernel"]} == set(static.MS)  # decode tiles and wide ones
 
@@ -207,7 +207,7 @@ def test_plan_rows_compile_each_launch_at_the_shape():
         if "cuobjdump not found" in str(exc):
             pytest.skip(str(exc))
         raise
-    assert [r["kernel"] for r in rows["forward"]] == ["_rank_gemm_kernel", "_fold_kernel", "_fused_gemm_kernel"]
+    assert [r["kernel"] for r in rows["forward"]] == ["_rank_gemm_kernel", "_fused_gemm_kernel"]
     assert [r["kernel"] for r in rows["backward"]][-1] == "_fused_gemm_kernel"
     for r in rows["forward"] + rows["backward"]:
         assert r["error"] is None and r["sm"] == "sm_90a" and r["blocks_per_sm"] >= 1 and r["programs"] >= 1

@@ -257,26 +257,29 @@ def test_tma_selection(backend):
     if linear.TensorDescriptor is None:
         pytest.skip("this Triton has no host-side tensor descriptors")
     # bf16 rows of 40 elements are 80 bytes (16-byte multiples): descriptors; 17 elements (34 bytes),
-    # a base 2 bytes off alignment, or an fp32 row of 17 elements: the pointer variant.
+    # a base 2 bytes off alignment, or an fp32 row of 17 elements: the pointer variant. B (out x r) is read
+    # as stored, so a rank of 17 (rows of 34 bytes) takes pointers too.
     use_tma = lambda launches: [a["USE_TMA"] for k, a in launches if k == "gemm"]  # noqa: E731
-    aligned = _forward_launches(37, 40, 70, 17, torch.bfloat16)
+    aligned = _forward_launches(37, 40, 70, 24, torch.bfloat16)
     assert use_tma(aligned) == [linear._tma_capable(torch.device(DEVICE))]
-    assert use_tma(_forward_launches(37, 17, 70, 17, torch.bfloat16)) == [False]
-    assert use_tma(_forward_launches(37, 40, 70, 17, torch.float32)) == [False]  # IEEE fp32 dots: no TMA
+    assert use_tma(_forward_launches(37, 40, 70, 17, torch.bfloat16)) == [False]
+    assert use_tma(_forward_launches(37, 17, 70, 24, torch.bfloat16)) == [False]
+    assert use_tma(_forward_launches(37, 40, 70, 24, torch.float32)) == [False]  # IEEE fp32 dots: no TMA
     wide = torch.randn(37, 41, device=DEVICE).to(torch.bfloat16)
     assert not linear.tma_ok(wide[:, 1:]) and linear.tma_ok(wide[:, :40].contiguous())
     assert not linear.tma_ok(wide[:1, :40].expand(37, 40))  # stride 0: overlapping rows
-    assert use_tma(_forward_launches(37, 40, 70, 17, torch.bfloat16, x=wide[:, 1:])) == [False]
+    assert use_tma(_forward_launches(37, 40, 70, 24, torch.bfloat16, x=wide[:, 1:])) == [False]
     # Decode-sized M takes the narrow mma.sync tiles with pointers (their descriptor variants keep stack
-    # frames), as do b scaled in the loop (decode) and generated projections.
-    assert use_tma(_forward_launches(32, 40, 70, 17, torch.bfloat16)) == [False]
-    assert use_tma(_forward_launches(3, 40, 70, 17, torch.bfloat16)) == [False]
+    # frames), as do generated projections.
+    assert use_tma(_forward_launches(32, 40, 70, 24, torch.bfloat16)) == [False]
+    assert use_tma(_forward_launches(3, 40, 70, 24, torch.bfloat16)) == [False]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_tma_and_pointer_variants_agree(backend, dtype, monkeypatch):
-    # The descriptor variant (two pipelined loops) and the pointer variant (one loop that switches
-    # source) add the same K blocks in the same order: the same bits, and both right against float64.
+    # The descriptor variant and the pointer variant add the same K blocks in the same order (the forward:
+    # the r part, scaled by b, then the in part; dx: one loop that switches source in the pointer variant):
+    # the same bits, and both right against float64.
     from vera_kernels.triton import linear
 
     if not linear.interpreted():
@@ -298,8 +301,7 @@ def test_tma_and_pointer_variants_agree(backend, dtype, monkeypatch):
 @pytest.mark.parametrize("m", [1, 16])
 def test_split_k_decode(backend, m):
     # Decode: few row blocks, so the shrink splits K over programs (fp32 partials, summed in a fixed
-    # order by the last program of each tile, in the same launch) and the GEMM scales B by b in its loop
-    # (no fold launch): two launches.
+    # order by the last program of each tile, in the same launch) and the GEMM: two launches.
     from vera_kernels.triton import linear
 
     launches = _forward_launches(m, 200, 70, 17, torch.bfloat16)
@@ -384,13 +386,29 @@ def test_persistent_grid_walks_every_tile(backend, pinned):
         assert passed, f"seed {seed}: errors {errors}, PyTorch's own: {baseline}"
 
 
+@pytest.mark.parametrize("m", [1, 40, 300])
+def test_forward_is_two_launches_at_every_m(backend, m):
+    # The shrink and the GEMM, whose rank sum b scales in its epilogue-free prologue: no fold of b ⊙ B (it
+    # was a third launch for M > 16), in the pointer variant and the TMA one alike.
+    from vera_kernels.triton import linear
+
+    for tma in (False, True):
+        linear.FORCE_TMA = tma
+        try:
+            launches = _forward_launches(m, 200, 72, 17, torch.bfloat16)
+        finally:
+            linear.FORCE_TMA = None
+        assert [k for k, _ in launches] == ["rank", "gemm"], (tma, launches)
+        assert launches[1][1]["SCALE_R"] and not launches[1][1]["HAS_IDS"]
+
+
 def triton_cdiv(a, b):
     return -(-a // b)
 
 
 def test_decode_allocates_only_outputs(backend, monkeypatch):
     # A decode step allocates y and s and nothing else: the split-K partials and t live in workspaces
-    # cached per (purpose, dtype, device, stream), and b is applied in the GEMM's loop (no folded copy).
+    # cached per (purpose, dtype, device, stream), and b scales the GEMM's rank sum (no folded copy).
     from vera_kernels.triton import linear
 
     p = _problem(4, 200, 70, 17, torch.bfloat16)

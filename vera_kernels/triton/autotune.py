@@ -4,7 +4,6 @@ or a config pinned by the user.
 Kernels (names used by :func:`pin_config`):
   rank      GEMMs with N = r: s = x Aᵀ, dt = (g ⊙ b) B, G = gᵀ s   BLOCK_M, BLOCK_R, BLOCK_K
   gemm      the persistent fused GEMM (forward y, dx)          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
-  fold      b ⊙ B                                              BLOCK_N, BLOCK_R
   sum       the second stage of the reductions over M          BLOCK_P, BLOCK_N
 
 The autotune key is (M bucket, sizes, every constexpr the configs do not set, dtypes): M is bucketed to a
@@ -35,7 +34,7 @@ from triton import Config
 
 from .. import buffers
 
-KERNELS = ("rank", "gemm", "fold", "sum")
+KERNELS = ("rank", "gemm", "sum")
 
 # Under the interpreter every program is a Python loop over numpy ops: few, large programs are fast. The
 # blocks are still smaller than the test shapes' r and in, so the K loops, the r split, the K split and
@@ -43,7 +42,6 @@ KERNELS = ("rank", "gemm", "fold", "sum")
 INTERPRETER_CONFIGS = {
     "rank": Config(dict(BLOCK_M=64, BLOCK_R=32, BLOCK_K=32)),
     "gemm": Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)),
-    "fold": Config(dict(BLOCK_N=64, BLOCK_R=64)),
     "sum": Config(dict(BLOCK_P=16, BLOCK_N=64)),
 }
 # Up to this M bucket a launch is decode-sized: the narrow-M configs, BLOCK_K 128 for the rank GEMMs.
@@ -77,7 +75,7 @@ _GEMM = {
         _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
         _c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
     ],
-    # sm_80: the one-loop pointer variant holds both sources' addresses: 128 x 256 tiles (8 warps) and
+    # sm_80: the one-loop pointer variant (dx) holds both sources' addresses: 128 x 256 tiles (8 warps) and
     # 128 x 128 with 4 warps spill there, so the wide tiles are 128 x 128 with 8 warps (checked statically).
     80: [
         _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
@@ -96,7 +94,6 @@ _RANK = {
     80: [_c(8, 3, BLOCK_K=32), _c(8, 3, BLOCK_K=64), _c(4, 4, BLOCK_K=32), _c(4, 4, BLOCK_K=64), _c(4, 3, BLOCK_K=128)],
 }
 # Memory-bound and tiny: one config each; the second stages' blocks fix the summation order, never tuned.
-_FOLD = {90: [_c(4, 1, BLOCK_N=64, BLOCK_R=64)], 80: [_c(4, 1, BLOCK_N=64, BLOCK_R=64)]}
 _SUM = {90: [_c(4, 1, BLOCK_P=16, BLOCK_N=256)], 80: [_c(4, 1, BLOCK_P=16, BLOCK_N=256)]}
 
 # fp32 inputs take IEEE fp32 dots (as torch does by default: no TF32), which run on the FMA units with
@@ -109,7 +106,7 @@ _IEEE = {
     "rank": [_c(4, 3, BLOCK_K=16), _c(4, 3, BLOCK_K=32)],
 }
 
-_TABLES = {"rank": _RANK, "gemm": _GEMM, "fold": _FOLD, "sum": _SUM}
+_TABLES = {"rank": _RANK, "gemm": _GEMM, "sum": _SUM}
 # The autotune key of a tuned kernel: these sizes, then every constexpr of the kernel that the configs do not
 # set (key_names): each one changes the compiled kernel, hence which config is fastest and which ones the
 # pruner keeps (vera_delta's GEMM, without the base GEMM, is not vera_linear's). Triton adds the dtypes.
@@ -183,11 +180,13 @@ def _decode_tile(config: Config) -> bool:
 
 
 def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathered: bool = False,
-           tile: int = 0, block_m: int = 0, scaled_a: bool = False, ieee: bool = False, split: bool = False) -> bool:
+           scaled_pointers: bool = False, tile: int = 0, block_m: int = 0, scaled_a: bool = False, ieee: bool = False, split: bool = False) -> bool:
     """Whether autotuning should time ``config``. The fused GEMM: decode-sized M (<= 32) gets the narrow-M
     configs and larger M the wide ones; generating projection tiles on the fly takes registers, so there
     the tiles keep to 2048 accumulator elements per warp, as with the many-adapter epilogue's gathered
-    b[ids] tile (what compiles without spilling, checked statically). The rank GEMM (its BLOCK_M x BLOCK_R
+    b[ids] tile and the forward's pointer variant (``scaled_pointers``: two loops of pointer loads, the r
+    part scaled by b between them; 128 x 256 with 8 warps spills on sm_90a): what compiles without
+    spilling, checked statically. The rank GEMM (its BLOCK_M x BLOCK_R
     ``tile`` chosen by the host): 2048 accumulator elements per warp at most (128 x 128 with 4 warps spills
     in the db epilogue), and 8 warps only for tiles that need them; decode-sized M takes K steps of 128,
     the split's granule (16 x 128 x 64 also keeps an 8-byte stack frame under Triton 3.6), larger M
@@ -207,7 +206,7 @@ def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathe
         return True
     if _decode_tile(config) != decode:
         return False
-    if gathered or on_the_fly:
+    if gathered or on_the_fly or scaled_pointers:
         return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 2048 * config.num_warps
     return True
 
@@ -224,8 +223,10 @@ def _prune(kernel: str, configs_: list[Config], args: dict) -> list[Config]:
     decode = args["M_BUCKET"] <= DECODE_BUCKET
     on_the_fly = bool(args.get("ON_THE_FLY", False) or args.get("GENERATE_P", False))
     gathered = bool(args.get("HAS_IDS", False))
+    scaled_pointers = bool(args.get("SCALE_R", False)) and not args.get("USE_TMA", False)
     tile = args.get("BLOCK_M", 0) * args.get("BLOCK_R", 0)
     kept = [c for c in configs_ if usable(kernel, c, decode=decode, on_the_fly=on_the_fly, gathered=gathered,
+                                          scaled_pointers=scaled_pointers,
                                           tile=tile, block_m=args.get("BLOCK_M", 0),
                                           scaled_a=args.get("SCALE_P", 0) == 1, ieee=bool(args.get("IEEE", False)),
                                           split=bool(args.get("SPLIT", False)))]
@@ -398,8 +399,8 @@ def kernel_facts(kernel: str, config: Config, compiled) -> dict:
 
 
 def _without_tuning(kernel: str, fn, arch: int, args: dict) -> Config | None:
-    """The config of a launch that must not autotune, else None (autotune). A kernel with one config (fold,
-    sum) takes it; within :func:`untuned` the first candidate; while the stream captures a CUDA graph
+    """The config of a launch that must not autotune, else None (autotune). A kernel with one config (sum)
+    takes it; within :func:`untuned` the first candidate; while the stream captures a CUDA graph
     (autotuning synchronizes, which fails a capture) the choice autotuning made for this key, else the
     first candidate, with one warning per key when there was a choice to make."""
     if kernel not in _TUNED:

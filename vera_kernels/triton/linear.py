@@ -1,21 +1,16 @@
 """The fused VeRA kernels (docs/DESIGN.md sections 2 and 4) and their host-side launchers.
 
-Forward: the shrink and the GEMM (plus the tiny fold when M > 16), no M x out intermediate:
-  _fold_kernel          Bb = b ⊙ B (out x r, x's dtype): the trained vector folded into the frozen projection,
-                        so the GEMM's K loop needs no per-tile scaling.
+Forward: two launches, the shrink and the GEMM, no M x out intermediate:
   _rank_gemm_kernel     s = x Aᵀ (M x r, saved for backward) and t = d ⊙ s (MODE_SHRINK). Split over K for
                         decode-sized M: fp32 partials, summed in split order by the tile's last program
                         to finish (a ticket counter), in the same launch.
-  _fused_gemm_kernel    y = [x | t] · [W0ᵀ ; Bbᵀ] + bias: ONE K loop over in and then r into one fp32
-                        accumulator (pointer variant), or two pipelined TMA loops (tensor descriptors, sm_90,
-                        16-bit dtypes, M > 32, 16-byte aligned rows; Triton does not pipeline descriptor loads under
-                        a branch, so one loop switching descriptors would run unpipelined);
-                        persistent grouped grid (one program per SM walks the tiles); output written once
-                        (TMA variant: by TMA stores of two half-width subtiles where y's rows are aligned).
-                        Decode (M <= 16) and on-the-fly projections scale the B tile by b inside the r part
-                        of the loop instead of folding (no fold launch, nothing allocated).
-                        Many adapters (HAS_IDS): b differs per row, so the r part runs first into the
-                        accumulator, which is scaled by the gathered b[ids] before the in part continues.
+  _fused_gemm_kernel    y = b ⊙ (t Bᵀ) + x W0ᵀ + bias in one fp32 accumulator: the r loop first, its sum
+                        scaled by b (by the gathered b[ids] with many adapters: HAS_IDS), then the in loop
+                        on top; pointer loads, or pipelined TMA loads (tensor descriptors, sm_90, 16-bit
+                        dtypes, M > 32, 16-byte aligned rows); persistent grouped grid (one program per SM
+                        walks the tiles); output written once (TMA variant: by TMA stores of two half-width
+                        subtiles where y's rows are aligned). b is never folded into B: b ⊙ B summed ±inf
+                        terms of both signs into NaN where b_j is infinite, and overflowed fp16.
 Backward (g = dL/dy), every product a GEMM tile, every reduction over M in a fixed order:
   _rank_gemm_kernel     dt = (g ⊙ b) B (M x r, K = out; MODE_DT; g's tiles scaled in registers): ds = d ⊙ dt
                         stored, dd partials Σ_m dt ⊙ s per row block in the epilogue
@@ -27,11 +22,11 @@ Backward (g = dL/dy), every product a GEMM tile, every reduction over M in a fix
 
 Projections: A and B are read from memory (the materialized pair, any strides: A_max[:, :in] works), or,
 with ON_THE_FLY, each tile is generated from the seed by ``projection_tile`` and rounded to x's dtype as
-the materialized pair is, then scaled and rounded as the fold rounds: both modes give the same bits.
+the materialized pair is: both modes give the same bits.
 
 Precision (reference.py's policy): GEMM operands in x's dtype, accumulation in fp32, one rounding when a
-result is stored. b ⊙ B is rounded to x's dtype once (as t = d ⊙ s is; in fp16 it overflows only for
-|b| > 65504 / max|B|, ~4e5 at r = 256). db = Σ_j B d (gᵀ s) takes d ⊙ s unrounded, in fp32. fp32 inputs
+result is stored (t = d ⊙ s is stored in x's dtype, as the reference rounds it; b scales the fp32 sum
+t Bᵀ, unrounded). db = Σ_j B d (gᵀ s) takes d ⊙ s unrounded, in fp32. fp32 inputs
 use IEEE fp32 dots.
 
 Interpreter (TRITON_INTERPRET=1) work-arounds, selected by the constexpr INTERPRET so the GPU code is
@@ -116,17 +111,14 @@ def _k_loop(acc, a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pn, k_beg
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += a[m0:m0+BLOCK_M, k_begin:k_end] @ p[k_begin:k_end, n0:n0+BLOCK_N], a and p by strides, or p
     generated from the seed (GENERATE_P; p_ptr None). SCALE_P: 0 none; 1 a's columns (k) scaled by
-    scale[k] (dt = (g ⊙ b) B: the g tile, which wgmma takes from registers); 2 p's columns (n) scaled by
-    scale[n] (the same bits as the folded copy of _fold_kernel). A scaled tile is rounded to the storage
-    dtype, as the reference rounds g ⊙ b."""
+    scale[k] (dt = (g ⊙ b) B: the g tile, which wgmma takes from registers), the scaled tile rounded to the
+    storage dtype, as the reference rounds g ⊙ b."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + (k_begin + offs_k)[None, :].to(tl.int64) * stride_ak
     if not GENERATE_P:
         p_ptrs = p_ptr + (k_begin + offs_k)[:, None].to(tl.int64) * stride_pk + offs_n[None, :].to(tl.int64) * stride_pn
-    if SCALE_P == 2:
-        col_scale = tl.load(scale_ptr + offs_n * stride_scale, mask=offs_n < N, other=0.0).to(tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_ok = offs_k < k_end - k0
         a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
@@ -138,8 +130,6 @@ def _k_loop(acc, a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pn, k_beg
         if SCALE_P == 1:
             k_scale = tl.load(scale_ptr + (k0 + offs_k) * stride_scale, mask=k_ok, other=0.0).to(tl.float32)
             a = _round_to(a.to(tl.float32) * k_scale[None, :], OUT_KIND, INTERPRET)
-        elif SCALE_P == 2:
-            p = _round_to(p.to(tl.float32) * col_scale[None, :], OUT_KIND, INTERPRET)
         acc = _dot(a, p, acc, INTERPRET, IEEE)
         a_ptrs += BLOCK_K * stride_ak
     return acc
@@ -192,19 +182,6 @@ def _k_loop_tma(acc, a_desc, p_desc, K, m0, n0, P_IS_NK: tl.constexpr, INTERPRET
 
 
 @triton.jit
-def _fold_kernel(b_mat_ptr, stride_bn, stride_br, lb_ptr, stride_lb, out_ptr, stride_on, N, R,
-                 OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out[n, j] = b[n] B[n, j] in fp32, rounded once to the storage dtype."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rows = offs_n[:, None].to(tl.int64)
-    mask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
-    b_tile = tl.load(b_mat_ptr + rows * stride_bn + offs_r[None, :] * stride_br, mask=mask, other=0.0).to(tl.float32)
-    lb = tl.load(lb_ptr + offs_n * stride_lb, mask=offs_n < N, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows * stride_on + offs_r[None, :], _round_to(b_tile * lb[:, None], OUT_KIND, INTERPRET), mask=mask)
-
-
-@triton.jit
 def _fused_gemm_kernel(
     out_ptr, stride_om, stride_on, out_desc,
     x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, x_desc, w_desc,
@@ -212,7 +189,7 @@ def _fused_gemm_kernel(
     scale_ptr, stride_scale, stride_scale_bank, ids_ptr, stride_ids,
     bias_ptr, stride_bias, base_ptr, stride_basem, stride_basen,
     M, N, K_BASE, K_ADAPTER, seed, proj_scale, M_BUCKET,
-    HAS_BASE_GEMM: tl.constexpr, SCALE_IN_LOOP: tl.constexpr, HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_BASE_GEMM: tl.constexpr, SCALE_R: tl.constexpr, HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_BASE_OUT: tl.constexpr, ON_THE_FLY: tl.constexpr, PROJ_TAG: tl.constexpr, PROJ_ROW_IS_N: tl.constexpr,
     USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, P_IS_NK: tl.constexpr, OUT_KIND: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -220,11 +197,10 @@ def _fused_gemm_kernel(
 ):
     """out = [x | t] · [w ; p] (+ bias, + base), one fp32 accumulator per tile, the output written once.
 
-    Forward: x W0ᵀ and t (b ⊙ B)ᵀ (p the folded Bb, or B scaled by b in the loop: SCALE_IN_LOOP).
+    Forward (SCALE_R): b ⊙ (t Bᵀ) and then x W0ᵀ on top: p = Bᵀ (stored or generated), the r part runs
+    first so that b multiplies the rank sum alone, as the formula does. HAS_IDS (many adapters): scale is
+    a bank (adapters x out, row stride stride_scale_bank) and row m takes row ids[m] of it (-1: 0).
     dx: g W0 and ds A (no scale). vera_delta: no base GEMM, base_out added in the epilogue.
-    HAS_IDS (many adapters): p = Bᵀ unscaled, scale is a bank (adapters x out, row stride
-    stride_scale_bank) and row m takes row ids[m] of it (-1: 0); the r part runs first so that the
-    gathered b multiplies the adapter's sum alone, then the in part accumulates on top.
 
     Persistent: the grid has at most one program per SM; program p takes tiles p, p + programs, ... in
     grouped order (GROUP_M row blocks share each column block's operand tiles while they are in L2). The
@@ -242,17 +218,24 @@ def _fused_gemm_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if HAS_IDS:
+        if SCALE_R:
+            # The forward: the r part alone first, u = t Bᵀ, scaled by b (or, with ids, by each row's b[ids])
+            # as the formula scales it, after the rank sum: an infinite b_j gives ±inf (NaN where u_j = 0), not
+            # NaN from ±inf terms of both signs, and b ⊙ B is never rounded to x's dtype (fp16 overflows it).
+            # The in part then accumulates on top. The scale makes the two loops drain between them.
             if USE_TMA:
                 acc = _k_loop_tma(acc, t_desc, p_desc, K_ADAPTER, m0, n0, P_IS_NK, INTERPRET, IEEE, BLOCK_K)
             else:
                 acc = _k_loop(acc, t_ptr, stride_tm, stride_tk, p_ptr, stride_pk, stride_pn, 0, K_ADAPTER, m0, n0,
-                              M, N, scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, False, PROJ_ROW_IS_N, 0,
+                              M, N, scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, ON_THE_FLY, PROJ_ROW_IS_N, 0,
                               OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-            ids = tl.load(ids_ptr + offs_m.to(tl.int64) * stride_ids, mask=offs_m < M, other=-1)
-            scale = tl.load(scale_ptr + ids[:, None] * stride_scale_bank + offs_n[None, :] * stride_scale,
-                            mask=(ids[:, None] >= 0) & n_ok[None, :], other=0.0).to(tl.float32)
-            acc = acc * scale
+            if HAS_IDS:
+                ids = tl.load(ids_ptr + offs_m.to(tl.int64) * stride_ids, mask=offs_m < M, other=-1)
+                scale = tl.load(scale_ptr + ids[:, None] * stride_scale_bank + offs_n[None, :] * stride_scale,
+                                mask=(ids[:, None] >= 0) & n_ok[None, :], other=0.0).to(tl.float32)
+                acc = acc * scale
+            else:
+                acc = acc * tl.load(scale_ptr + offs_n * stride_scale, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if HAS_BASE_GEMM:
                 if USE_TMA:
                     acc = _k_loop_tma(acc, x_desc, w_desc, K_BASE, m0, n0, P_IS_NK, INTERPRET, IEEE, BLOCK_K)
@@ -261,14 +244,14 @@ def _fused_gemm_kernel(
                                   M, N, scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, False, False, 0,
                                   OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         elif USE_TMA:
-            # Two pipelined loops (wgmma wait depth 1 each, a drain between them: sass.py): Triton does not
+            # dx. Two pipelined loops (wgmma wait depth 1 each, a drain between them: sass.py): Triton does not
             # pipeline descriptor loads under a branch, so one loop over [in | r] that picks its descriptors
             # per step compiles to wgmma waiting to depth 0 every step (checked in the SASS for sm_90a,
             # Triton 3.9, 128x256x64 bf16), worse than one drain per tile.
             if HAS_BASE_GEMM:
                 acc = _k_loop_tma(acc, x_desc, w_desc, K_BASE, m0, n0, P_IS_NK, INTERPRET, IEEE, BLOCK_K)
             acc = _k_loop_tma(acc, t_desc, p_desc, K_ADAPTER, m0, n0, P_IS_NK, INTERPRET, IEEE, BLOCK_K)
-        elif HAS_BASE_GEMM and not SCALE_IN_LOOP and not ON_THE_FLY:
+        elif HAS_BASE_GEMM and not ON_THE_FLY:
             acc = _k_loop_two_sources(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, K_BASE,
                                       t_ptr, stride_tm, stride_tk, p_ptr, stride_pk, stride_pn, K_ADAPTER,
                                       m0, n0, M, N, OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -278,8 +261,8 @@ def _fused_gemm_kernel(
                               M, N, scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, False, False, 0,
                               OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
             acc = _k_loop(acc, t_ptr, stride_tm, stride_tk, p_ptr, stride_pk, stride_pn, 0, K_ADAPTER, m0, n0, M, N,
-                          scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, ON_THE_FLY, PROJ_ROW_IS_N,
-                          2 if SCALE_IN_LOOP else 0, OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                          scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, ON_THE_FLY, PROJ_ROW_IS_N, 0,
+                          OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         rows = offs_m[:, None].to(tl.int64)
@@ -445,7 +428,7 @@ def _sum_rows_kernel(part_ptr, P, N, out_ptr, stride_out, OUT_KIND: tl.constexpr
 # Host side. A and B are None in on-the-fly mode: the kernels generate them from ``seed`` with the
 # scheme's fan-ins, max_in for A and the rank for B (then A is A_max[:, :in] and B is B_max[:out, :]).
 
-DECODE_M = 16  # up to this many rows: split-K shrink, b scaled inside the GEMM's loop (no fold launch)
+DECODE_M = 16  # up to this many rows: split-K shrink, several GEMM programs per SM
 INTERPRETER_SMS = 3  # the "SM count" under the interpreter: small, so tests see split K and persistent loops
 STATIC_SMS = 132  # what the static check's captured launches assume (an H100/H200)
 
@@ -480,7 +463,7 @@ def num_sms(device: torch.device) -> int:
     return _sm_counts[index]
 
 
-# Workspaces (split-K partials, t, the folded b ⊙ B): allocated once per (purpose, dtype, device, stream,
+# Workspaces (split-K partials and their tickets, t): allocated once per (purpose, dtype, device, stream,
 # thread) and grown when a call needs more, so a decode step allocates nothing but its outputs. Kernels on
 # one stream run in the order they were enqueued and one thread enqueues a call's kernels together, so a
 # buffer is never overwritten by another call before the kernels that read it have run.
@@ -557,19 +540,6 @@ def _tma_capable(device: torch.device) -> bool:
 def _descriptor(t: torch.Tensor | None):
     # block_shape is a placeholder: autotune.launch sets it from the config (a pre-launch hook).
     return None if t is None else TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
-
-
-def _fold(B: torch.Tensor, lambda_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """b ⊙ B rounded to ``dtype`` (out x r) in a workspace, its rows 16-byte aligned for TMA."""
-    n, r = B.shape
-    stride = _aligned_stride(r, dtype)
-    out = workspace("fold", n * stride, dtype, B.device).view(n, stride)[:, :r]
-    args = dict(b_mat_ptr=B, stride_bn=B.stride(0), stride_br=B.stride(1), lb_ptr=lambda_b, stride_lb=lambda_b.stride(0),
-                out_ptr=out, stride_on=out.stride(0), N=n, R=r, **_flags(dtype))
-    args.pop("IEEE")
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, meta["BLOCK_R"]))  # noqa: E731
-    _launch("fold", _fold_kernel, grid, args, B.device)
-    return out
 
 
 def rank_blocks(mode: int, m: int, r: int, on_the_fly: bool, ieee: bool) -> tuple[int, int]:
@@ -651,7 +621,7 @@ def _shrink(x, A, lambda_d, seed, max_in, ids=None):
 
 
 def _fused_gemm(out, t, proj, proj_strides, scale, x, w, w_strides, bias, base_out, *, k_adapter, k_base,
-                seed, proj_scale, tag, row_is_n, scale_in_loop=False, ids=None, proj_is_nk=True):
+                seed, proj_scale, tag, row_is_n, ids=None, proj_is_nk=True):
     """out = [x | t] · [w ; proj] (+ bias, base_out); see _fused_gemm_kernel. ``proj_is_nk``: proj (and w)
     are stored N x K (the forward's W0 and B), else K x N (dx's W0 and A)."""
     m, n = out.shape
@@ -661,7 +631,7 @@ def _fused_gemm(out, t, proj, proj_strides, scale, x, w, w_strides, bias, base_o
     # fp32 takes IEEE dots (CUDA cores), where TMA gains nothing: descriptors for 16-bit dtypes only. Nor
     # for decode-sized M: its narrow tiles take mma.sync, not wgmma, and cp.async streams W0 as well; their
     # descriptor variants keep small stack frames (8-16 bytes, the static check).
-    use_tma = (_tma_capable(device) and out.dtype != torch.float32 and not on_the_fly and not scale_in_loop
+    use_tma = (_tma_capable(device) and out.dtype != torch.float32 and not on_the_fly
                and not autotune.decode_sized(m) and tma_ok(t, proj, *((x, w) if x is not None else ())))
     # The output through TMA too where it can be addressed so (its rows 16-byte aligned: out a multiple of
     # 8 elements in 16-bit dtypes).
@@ -680,7 +650,7 @@ def _fused_gemm(out, t, proj, proj_strides, scale, x, w, w_strides, bias, base_o
         base_ptr=base_out, stride_basem=0 if base_out is None else base_out.stride(0),
         stride_basen=0 if base_out is None else base_out.stride(1),
         M=m, N=n, K_BASE=k_base, K_ADAPTER=k_adapter, seed=seed, proj_scale=proj_scale, M_BUCKET=autotune.m_bucket(m),
-        HAS_BASE_GEMM=x is not None, SCALE_IN_LOOP=scale_in_loop, HAS_IDS=ids is not None, HAS_BIAS=bias is not None,
+        HAS_BASE_GEMM=x is not None, SCALE_R=scale is not None, HAS_IDS=ids is not None, HAS_BIAS=bias is not None,
         HAS_BASE_OUT=base_out is not None, ON_THE_FLY=on_the_fly, PROJ_TAG=tag, PROJ_ROW_IS_N=row_is_n,
         USE_TMA=use_tma, TMA_STORE=tma_store, P_IS_NK=proj_is_nk, **_flags(out.dtype),
     )
@@ -710,16 +680,10 @@ def forward(x, weight, bias, A, B, lambda_d, lambda_b, base_out, seed: int, max_
         return x.new_empty(0, n), x.new_empty(0, r)
     s, t = _shrink(x, A, lambda_d, seed, max_in)
     y = new_output(m, n, dtype=x.dtype, device=x.device)
-    # b folded into B (one tiny launch) so the GEMM's loop has no scaling, except for decode-sized M
-    # (the GEMM is bound by reading W0: scaling B's tiles in the loop is free and saves the launch) and
-    # for generated projections (their tiles are made in the loop anyway).
-    in_loop = B is None or m <= DECODE_M
-    proj = B if in_loop else _fold(B, lambda_b, x.dtype)
     _fused_gemm(
-        y, t, proj, _strides(proj, transpose=True), lambda_b if in_loop else None,
-        x if weight is not None else None, weight, _strides(weight, transpose=True), bias, base_out,
-        k_adapter=r, k_base=k, seed=seed, proj_scale=projection_scale(r) if B is None else 1.0, tag=TAG_B,
-        row_is_n=True, scale_in_loop=in_loop,
+        y, t, B, _strides(B, transpose=True), lambda_b, x if weight is not None else None, weight,
+        _strides(weight, transpose=True), bias, base_out, k_adapter=r, k_base=k, seed=seed,
+        proj_scale=projection_scale(r) if B is None else 1.0, tag=TAG_B, row_is_n=True,
     )
     return y, s
 
