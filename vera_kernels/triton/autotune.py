@@ -180,13 +180,15 @@ def _decode_tile(config: Config) -> bool:
 
 
 def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathered: bool = False,
-           scaled_pointers: bool = False, tile: int = 0, block_m: int = 0, scaled_a: bool = False, ieee: bool = False, split: bool = False) -> bool:
+           scaled_pointers: bool = False, delta: bool = False, tile: int = 0, block_m: int = 0, scaled_a: bool = False, ieee: bool = False, split: bool = False) -> bool:
     """Whether autotuning should time ``config``. The fused GEMM: decode-sized M (<= 32) gets the narrow-M
     configs and larger M the wide ones; generating projection tiles on the fly takes registers, so there
     the tiles keep to 2048 accumulator elements per warp, as with the many-adapter epilogue's gathered
     b[ids] tile and the forward's pointer variant (``scaled_pointers``: two loops of pointer loads, the r
-    part scaled by b between them; 128 x 256 with 8 warps spills on sm_90a): what compiles without
-    spilling, checked statically. The rank GEMM (its BLOCK_M x BLOCK_R
+    part scaled by b between them; 128 x 256 with 8 warps spills on sm_90a) and vera_delta's forward
+    (``delta``: b's tile, base_out's and the accumulator meet in the epilogue; 128 x 256 spills there with
+    TMA too), where generated tiles also keep BLOCK_N to 64 with 4 warps (64 x 128 x 32, 4 warps and 4
+    stages spilled on sm_80): what compiles without spilling, checked statically under both Tritons. The rank GEMM (its BLOCK_M x BLOCK_R
     ``tile`` chosen by the host): 2048 accumulator elements per warp at most (128 x 128 with 4 warps spills
     in the db epilogue), and 8 warps only for tiles that need them; decode-sized M takes K steps of 128,
     the split's granule (16 x 128 x 64 also keeps an 8-byte stack frame under Triton 3.6), larger M
@@ -206,7 +208,9 @@ def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathe
         return True
     if _decode_tile(config) != decode:
         return False
-    if gathered or on_the_fly or scaled_pointers:
+    if delta and on_the_fly and config.num_warps == 4 and config.kwargs["BLOCK_N"] > 64:
+        return False
+    if gathered or on_the_fly or scaled_pointers or delta:
         return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 2048 * config.num_warps
     return True
 
@@ -224,9 +228,10 @@ def _prune(kernel: str, configs_: list[Config], args: dict) -> list[Config]:
     on_the_fly = bool(args.get("ON_THE_FLY", False) or args.get("GENERATE_P", False))
     gathered = bool(args.get("HAS_IDS", False))
     scaled_pointers = bool(args.get("SCALE_R", False)) and not args.get("USE_TMA", False)
+    delta = bool(args.get("SCALE_R", False)) and not args.get("HAS_BASE_GEMM", True)
     tile = args.get("BLOCK_M", 0) * args.get("BLOCK_R", 0)
     kept = [c for c in configs_ if usable(kernel, c, decode=decode, on_the_fly=on_the_fly, gathered=gathered,
-                                          scaled_pointers=scaled_pointers,
+                                          scaled_pointers=scaled_pointers, delta=delta,
                                           tile=tile, block_m=args.get("BLOCK_M", 0),
                                           scaled_a=args.get("SCALE_P", 0) == 1, ieee=bool(args.get("IEEE", False)),
                                           split=bool(args.get("SPLIT", False)))]
