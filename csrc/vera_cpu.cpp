@@ -124,6 +124,23 @@ void column_sums_block(const ColumnSums& p, int64_t col_begin) {
 
 using F32 = Elem<Dtype::kFloat32>;
 
+// The kernels' fp32 scratch: on the stack up to kStackFloats (16 KB; every layer up to in + out = 1024 at
+// r = 128), so that a call allocates nothing but its outputs; from the heap past it.
+constexpr int64_t kStackFloats = 4096;
+
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : data_(n <= kStackFloats ? stack_ : (heap_.resize(n), heap_.data())) {
+    std::fill(data_, data_ + n, 0.0f);
+  }
+  float* data() { return data_; }
+
+ private:
+  float stack_[kStackFloats];
+  std::vector<float> heap_;
+  float* data_;
+};
+
 // Σ_i a[i] b[i] over n elements in fp32, in kDotLanes interleaved partial sums added in lane order.
 template <typename EA, typename EB>
 float dot(const typename EA::type* a, const typename EB::type* b, int64_t n) {
@@ -157,7 +174,7 @@ void small_forward(const SmallForward& p) {
   const typename B::type* const b = static_cast<const typename B::type*>(p.b);
   // fp32 scratch: the row of x widened once (every dot product then converts one operand only), and
   // t = d ⊙ s of the row.
-  std::vector<float> scratch(p.in + p.r);
+  Scratch scratch(p.in + p.r);
   float* const xm = scratch.data();
   float* const t = xm + p.in;
   for (int64_t m = 0; m < p.rows; ++m) {
@@ -195,7 +212,7 @@ void small_backward(const SmallBackward& p) {
   const typename B::type* const b = static_cast<const typename B::type*>(p.b);
   const bool need_dt = p.dx != nullptr || p.dd != nullptr;
   // fp32 scratch: t = d ⊙ s and dt of the row, the sums over rows of dd, db and dbias, and dx's row.
-  std::vector<float> scratch(3 * p.r + 2 * p.out + p.in, 0.0f);
+  Scratch scratch(3 * p.r + 2 * p.out + p.in);
   float* const t = scratch.data();
   float* const dt = t + p.r;
   float* const dd = dt + p.r;

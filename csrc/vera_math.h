@@ -410,7 +410,8 @@ constexpr int64_t kSmallWork = int64_t(1) << 15;
 //                                                             or base_out[m, j]                (W null)
 // x (rows x in), W (out x in), A (r x in), B (out x r), base_out (rows x out): unit column strides, the
 // given row strides; bias (out, or null), d (r, `d_dtype`), b (out, `b_dtype`), y (rows x out) and s
-// (rows x r): contiguous. One fp32 scratch of r floats per call (t = d ⊙ s of a row).
+// (rows x r): contiguous. fp32 scratch: a row of x and t = d ⊙ s of that row (in + r floats, on the stack
+// up to 16 KB).
 struct SmallForward {
   const void* x;
   const void* W;
