@@ -30,11 +30,11 @@ def _work(m, in_features, out_features, rank):
     return m * (in_features * out_features + rank * (in_features + out_features))
 
 
-def _inputs(shape, dtype, seed=0):
+def _inputs(shape, dtype, seed=0, lambda_dtype=torch.float32):
     m, in_features, out_features, rank = shape
     p = verify.random_problem(m, in_features, out_features, rank, seed=seed)
     p["base_out"] = torch.randn(m, out_features, dtype=torch.float64)
-    low = {k: (v.float() if k.startswith("lambda") else v.to(dtype)) for k, v in p.items()}
+    low = {k: (v.to(lambda_dtype) if k.startswith("lambda") else v.to(dtype)) for k, v in p.items()}
     grad = torch.randn(m, out_features, dtype=torch.float64).to(dtype)
     return low, grad
 
@@ -100,6 +100,14 @@ def test_small_problems_against_float64(shape, dtype, form):
     seen = _check_against_float64(shape, dtype, form)
     assert {"vera::small_forward", "vera::small_backward"} <= seen, seen
     assert "aten::mm" not in seen and "aten::addmm" not in seen, seen
+
+
+@pytest.mark.parametrize("form", ["linear", "linear_no_bias", "delta"])
+def test_bf16_lambdas(form):
+    # The vectors in the layer's dtype (the ops take float32 or x's dtype) on a bf16 problem.
+    inputs, grad = _inputs((3, 9, 7, 4), torch.bfloat16, lambda_dtype=torch.bfloat16)
+    seen = _check_against_float64(None, torch.bfloat16, form, inputs, grad)
+    assert {"vera::small_forward", "vera::small_backward"} <= seen, seen
 
 
 @pytest.mark.parametrize("form", ["linear", "delta"])
