@@ -146,6 +146,10 @@ def part1() -> dict:
             spread = dispersion(samples[name])["iqr"] / seconds
             print(f"{name:<18}{seconds * 1e6:>10.1f}{spread:>6.0%}{seconds / base:>20.2f}")
         results[pass_] = times
+    # The three passes side by side for the layer the goal is about, each against its own nn.Linear row.
+    ratios = ", ".join(f"{pass_} {results[pass_]['vera auto'] / results[pass_][base]:.2f}x"
+                       for pass_, (base, _) in PASSES.items())
+    print(f"\nvera auto against nn.Linear (goal: at most 2x in each): {ratios}")
     return results
 
 

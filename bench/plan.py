@@ -78,9 +78,11 @@ TARGET = dict(m=8192, in_features=4096, out_features=4096, rank=256, dtype="bflo
 # dimension maps back to one symbol. M is above the CUDA decode threshold (the large-M plan).
 PROXY = dict(m=41, in_features=29, out_features=23, rank=7)
 # The decode plan's proxy (requested M <= DECODE_M): M decode-sized, in long enough for the Triton shrink to
-# split K under the interpreter (more than two of its 32-wide K blocks).
+# split K under the interpreter (more than two of its 32-wide K blocks). Both proxies are past the cpu
+# backend's small-problem bound (kSmallWork, 2^15 multiply-adds: csrc/vera_math.h), so that the cpp plan is
+# traced as the requested sizes run it, through the GEMMs (the one-pass loops below that bound are CPU-only).
 DECODE_M = 16
-DECODE_PROXY = dict(m=3, in_features=67, out_features=23, rank=7)
+DECODE_PROXY = dict(m=3, in_features=67, out_features=149, rank=7)
 
 
 def proxy_for(shape: dict) -> dict:

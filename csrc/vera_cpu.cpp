@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "vera_math.h"
 
@@ -118,6 +119,144 @@ void column_sums_block(const ColumnSums& p, int64_t col_begin) {
   });
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The one-pass kernels of small problems (SmallForward, SmallBackward): plain loops on the calling thread.
+
+using F32 = Elem<Dtype::kFloat32>;
+
+// The kernels' fp32 scratch: on the stack up to kStackFloats (16 KB; every layer up to in + out = 1024 at
+// r = 128), so that a call allocates nothing but its outputs; from the heap past it.
+constexpr int64_t kStackFloats = 4096;
+
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : data_(n <= kStackFloats ? stack_ : (heap_.resize(n), heap_.data())) {
+    std::fill(data_, data_ + n, 0.0f);
+  }
+  float* data() { return data_; }
+
+ private:
+  float stack_[kStackFloats];
+  std::vector<float> heap_;
+  float* data_;
+};
+
+// Σ_i a[i] b[i] over n elements in fp32, in kDotLanes interleaved partial sums added in lane order.
+template <typename EA, typename EB>
+float dot(const typename EA::type* a, const typename EB::type* b, int64_t n) {
+  float lanes[kDotLanes] = {};
+  int64_t i = 0;
+  for (; i + kDotLanes <= n; i += kDotLanes) {
+    for (int64_t l = 0; l < kDotLanes; ++l) lanes[l] += EA::load(a[i + l]) * EB::load(b[i + l]);
+  }
+  for (int64_t l = 0; i + l < n; ++l) lanes[l] += EA::load(a[i + l]) * EB::load(b[i + l]);
+  float sum = 0.0f;
+  for (int64_t l = 0; l < kDotLanes; ++l) sum += lanes[l];
+  return sum;
+}
+
+// acc[i] += c * row[i] over n elements, in fp32.
+template <typename E>
+void add_scaled(float* acc, float c, const typename E::type* row, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += c * E::load(row[i]);
+}
+
+template <typename E, typename D, typename B>
+void small_forward(const SmallForward& p) {
+  using T = typename E::type;
+  const T* const x = static_cast<const T*>(p.x);
+  const T* const W = static_cast<const T*>(p.W);
+  const T* const bias = static_cast<const T*>(p.bias);
+  const T* const base_out = static_cast<const T*>(p.base_out);
+  const T* const A = static_cast<const T*>(p.A);
+  const T* const Bm = static_cast<const T*>(p.B);
+  const typename D::type* const d = static_cast<const typename D::type*>(p.d);
+  const typename B::type* const b = static_cast<const typename B::type*>(p.b);
+  // fp32 scratch: the row of x widened once (every dot product then converts one operand only), and
+  // t = d ⊙ s of the row.
+  Scratch scratch(p.in + p.r);
+  float* const xm = scratch.data();
+  float* const t = xm + p.in;
+  for (int64_t m = 0; m < p.rows; ++m) {
+    const T* const x_row = x + m * p.x_stride;
+    for (int64_t i = 0; i < p.in; ++i) xm[i] = E::load(x_row[i]);
+    T* const sm = static_cast<T*>(p.s) + m * p.r;
+    for (int64_t k = 0; k < p.r; ++k) {
+      sm[k] = E::store(dot<F32, E>(xm, A + k * p.A_stride, p.in));
+      t[k] = D::load(d[k]) * E::load(sm[k]);  // s as stored: the value the backward reads
+    }
+    T* const ym = static_cast<T*>(p.y) + m * p.out;
+    for (int64_t j = 0; j < p.out; ++j) {
+      const float u = dot<F32, E>(t, Bm + j * p.B_stride, p.r);
+      float base;
+      if (W != nullptr) {
+        base = dot<F32, E>(xm, W + j * p.W_stride, p.in);
+        if (bias != nullptr) base += E::load(bias[j]);
+      } else {
+        base = E::load(base_out[m * p.base_stride + j]);
+      }
+      ym[j] = E::store(base + B::load(b[j]) * u);
+    }
+  }
+}
+
+template <typename E, typename D, typename B>
+void small_backward(const SmallBackward& p) {
+  using T = typename E::type;
+  const T* const g = static_cast<const T*>(p.g);
+  const T* const s = static_cast<const T*>(p.s);
+  const T* const W = static_cast<const T*>(p.W);
+  const T* const A = static_cast<const T*>(p.A);
+  const T* const Bm = static_cast<const T*>(p.B);
+  const typename D::type* const d = static_cast<const typename D::type*>(p.d);
+  const typename B::type* const b = static_cast<const typename B::type*>(p.b);
+  const bool need_dt = p.dx != nullptr || p.dd != nullptr;
+  // fp32 scratch: t = d ⊙ s and dt of the row, the sums over rows of dd, db and dbias, and dx's row.
+  Scratch scratch(3 * p.r + 2 * p.out + p.in);
+  float* const t = scratch.data();
+  float* const dt = t + p.r;
+  float* const dd = dt + p.r;
+  float* const db = dd + p.r;
+  float* const dbias = db + p.out;
+  float* const dx = dbias + p.out;
+  for (int64_t m = 0; m < p.rows; ++m) {
+    const T* const gm = g + m * p.out;
+    const T* const sm = s + m * p.r;
+    if (p.db != nullptr) {
+      for (int64_t k = 0; k < p.r; ++k) t[k] = D::load(d[k]) * E::load(sm[k]);
+    }
+    std::fill(dt, dt + p.r, 0.0f);
+    for (int64_t j = 0; j < p.out; ++j) {
+      const float gj = E::load(gm[j]);
+      const T* const Bj = Bm + j * p.B_stride;
+      if (p.db != nullptr) db[j] += gj * dot<F32, E>(t, Bj, p.r);
+      if (need_dt) add_scaled<E>(dt, gj * B::load(b[j]), Bj, p.r);
+      dbias[j] += gj;
+    }
+    if (p.dd != nullptr) {
+      for (int64_t k = 0; k < p.r; ++k) dd[k] += dt[k] * E::load(sm[k]);
+    }
+    if (p.dx != nullptr) {
+      std::fill(dx, dx + p.in, 0.0f);
+      if (W != nullptr) {
+        for (int64_t j = 0; j < p.out; ++j) add_scaled<E>(dx, E::load(gm[j]), W + j * p.W_stride, p.in);
+      }
+      for (int64_t k = 0; k < p.r; ++k) add_scaled<E>(dx, D::load(d[k]) * dt[k], A + k * p.A_stride, p.in);
+      T* const dxm = static_cast<T*>(p.dx) + m * p.in;
+      for (int64_t i = 0; i < p.in; ++i) dxm[i] = E::store(dx[i]);
+    }
+  }
+  if (p.dd != nullptr) {
+    for (int64_t k = 0; k < p.r; ++k) static_cast<typename D::type*>(p.dd)[k] = D::store(dd[k]);
+  }
+  if (p.db != nullptr) {
+    for (int64_t j = 0; j < p.out; ++j) static_cast<typename B::type*>(p.db)[j] = B::store(db[j]);
+  }
+  if (p.dbias != nullptr) {
+    for (int64_t j = 0; j < p.out; ++j) static_cast<T*>(p.dbias)[j] = E::store(dbias[j]);
+  }
+}
+
 }  // namespace
 
 void fold_projection_cpu(const FoldProjection& p) {
@@ -173,6 +312,14 @@ void column_sums_cpu(const ColumnSums& p) {
       });
     });
   });
+}
+
+void small_forward_cpu(const SmallForward& p) {
+  dispatch_projection_dtypes(p, [&](auto e, auto d, auto b) { small_forward<decltype(e), decltype(d), decltype(b)>(p); });
+}
+
+void small_backward_cpu(const SmallBackward& p) {
+  dispatch_projection_dtypes(p, [&](auto e, auto d, auto b) { small_backward<decltype(e), decltype(d), decltype(b)>(p); });
 }
 
 }  // namespace vera

@@ -392,10 +392,71 @@ VERA_HD void decode_expand_warp_lane(float (&acc)[kDecodeMaxRows], const DecodeA
                            static_cast<const typename E::type*>(p.B) + j * p.B_stride, lane);
 }
 
+// Small problems on CPU, where a call's fixed costs (the GEMM library's, the dispatcher's, allocations) are
+// most of its time: the whole forward, or the whole backward, of one call in one pass of plain loops on the
+// calling thread, in the formula's order (vera_kernels/reference.py), every product and sum in fp32. The glue
+// (vera_ops.cpp, small_problem) takes this path up to kSmallWork multiply-adds, in fp32 and bf16, for unit
+// column strides and finite vectors (and, in the backward, a finite g and s); anything else goes through the
+// GEMMs. Each output element is written once, by one sum in a fixed order: the bits depend on the shape
+// alone. kSmallWork: where these loops (compiled for the baseline x86-64 vector width) stop beating the GEMM
+// path on one core, measured over M and the layer's sizes (fp32 at M = 8, 64 x 64, r = 16 already loses; at
+// M = 1 the crossover is past 256 x 256). fp16 stays on the GEMM path: its widening is a branchy scalar
+// conversion here, which made these loops slower than the GEMMs at every size measured.
+constexpr int64_t kSmallWork = int64_t(1) << 15;
+
+// The forward: per row m of x,
+//   s[m, k] = Σ_i x[m, i] A[k, i]                        rounded to `dtype` (stored: the backward's activation)
+//   y[m, j] = base[m, j] + b[j] Σ_k (d[k] s[m, k]) B[j, k],   base = Σ_i x[m, i] W[j, i] + bias[j]  (W given)
+//                                                             or base_out[m, j]                (W null)
+// x (rows x in), W (out x in), A (r x in), B (out x r), base_out (rows x out): unit column strides, the
+// given row strides; bias (out, or null), d (r, `d_dtype`), b (out, `b_dtype`), y (rows x out) and s
+// (rows x r): contiguous. fp32 scratch: a row of x and t = d ⊙ s of that row (in + r floats, on the stack
+// up to 16 KB).
+struct SmallForward {
+  const void* x;
+  const void* W;
+  const void* bias;
+  const void* base_out;
+  const void* A;
+  const void* B;
+  int64_t x_stride, W_stride, base_stride, A_stride, B_stride;
+  const void* d;
+  const void* b;
+  void* y;
+  void* s;
+  Dtype dtype, d_dtype, b_dtype;
+  int64_t rows, in, r, out;
+};
+
+// The backward from g = dL/dy (rows x out) and the saved s (rows x r), both contiguous: per row m,
+//   dt[k] = Σ_j (g[m, j] b[j]) B[j, k],  u[j] = Σ_k (d[k] s[m, k]) B[j, k]
+//   dx[m, i] = Σ_j g[m, j] W[j, i] + Σ_k (d[k] dt[k]) A[k, i]       (W null: the second sum alone)
+// and over the rows, in row order: dd[k] = Σ_m dt[k] s[m, k], db[j] = Σ_m g[m, j] u[j], dbias[j] = Σ_m g[m, j].
+// A null output is not computed. W, A, B: unit column strides, the given row strides; d, b, the outputs:
+// contiguous; dd and db in the vectors' dtypes, dx and dbias in `dtype`.
+struct SmallBackward {
+  const void* g;
+  const void* s;
+  const void* W;
+  const void* A;
+  const void* B;
+  int64_t W_stride, A_stride, B_stride;
+  const void* d;
+  const void* b;
+  void* dx;
+  void* dd;
+  void* db;
+  void* dbias;
+  Dtype dtype, d_dtype, b_dtype;
+  int64_t rows, in, r, out;
+};
+
 void fold_projection_cpu(const FoldProjection& p);
 void lambda_grads_cpu(const LambdaGrads& p);
 void gather_scale_cpu(const GatherScale& p);
 void column_sums_cpu(const ColumnSums& p);
+void small_forward_cpu(const SmallForward& p);
+void small_backward_cpu(const SmallBackward& p);
 
 // CUDA launchers on `stream` (a cudaStream_t); nullptr on success, else the CUDA error string. Defined only
 // in builds with VERA_WITH_CUDA. column_sums_cuda and lambda_grads_cuda need sum_chunks(p.rows) * p.cols

@@ -404,6 +404,86 @@ bool finite_on_cpu(std::initializer_list<const at::Tensor*> tensors) {
   return true;
 }
 
+// Whether a call takes the one-pass kernels of small problems (SmallForward, SmallBackward): at most
+// kSmallWork multiply-adds (the forward's count; the backward's is about twice it), fp32 or bf16, on CPU
+// tensors laid out as those kernels read them, unit column strides (a dimension of one element has no stride
+// to speak of).
+bool small_problem(at::ScalarType dtype, int64_t m, int64_t in, int64_t r, int64_t out,
+                   std::initializer_list<const at::Tensor*> matrices) {
+  if (dtype == at::kHalf || double(m) * double(in * out + r * (in + out)) > double(kSmallWork)) return false;
+  for (const at::Tensor* t : matrices) {
+    if (t == nullptr) continue;
+    if (!t->is_cpu() || (t->size(1) > 1 && t->stride(1) != 1)) return false;
+  }
+  return true;
+}
+
+// A row stride that is right for the kernels' indexing also where the tensor has one row (any stride then).
+int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
+
+void small_forward(const at::Tensor& y, const at::Tensor& s, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                   const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+                   const at::Tensor& lambda_d, const at::Tensor& lambda_b, const std::optional<at::Tensor>& base_out) {
+  RECORD_FUNCTION("vera::small_forward", std::vector<c10::IValue>({x, A, B, lambda_d, lambda_b}));
+  const at::Tensor d = lambda_d.contiguous(), b = lambda_b.contiguous();
+  const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+  SmallForward p;
+  p.x = x.const_data_ptr();
+  p.x_stride = row_stride(x);
+  p.W = weight ? weight->const_data_ptr() : nullptr;
+  p.W_stride = weight ? row_stride(*weight) : 0;
+  p.bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
+  p.base_out = base_out ? base_out->const_data_ptr() : nullptr;
+  p.base_stride = base_out ? row_stride(*base_out) : 0;
+  p.A = A.const_data_ptr();
+  p.A_stride = row_stride(A);
+  p.B = B.const_data_ptr();
+  p.B_stride = row_stride(B);
+  p.d = d.const_data_ptr();
+  p.b = b.const_data_ptr();
+  p.y = y.data_ptr();
+  p.s = s.data_ptr();
+  p.dtype = kernel_dtype(x.scalar_type());
+  p.d_dtype = kernel_dtype(d.scalar_type());
+  p.b_dtype = kernel_dtype(b.scalar_type());
+  p.rows = x.size(0);
+  p.in = x.size(1);
+  p.r = A.size(0);
+  p.out = B.size(0);
+  small_forward_cpu(p);
+}
+
+void small_backward(const std::optional<at::Tensor>& dx, const std::optional<at::Tensor>& dd,
+                    const std::optional<at::Tensor>& db, const std::optional<at::Tensor>& dbias, const at::Tensor& g,
+                    const at::Tensor& s, const std::optional<at::Tensor>& weight, const at::Tensor& A,
+                    const at::Tensor& B, const at::Tensor& lambda_d, const at::Tensor& lambda_b) {
+  RECORD_FUNCTION("vera::small_backward", std::vector<c10::IValue>({g, s, A, B, lambda_d, lambda_b}));
+  const at::Tensor d = lambda_d.contiguous(), b = lambda_b.contiguous();
+  SmallBackward p;
+  p.g = g.const_data_ptr();
+  p.s = s.const_data_ptr();
+  p.W = weight ? weight->const_data_ptr() : nullptr;
+  p.W_stride = weight ? row_stride(*weight) : 0;
+  p.A = A.const_data_ptr();
+  p.A_stride = row_stride(A);
+  p.B = B.const_data_ptr();
+  p.B_stride = row_stride(B);
+  p.d = d.const_data_ptr();
+  p.b = b.const_data_ptr();
+  p.dx = dx ? dx->data_ptr() : nullptr;
+  p.dd = dd ? dd->data_ptr() : nullptr;
+  p.db = db ? db->data_ptr() : nullptr;
+  p.dbias = dbias ? dbias->data_ptr() : nullptr;
+  p.dtype = kernel_dtype(g.scalar_type());
+  p.d_dtype = kernel_dtype(d.scalar_type());
+  p.b_dtype = kernel_dtype(b.scalar_type());
+  p.rows = g.size(0);
+  p.in = A.size(1);
+  p.r = A.size(0);
+  p.out = g.size(1);
+  small_backward_cpu(p);
+}
+
 // Whether b ⊙ B ⊙ d may be rounded to `dtype`: not to fp16, whose range ends at 65504 and whose normal numbers at
 // 6.1e-5, where the formula scales in fp32 (b·d ≈ 9e5 overflowed to inf, b ~ 1e-4 lost 2% to subnormals);
 // bf16 has fp32's range and rounds Bdb as the formula rounds t = d ⊙ s.
@@ -577,6 +657,11 @@ void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::o
     return;
   }
 #endif
+  if (small_problem(dtype, m, in, r, out, {&x, get(weight), &A, &B, get(base_out)}) &&
+      finite_on_cpu({&lambda_d, &lambda_b})) {
+    small_forward(y, s, x, weight, bias, A, B, lambda_d, lambda_b, base_out);
+    return;
+  }
   // y is written once by the small product (with the bias or base_out), then the base GEMM accumulates
   // into it (beta = 1: in a compute-bound main loop the read of y costs nothing).
   const bool fold = fold_fits(dtype) && finite_on_cpu({&lambda_d, &lambda_b});
@@ -731,6 +816,11 @@ void vera_backward_(const std::optional<at::Tensor>& dx, const std::optional<at:
 
   const c10::DeviceGuard guard(grad_out.device());
   const bool vectors_finite = finite_on_cpu({&lambda_d, &lambda_b});
+  if (vectors_finite && small_problem(dtype, m, in, r, out, {&grad_out, get(weight), &A, &B}) &&
+      finite_on_cpu({&grad_out, &s})) {
+    small_backward(dx, dd, db, dbias, grad_out, s, weight, A, B, lambda_d, lambda_b);
+    return;
+  }
   if (dd || db) {
     // G = gᵀ s (out x r, fp32) holds every sum over M the vector gradients need:
     //   db_j = Σ_m g_mj (t Bᵀ)_mj = Σ_k B_jk d_k G_jk,   dd_k = Σ_m dt_mk s_mk = Σ_j b_j B_jk G_jk.

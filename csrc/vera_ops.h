@@ -28,7 +28,8 @@ at::Tensor philox4x32_10(const at::Tensor& counters, const at::Tensor& keys);
 // x r, folded in each call into a temporary of the call; nothing is kept between calls: see vera_ops.cpp)
 // with the bias or base_out, then the base GEMM accumulates into it (beta = 1). On CUDA at M <= 16 (decode)
 // the adapter term comes from split-K kernels instead (vera_math.h, DecodeAdapter), which read B and the
-// vectors as they are.
+// vectors as they are; on CPU a small problem (vera_math.h, kSmallWork) is one pass of plain loops instead
+// (SmallForward), with nothing folded and no GEMM call.
 void vera_forward_(at::Tensor y, at::Tensor s, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
                    const at::Tensor& lambda_d, const at::Tensor& lambda_b,
@@ -58,7 +59,8 @@ void vera_forward_multi_(at::Tensor y, const at::Tensor& x, const std::optional<
 // G accumulates and is stored in fp32 (its sums over M overflow fp16); d ⊙ dt = g Bdb, then dx is written
 // once by (d ⊙ dt) A and g W0 accumulates into it. Reductions in fp32 in a fixed order; no M x out
 // temporary. Outputs are contiguous and share no memory with the inputs or each other. Bdb is folded
-// again here, from the vectors as they are now (nothing is kept from the forward).
+// again here, from the vectors as they are now (nothing is kept from the forward). On CPU a small problem
+// with finite vectors, g and s is one pass of plain loops instead (vera_math.h, SmallBackward).
 void vera_backward_(const std::optional<at::Tensor>& dx, const std::optional<at::Tensor>& dd,
                     const std::optional<at::Tensor>& db, const std::optional<at::Tensor>& dbias,
                     const at::Tensor& grad_out, const at::Tensor& s, const std::optional<at::Tensor>& weight,

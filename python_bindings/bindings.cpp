@@ -203,6 +203,10 @@ class VeraFunction : public torch::autograd::Function<VeraFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     if (!grads[0].defined()) return torch::autograd::variable_list(10);  // y's gradient is zero
+    // The backward is hand-written and has no derivative of its own: refused outright rather than left to
+    // whichever of the kernel's inner calls would notice (the small-problem kernels make none).
+    TORCH_CHECK(!at::GradMode::is_enabled(), "vera_kernels::forward: a double backward (create_graph=True) is "
+                "not implemented: the op's backward has no derivative of its own");
     const auto saved = ctx->get_saved_variables();
     const auto optional = [](const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
     // needs_input_grad counts the tensor inputs that were given (an absent optional has no edge).
@@ -217,11 +221,10 @@ class VeraFunction : public torch::autograd::Function<VeraFunction> {
     const Tensor grad = grads[0].contiguous();
     Tensor dx, dd, db, dbias;
     if (need_dx || need_dbias || need_dd || need_db) {
-      // Without create_graph nothing here is recorded: go straight to the kernel, past the Autograd key's
-      // boxed not-implemented fallback (which only redispatches then, and costs more than the kernel at
-      // decode sizes). With create_graph the fallback stays: its outputs refuse a double backward.
-      std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-      if (!at::GradMode::is_enabled()) below_autograd.emplace();
+      // Nothing here is recorded (no create_graph, above): go straight to the kernel, past the Autograd
+      // key's boxed not-implemented fallback (which would only redispatch, and costs more than the kernel
+      // at decode sizes).
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(dx, dd, db, dbias) = backward_op().call(
           grad, saved[0], optional(saved[1]), optional(saved[2]), optional(saved[3]), saved[4], saved[5],
           ctx->saved_data["in_features"].toInt(), need_dx, need_dd, need_db, need_dbias,

@@ -377,9 +377,9 @@ def test_a_nonfinite_lambda_b_written_after_a_cached_fold_is_seen(dtype, value):
 
 
 def test_create_graph_is_refused_with_an_error():
-    # The backward calls its kernel straight, past the Autograd key, only when it records nothing. Under
-    # create_graph nothing changes: the kernel's GEMMs refuse to record (a RuntimeError, no crash and no
-    # silently wrong second derivative), as before.
+    # The backward has no derivative of its own: under create_graph it refuses with a RuntimeError (no crash and
+    # no silently wrong second derivative), whichever kernel path the call takes (the small-problem kernels
+    # make no inner call that could notice); without it, the gradients are right.
     p = problem(m=3, in_features=8, out_features=6, rank=2)
     x = p["x"].detach().requires_grad_(True)
     d = p["lambda_d"].detach().requires_grad_(True)

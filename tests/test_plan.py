@@ -221,12 +221,13 @@ def test_folded_projection_of_a_new_tensor_at_a_reused_address():
         del b
 
 
-def test_inference_forward_allocates_its_outputs_and_one_fold():
-    # A decode step allocates y and s (the op's outputs) and the out x r fold, which it drops when it
-    # returns: every allocation the CPU allocator sees, with its size, by the profiler.
+@pytest.mark.parametrize("m, i, o, r, fold", [(1, 29, 23, 7, False), (64, 29, 23, 7, True)])
+def test_inference_forward_allocates_its_outputs_and_at_most_one_fold(m, i, o, r, fold):
+    # A forward allocates y and s (the op's outputs) and, on the GEMM path, the out x r fold, which it drops
+    # when it returns; a small problem (the one-pass kernels, up to 2^15 multiply-adds) its outputs alone:
+    # every allocation the CPU allocator sees, with its size, by the profiler.
     from torch.profiler import ProfilerActivity, profile
 
-    m, i, o, r = 1, 29, 23, 7
     p = {k: v.float() for k, v in verify.random_problem(m, i, o, r).items()}
 
     def forward():
@@ -237,8 +238,16 @@ def test_inference_forward_allocates_its_outputs_and_one_fold():
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         y = forward()
     sizes = sorted(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
-    assert sizes == sorted([4 * m * r, 4 * m * o, 4 * o * r]), sizes
+    assert sizes == sorted([4 * m * r, 4 * m * o] + ([4 * o * r] if fold else [])), sizes
     assert sum(e.self_cpu_memory_usage for e in prof.events()) == y.untyped_storage().nbytes()
+    assert ("vera::small_forward" in {e.name for e in prof.events()}) != fold
+
+
+def test_proxies_are_past_the_small_problem_bound():
+    # The cpp plan is traced through the GEMMs, as the requested sizes run it (csrc/vera_math.h, kSmallWork).
+    for proxy in (plan.PROXY, plan.DECODE_PROXY):
+        m, i, o, r = (proxy[k] for k in ("m", "in_features", "out_features", "rank"))
+        assert m * (i * o + r * (i + o)) > 2**15, proxy
 
 
 def test_cuda_decode_plan_is_read_from_the_cuda_source():
