@@ -2,18 +2,17 @@
 the gradients of d and b under DDP (and FSDP2's fully_shard) equal a single-process run on the full batch."""
 
 import os
-import socket
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import vera_kernels
+
+import spawned
 
 WORLD = 2
 MODES = ("ddp", "fsdp2")
@@ -83,23 +82,10 @@ def train_step(rank, mode):
     }
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_grads(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("distributed")
-    context = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the workers did not finish in {TIMEOUT_S} s")
+    spawned.run(worker, (spawned.free_port(), str(out_dir)), WORLD, TIMEOUT_S)
     return {mode: torch.load(out_dir / f"{mode}.pt") for mode in MODES}
 
 

@@ -9,19 +9,18 @@ file, forward logits, lambda gradients, lambdas after AdamW steps, merge/unmerge
 import itertools
 import os
 import re
-import socket
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import vera_kernels as vk
 from vera_kernels import projections
+
+import spawned
 
 transformers = pytest.importorskip("transformers")
 
@@ -312,12 +311,6 @@ def worker(rank, world, port, tmp):
     os._exit(0)  # gloo may abort at interpreter exit (see test_distributed.py): the results are on disk
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """The base weights (parameters and buffers) and an adapter file with random lambdas, written by the
@@ -347,14 +340,7 @@ def ranks4(inputs):
 
 
 def launch(world, tmp, state):
-    context = mp.start_processes(worker, args=(world, free_port(), str(tmp)), nprocs=world, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {world} workers did not finish in {TIMEOUT_S} s")
+    spawned.run(worker, (world, spawned.free_port(), str(tmp)), world, TIMEOUT_S)
     return world, torch.load(tmp / f"results-{world}.pt"), tmp, state
 
 
