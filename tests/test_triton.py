@@ -470,3 +470,27 @@ def test_backward_with_frozen_input(backend, form):
     for k in ("lambda_d", "lambda_b"):
         assert verify.relative_error(p[k].grad, ref[k].grad) < 1e-5, k
     assert p["x"].grad is None and p["bias"].grad is None
+
+
+@pytest.mark.parametrize("m, out_features, rank", [(300, 40, 17), (37, 130, 40), (0, 30, 8)],
+                         ids=["split-over-M", "several-tiles", "M=0"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dbias_is_the_column_sum_rounded_once(backend, dtype, m, out_features, rank):
+    """dbias = Σ_m g, added in fp32 and rounded once to g's dtype. With g made of small positive integers
+    every fp32 partial sum is exact, so dbias must equal the exact sum rounded to the dtype bit for bit,
+    whatever the tiles and the order: a missing, doubled or misplaced partial (a row block, a split, a
+    column block) or a partial rounded to the dtype on the way (sums reach ~1300, past bf16's and fp16's
+    exact integers) changes it, and an unwritten one stays NaN (outputs are poisoned). Under the
+    interpreter 300 x 40 at r = 17 is one G-GEMM tile whose K (= M) is split over 3 programs; 130 x 40
+    spans several column and rank blocks; M = 0 gives zeros."""
+    from vera_kernels.dispatch import poisoned_outputs
+
+    p = _problem(max(m, 1), 40, out_features, rank, dtype)
+    p["x"] = p["x"][:m]
+    grad = torch.randint(1, 9, (m, out_features), device=DEVICE).to(dtype)
+    leaves = {k: v.detach().clone().requires_grad_(k in ("bias", "lambda_b")) for k, v in p.items()}
+    with poisoned_outputs():
+        vera_linear(**leaves, backend=backend).backward(grad)
+    want = grad.double().sum(0).to(dtype)
+    assert leaves["bias"].grad.dtype == dtype
+    assert torch.equal(verify.bits_of(leaves["bias"].grad.cpu()), verify.bits_of(want.cpu()))

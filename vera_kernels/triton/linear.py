@@ -14,9 +14,10 @@ Forward: two launches, the shrink and the GEMM, no M x out intermediate:
 Backward (g = dL/dy), every product a GEMM tile, every reduction over M in a fixed order:
   _rank_gemm_kernel     dt = (g ⊙ b) B (M x r, K = out; MODE_DT; g's tiles scaled in registers): ds = d ⊙ dt
                         stored, dd partials Σ_m dt ⊙ s per row block in the epilogue
-  _rank_gemm_kernel     G = gᵀ [s | 1] (out x r, K = M; MODE_G): db partials Σ_j B[n, j] d[j] G[n, j] in the
-                        epilogue (db = Σ_m g ⊙ u with u = t Bᵀ, regrouped so u is never formed); the ones
-                        column gives dbias = Σ_m g on the tensor cores. Split over M to fill the GPU.
+  _rank_gemm_kernel     G = gᵀ s (out x r, K = M; MODE_G): db partials Σ_j B[n, j] d[j] G[n, j] in the
+                        epilogue (db = Σ_m g ⊙ u with u = t Bᵀ, regrouped so u is never formed); with a
+                        trained bias, dbias partials Σ_m g added from the g tiles the loop loads (on the
+                        CUDA cores, beside the wgmma). Split over M to fill the GPU.
   _sum_rows_kernel      the second stage of the reductions, in a fixed order: no atomics, same bits twice
   _fused_gemm_kernel    dx = [g | ds] · [W0 ; A] (the forward's kernel, operands by strides)
 
@@ -284,14 +285,13 @@ def _fused_gemm_kernel(
 @triton.jit
 def _rank_epilogue(acc, m0, r0, slot, M, R,
                    d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids, s_ptr, stride_sm, stride_sr,
-                   t_ptr, stride_tm, stride_tr, red_ptr, b_mat_ptr, stride_bn, stride_br, colsum_ptr, seed, proj_scale,
-                   MODE: tl.constexpr, HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, ON_THE_FLY: tl.constexpr,
+                   t_ptr, stride_tm, stride_tr, red_ptr, b_mat_ptr, stride_bn, stride_br, seed, proj_scale,
+                   MODE: tl.constexpr, HAS_IDS: tl.constexpr, ON_THE_FLY: tl.constexpr,
                    OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
     """What a rank GEMM does with its finished fp32 tile acc (rows m0.., ranks r0..):
     MODE_SHRINK  s = round(acc) stored (not with ids), t = round(d ⊙ s) stored (d gathered per row with ids)
     MODE_DT      (acc = dt) ds = round(d ⊙ dt) stored into t; red[slot, r] = Σ_m dt ⊙ s over the tile rows
-    MODE_G       (acc = G, rows = out) red[slot, n] = Σ_j B[n, j] d[j] G[n, j]; with HAS_BIAS the column R
-                 of acc is Σ_m g (the ones column) and goes to colsum[slot // ranks blocks, n]."""
+    MODE_G       (acc = G, rows = out) red[slot, n] = Σ_j B[n, j] d[j] G[n, j]."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     m_ok = offs_m < M
@@ -324,10 +324,6 @@ def _rank_epilogue(acc, m0, r0, slot, M, R,
         else:
             b_tile = tl.load(b_mat_ptr + rows * stride_bn + offs_r[None, :] * stride_br, mask=mask, other=0.0).to(tl.float32)
         tl.store(red_ptr + slot.to(tl.int64) * M + offs_m, tl.sum(acc * (b_tile * d[None, :]), axis=1), mask=m_ok)
-        if HAS_BIAS:
-            if (r0 <= R) & (R < r0 + BLOCK_R):
-                ones_col = tl.sum(tl.where(offs_r[None, :] == R, acc, 0.0), axis=1)
-                tl.store(colsum_ptr + (slot // tl.cdiv(R + 1, BLOCK_R)).to(tl.int64) * M + offs_m, ones_col, mask=m_ok)
 
 
 @triton.jit
@@ -337,7 +333,7 @@ def _rank_gemm_kernel(
     red_ptr, b_mat_ptr, stride_bn, stride_br, colsum_ptr,
     M, R, K, K_SPLIT, seed, tag, proj_scale, M_BUCKET,
     MODE: tl.constexpr, SPLIT: tl.constexpr, GENERATE_P: tl.constexpr, P_ROW_IS_R: tl.constexpr,
-    SCALE_P: tl.constexpr, HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, ON_THE_FLY: tl.constexpr,
+    SCALE_P: tl.constexpr, HAS_IDS: tl.constexpr, DBIAS: tl.constexpr, ON_THE_FLY: tl.constexpr,
     OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -347,10 +343,11 @@ def _rank_gemm_kernel(
     epilogue. The GEMMs whose N is the rank r:
       MODE_SHRINK  a = x, p = Aᵀ (generated: ON_THE_FLY)             -> s, t
       MODE_DT      a = g scaled by b along k, p = B (or generated)     -> ds, dd partials
-      MODE_G       a = gᵀ, p = [s | 1] (the ones column with HAS_BIAS) -> db (and dbias) partials
+      MODE_G       a = gᵀ, p = s                                    -> db partials; with DBIAS, dbias
+                                                                        partials colsum[split, n] = Σ_m g
     Program (i, j) of axis 0 owns rows block i and ranks block j (j fastest: the programs that read the
     same rows of a run together); axis 1 is the K split."""
-    num_r = tl.cdiv(R + HAS_BIAS, BLOCK_R)
+    num_r = tl.cdiv(R, BLOCK_R)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     m0 = (pid // num_r) * BLOCK_M
@@ -358,21 +355,27 @@ def _rank_gemm_kernel(
     k_begin = split * K_SPLIT
     k_end = min(K, k_begin + K_SPLIT)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    if HAS_BIAS:
-        # MODE_G: the K x BLOCK_R tile of [s | 1]: column R is 1 (loaded as the masked-off value).
+    if DBIAS:
+        # MODE_G with a trained bias: dbias = Σ_m g, the row sums of a = gᵀ, taken from the tiles the K loop
+        # loads anyway (not a ones column in p: that widened the GEMM by a rank block). Added elementwise
+        # in fp32 per K step (no reduction across threads inside the loop), summed across the row once
+        # after it; every rank block's programs add (no branch in the loop), rank block 0's store.
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_r = r0 + tl.arange(0, BLOCK_R)
         offs_k = tl.arange(0, BLOCK_K)
-        ones = tl.where(offs_r[None, :] == R, 1.0, 0.0) + tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
         a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + (k_begin + offs_k)[None, :].to(tl.int64) * stride_ak
         p_ptrs = p_ptr + (k_begin + offs_k)[:, None].to(tl.int64) * stride_pk + offs_r[None, :].to(tl.int64) * stride_pr
+        a_sum = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
             k_ok = offs_k < k_end - k0
             a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
-            p = tl.load(p_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=ones.to(a.dtype))
+            p = tl.load(p_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
             acc = _dot(a, p, acc, INTERPRET, IEEE)
+            a_sum += a.to(tl.float32)
             a_ptrs += BLOCK_K * stride_ak
             p_ptrs += BLOCK_K * stride_pk
+        if r0 == 0:
+            tl.store(colsum_ptr + split.to(tl.int64) * M + offs_m, tl.sum(a_sum, axis=1), mask=offs_m < M)
     else:
         acc = _k_loop(acc, a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pr, k_begin, k_end, m0, r0, M, R,
                       pscale_ptr, stride_pscale, seed, tag, proj_scale, GENERATE_P, P_ROW_IS_R, SCALE_P,
@@ -400,13 +403,13 @@ def _rank_gemm_kernel(
             tl.store(count_ptr + pid, 0)
             _rank_epilogue(total, m0, r0, pid // num_r, M, R, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids,
                            s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr, red_ptr, b_mat_ptr, stride_bn,
-                           stride_br, colsum_ptr, seed, proj_scale, MODE, HAS_IDS, HAS_BIAS, ON_THE_FLY, OUT_KIND,
+                           stride_br, seed, proj_scale, MODE, HAS_IDS, ON_THE_FLY, OUT_KIND,
                            INTERPRET, BLOCK_M, BLOCK_R)
     else:
         slot = pid // num_r if MODE == 1 else split * num_r + pid % num_r
         _rank_epilogue(acc, m0, r0, slot, M, R, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids,
                        s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr, red_ptr, b_mat_ptr, stride_bn, stride_br,
-                       colsum_ptr, seed, proj_scale, MODE, HAS_IDS, HAS_BIAS, ON_THE_FLY, OUT_KIND, INTERPRET,
+                       seed, proj_scale, MODE, HAS_IDS, ON_THE_FLY, OUT_KIND, INTERPRET,
                        BLOCK_M, BLOCK_R)
 
 
@@ -546,13 +549,14 @@ def rank_blocks(mode: int, m: int, r: int, on_the_fly: bool, ieee: bool) -> tupl
     """(BLOCK_M, BLOCK_R) of a rank GEMM: they fix the layout of its partial sums, so the host chooses them
     (autotuning varies BLOCK_K, warps and stages). ``m`` is the GEMM's row count (out for MODE_G); ``ieee``:
     fp32, whose FMA dots keep both operands' slices in registers: tiles of 32 x 64 at most, 16 x 64 for
-    MODE_G (whose ones column adds a tile; larger ones spill in some variants, the static check)."""
+    MODE_G (whose dbias row sums add a BLOCK_M x BLOCK_K fp32 tile; larger ones spilled in some variants,
+    the static check)."""
     fixed = autotune.fixed_config("rank", interpreted())
     if fixed is not None:
         return fixed.kwargs["BLOCK_M"], fixed.kwargs["BLOCK_R"]
     # 64 ranks per block for decode-sized M too: twice the programs to split K over (reading A is the cost).
     narrow = on_the_fly or ieee or (mode != MODE_G and autotune.decode_sized(m))
-    block_r = min(64 if narrow else 128, max(16, triton.next_power_of_2(r + (mode == MODE_G))))
+    block_r = min(64 if narrow else 128, max(16, triton.next_power_of_2(r)))
     if mode == MODE_G:
         return 16 if ieee else 64 if on_the_fly else 128, block_r
     if autotune.decode_sized(m):
@@ -579,10 +583,11 @@ def split_k(tiles: int, k: int, device: torch.device, m_bucket: int) -> tuple[in
 
 def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, pscale=None, ids=None,
                s=None, t=None, red=None, b_mat=None, colsum=None, generate=False, p_row_is_r=False, seed=0, tag=0,
-               proj_scale=1.0, with_ones=False, on_the_fly_b=False, split=True):
-    """One rank GEMM (see _rank_gemm_kernel): one launch, split over K or not."""
+               proj_scale=1.0, on_the_fly_b=False, split=True):
+    """One rank GEMM (see _rank_gemm_kernel): one launch, split over K or not. MODE_G with ``colsum``
+    (splits x m, fp32) also writes the dbias partials there."""
     block_m, block_r = rank_blocks(mode, m, r, generate or on_the_fly_b, dtype == torch.float32)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(r + with_ones, block_r)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(r, block_r)
     splits, k_split = split_k(tiles, k, device, autotune.m_bucket(m)) if split else (1, max(k, 1))
     split_partials = splits > 1 and mode != MODE_G
     part = workspace("rank", splits * m * r, torch.float32, device) if split_partials else None
@@ -600,7 +605,7 @@ def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, p
         b_mat_ptr=b_mat, stride_bn=0 if b_mat is None else b_mat.stride(0), stride_br=0 if b_mat is None else b_mat.stride(1),
         colsum_ptr=colsum, M=m, R=r, K=k, K_SPLIT=k_split, seed=seed, tag=tag, proj_scale=proj_scale,
         M_BUCKET=autotune.m_bucket(m), MODE=mode, SPLIT=split_partials, GENERATE_P=generate, P_ROW_IS_R=p_row_is_r,
-        SCALE_P=1 if pscale is not None else 0, HAS_IDS=ids is not None, HAS_BIAS=with_ones, ON_THE_FLY=on_the_fly_b,
+        SCALE_P=1 if pscale is not None else 0, HAS_IDS=ids is not None, DBIAS=colsum is not None, ON_THE_FLY=on_the_fly_b,
         **_flags(dtype), BLOCK_M=block_m, BLOCK_R=block_r,
     )
     _launch("rank", _rank_gemm_kernel, lambda meta: (tiles, splits), args, device)
@@ -731,14 +736,15 @@ def backward(g, s, weight, A, B, lambda_d, lambda_b, *, in_features: int, with_b
                proj_scale=b_scale)
     dd = _sum_rows(dd_part, lambda_d.dtype)
 
-    # G = gᵀ [s | 1] (out x r, K = M): db partials Σ_j B[n, j] d[j] G[n, j] (and dbias from the ones column).
+    # G = gᵀ s (out x r, K = M): db partials Σ_j B[n, j] d[j] G[n, j] and, with a trained bias, the dbias
+    # partials Σ_m g (one row per split) from the g tiles the GEMM reads.
     block_n, block_r = rank_blocks(MODE_G, n, r, on_the_fly, dtype == torch.float32)
-    rank_blocks_g = triton.cdiv(r + with_bias, block_r)
+    rank_blocks_g = triton.cdiv(r, block_r)
     splits, _ = split_k(triton.cdiv(n, block_n) * rank_blocks_g, m, device, autotune.m_bucket(n))
     db_part = new_output(splits * rank_blocks_g, n, dtype=torch.float32, device=device)
     dbias_part = new_output(splits, n, dtype=torch.float32, device=device) if with_bias else None
     _rank_gemm(MODE_G, g, _strides(g, transpose=True), s, _strides(s), n, r, m, dtype=dtype, device=device,
-               d=lambda_d, red=db_part, b_mat=B, colsum=dbias_part, with_ones=with_bias, on_the_fly_b=on_the_fly,
+               d=lambda_d, red=db_part, b_mat=B, colsum=dbias_part, on_the_fly_b=on_the_fly,
                seed=seed, proj_scale=b_scale)
     db = _sum_rows(db_part, lambda_b.dtype)
     dbias = _sum_rows(dbias_part, dtype) if with_bias else None
