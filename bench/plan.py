@@ -311,8 +311,8 @@ def describe(events, symbols: Symbols, target_size: int, traced_in_fp32: bool) -
 
 def triton_flops(launch: TritonLaunch, symbols: Symbols) -> int:
     """The multiply-adds a launch does, from the sizes it was given (mapped back to symbols, so they
-    rescale): the fused GEMM does M x N x (K_BASE + K_ADAPTER), a rank GEMM M x R x K (R + 1 with the
-    ones column of dbias); the other kernels are element-wise or reductions, counted by their bytes."""
+    rescale): the fused GEMM does M x N x (K_BASE + K_ADAPTER), a rank GEMM M x R x K; the other kernels
+    are element-wise or reductions, counted by their bytes."""
     def size(name):
         value = launch.sizes[name]
         return symbols.numel((symbols.names.get(value, str(value)),))
@@ -321,7 +321,7 @@ def triton_flops(launch: TritonLaunch, symbols: Symbols) -> int:
     if launch.name == "_fused_gemm_kernel":
         return 2 * size("M") * size("N") * (size("K_BASE") * bool(a["HAS_BASE_GEMM"]) + size("K_ADAPTER"))
     if launch.name == "_rank_gemm_kernel":
-        return 2 * size("M") * (size("R") + int(a["HAS_BIAS"])) * size("K")
+        return 2 * size("M") * size("R") * size("K")
     return 0
 
 

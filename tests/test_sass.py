@@ -28,7 +28,8 @@ def test_tma_fused_gemm_two_loops_drain_between_them():
 
 
 def test_register_operand_wgmma_waits_to_zero():
-    """MODE_DT's g ⊙ b comes from registers: every wgmma is followed by a wait to depth 0."""
+    """MODE_DT as it was, g ⊙ b scaled in registers: wgmma takes it from registers and every wgmma is
+    followed by a wait to depth 0."""
     p = sass.pipeline(fixture("rank_gemm_dt.sass"))
     assert len(p.loops) == 1 and p.loops[0].wgmma and p.loops[0].wait_depth == 0
     assert p.drains == 0 and p.waits_to_zero

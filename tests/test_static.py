@@ -158,6 +158,13 @@ def test_pipeline_rule_selects_kernels_by_flags(monkeypatch):
     assert not static.pipeline_checked("_k", "HAS_BIAS") and not static.pipeline_checked("_other", "USE_TMA")
 
 
+def test_the_rank_gemms_are_under_the_pipeline_rule():
+    # Every variant but the shrink generating A's tiles in registers (docs/DESIGN.md section 4).
+    assert static.pipeline_checked("_rank_gemm_kernel", "MODE=1 OUT_KIND=1")
+    assert static.pipeline_checked("_rank_gemm_kernel", "MODE=2 DBIAS ON_THE_FLY OUT_KIND=2")
+    assert not static.pipeline_checked("_rank_gemm_kernel", "SPLIT GENERATE_P P_ROW_IS_R OUT_KIND=1")
+
+
 @pytest.fixture(scope="module")
 def compiled():
     """A few real compilations in a process without the interpreter: the projection kernels, and the forward
@@ -217,3 +224,12 @@ def test_plan_rows_compile_each_launch_at_the_shape():
     assert gemm["units"] == -(-512 // block_m) * -(-512 // block_n)  # the persistent GEMM's waves count tiles
     assert gemm["waves"] == pytest.approx(gemm["units"] / (132 * gemm["blocks_per_sm"]))
     assert all(loop["wgmma"] and loop["wait_depth"] >= 1 for loop in gemm["pipeline"]["loops"])
+    # The backward's rank GEMMs (G = gᵀ s, then dt = g (b ⊙ B) with the fold from memory) are under the
+    # pipeline rule and keep a wgmma group in flight (dt's loop waited to 0 while it scaled g in registers).
+    ranks = [r for r in rows["backward"] if r["kernel"] == "_rank_gemm_kernel"]
+    modes = [next(f for f in r["flags"].split() if f.startswith("MODE=")) for r in ranks]
+    assert modes == ["MODE=2", "MODE=1"], [r["flags"] for r in ranks]
+    for r in ranks:
+        assert r["pipeline_checked"] and not r["pipeline_violations"], r["pipeline"]["summary"]
+        loops = r["pipeline"]["loops"]
+        assert loops and all(loop["wgmma"] and loop["wait_depth"] >= 1 for loop in loops), r["pipeline"]["summary"]

@@ -187,6 +187,11 @@ def test_autotune_pruning(backend, monkeypatch):
         decode = prune(configs, {}, M_BUCKET=16, BLOCK_M=16, BLOCK_R=128)
         assert wide and all(c.num_warps == 8 for c in wide)
         assert decode and all(c.num_warps == 4 for c in decode)
+        # Every operand stage fits a block's shared memory: 64 x 128 tiles in K steps of 256 over 3 stages
+        # (288 KB) cannot launch; 64 x 64 ones (192 KB) can.
+        assert all(c.num_stages * (64 + 128) * c.kwargs["BLOCK_K"] * 2 <= 227 * 1024
+                   for c in prune(configs, {}, M_BUCKET=512, BLOCK_M=64, BLOCK_R=128))
+        assert arch == 80 or 256 in [c.kwargs["BLOCK_K"] for c in prune(configs, {}, M_BUCKET=512, BLOCK_M=64, BLOCK_R=64)]
         # Generated projection tiles sit in registers: K steps of 64 at most beyond decode.
         generated = prune(configs, {}, M_BUCKET=8192, BLOCK_M=64, BLOCK_R=64, GENERATE_P=True)
         assert generated and all(c.kwargs["BLOCK_K"] <= 64 for c in generated)
@@ -470,3 +475,48 @@ def test_backward_with_frozen_input(backend, form):
     for k in ("lambda_d", "lambda_b"):
         assert verify.relative_error(p[k].grad, ref[k].grad) < 1e-5, k
     assert p["x"].grad is None and p["bias"].grad is None
+
+
+@pytest.mark.parametrize("m, out_features, rank", [(300, 40, 17), (37, 130, 40), (0, 30, 8)],
+                         ids=["split-over-M", "several-tiles", "M=0"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dbias_is_the_column_sum_rounded_once(backend, dtype, m, out_features, rank):
+    """dbias = Σ_m g, added in fp32 and rounded once to g's dtype. With g made of small positive integers
+    every fp32 partial sum is exact, so dbias must equal the exact sum rounded to the dtype bit for bit,
+    whatever the tiles and the order: a missing, doubled or misplaced partial (a row block, a split, a
+    column block) or a partial rounded to the dtype on the way (sums reach ~1300, past bf16's and fp16's
+    exact integers) changes it, and an unwritten one stays NaN (outputs are poisoned). Under the
+    interpreter 300 x 40 at r = 17 is one G-GEMM tile whose K (= M) is split over 3 programs; 130 x 40
+    spans several column and rank blocks; M = 0 gives zeros."""
+    from vera_kernels.dispatch import poisoned_outputs
+
+    p = _problem(max(m, 1), 40, out_features, rank, dtype)
+    p["x"] = p["x"][:m]
+    grad = torch.randint(1, 9, (m, out_features), device=DEVICE).to(dtype)
+    leaves = {k: v.detach().clone().requires_grad_(k in ("bias", "lambda_b")) for k, v in p.items()}
+    with poisoned_outputs():
+        vera_linear(**leaves, backend=backend).backward(grad)
+    want = grad.double().sum(0).to(dtype)
+    assert leaves["bias"].grad.dtype == dtype
+    assert torch.equal(verify.bits_of(leaves["bias"].grad.cpu()), verify.bits_of(want.cpu()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_lambda_gradients_round_nothing_but_s(backend, dtype):
+    """dd = Σ_m dt ⊙ s and db = Σ_m g ⊙ u come from G = gᵀ s in fp32 (the G GEMM's epilogue): given the
+    saved s, no rounding to the layer's dtype is on their path, so they match float64 on the same s to
+    fp32 accuracy. Rounding g ⊙ b or b ⊙ B to the dtype on dd's path (dt's GEMM operands) costs ~1e-3
+    here, and its error grows with √M where g and s are correlated across rows (docs/DESIGN.md)."""
+    from vera_kernels.triton import linear
+
+    for m, in_features, out_features, rank in ((300, 40, 130, 64), (37, 70, 130, 17)):
+        p = _problem(m, in_features, out_features, rank, dtype)
+        s = (p["x"].float() @ p["A"].float().t()).to(dtype)
+        g = torch.randn(m, out_features, device=DEVICE).to(dtype)
+        _, dd, db, _ = linear.backward(g, s, p["weight"], p["A"], p["B"], p["lambda_d"], p["lambda_b"],
+                                       in_features=in_features, with_bias=False, need_dx=False, seed=0,
+                                       max_in=in_features)
+        g64, s64, B64, d64, b64 = (t.double() for t in (g, s, p["B"], p["lambda_d"], p["lambda_b"]))
+        want_dd = (((g64 * b64) @ B64) * s64).sum(0)
+        want_db = (g64 * ((d64 * s64) @ B64.t())).sum(0)
+        assert verify.relative_error(dd, want_dd) < 1e-5 and verify.relative_error(db, want_db) < 1e-5

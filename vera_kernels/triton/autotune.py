@@ -2,7 +2,7 @@
 or a config pinned by the user.
 
 Kernels (names used by :func:`pin_config`):
-  rank      GEMMs with N = r: s = x Aᵀ, dt = (g ⊙ b) B, G = gᵀ s   BLOCK_M, BLOCK_R, BLOCK_K
+  rank      GEMMs with N = r: s = x Aᵀ, G = gᵀ s, dt = g (b ⊙ B)   BLOCK_M, BLOCK_R, BLOCK_K
   gemm      the persistent fused GEMM (forward y, dx)          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
   sum       the second stage of the reductions over M          BLOCK_P, BLOCK_N
 
@@ -87,7 +87,7 @@ _GEMM = {
         _c(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=1),
     ],
 }
-# The rank GEMMs (s = x Aᵀ, dt = (g ⊙ b) B, G = gᵀ s): the host fixes BLOCK_M and BLOCK_R (they set the layout
+# The rank GEMMs (s = x Aᵀ, G = gᵀ s, dt = g (b ⊙ B)): the host fixes BLOCK_M and BLOCK_R (they set the layout
 # of the partial sums, linear.rank_blocks), autotuning varies BLOCK_K, warps and stages.
 _RANK = {
     90: [_c(8, 3, BLOCK_K=64), _c(8, 3, BLOCK_K=128), _c(4, 4, BLOCK_K=64), _c(4, 4, BLOCK_K=128), _c(4, 3, BLOCK_K=256)],
@@ -179,8 +179,14 @@ def _decode_tile(config: Config) -> bool:
     return config.kwargs["GROUP_M"] == 1
 
 
+# The shared memory a block may have on sm_90 (227 KB): a rank GEMM's 16-bit operand tiles, one pair per
+# stage, must fit in it (sm_80's 163 KB hold every stage count its table gives).
+RANK_SHARED_BYTES = 227 * 1024
+
+
 def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathered: bool = False,
-           scaled_pointers: bool = False, delta: bool = False, tile: int = 0, block_m: int = 0, scaled_a: bool = False, ieee: bool = False, split: bool = False) -> bool:
+           scaled_pointers: bool = False, delta: bool = False, tile: tuple[int, int] = (0, 0), ieee: bool = False,
+           split: bool = False) -> bool:
     """Whether autotuning should time ``config``. The fused GEMM: decode-sized M (<= 32) gets the narrow-M
     configs and larger M the wide ones; generating projection tiles on the fly takes registers, so there
     the tiles keep to 2048 accumulator elements per warp, as with the many-adapter epilogue's gathered
@@ -190,20 +196,21 @@ def usable(kernel: str, config: Config, *, decode: bool, on_the_fly: bool, gathe
     TMA too), where generated tiles also keep BLOCK_N to 64 with 4 warps (64 x 128 x 32, 4 warps and 4
     stages spilled on sm_80): what compiles without spilling, checked statically under both Tritons. The rank GEMM (its BLOCK_M x BLOCK_R
     ``tile`` chosen by the host): 2048 accumulator elements per warp at most (128 x 128 with 4 warps spills
-    in the db epilogue), and 8 warps only for tiles that need them; decode-sized M takes K steps of 128,
-    the split's granule (16 x 128 x 64 also keeps an 8-byte stack frame under Triton 3.6), larger M
-    generating a projection K steps of 64 at most (the generated tile sits in registers); when the a tile
-    is scaled in registers (dt = (g ⊙ b) B), 1024 of its elements per warp at most (BLOCK_M ``block_m``).
+    in the db epilogue), and 8 warps only for tiles that need them; its operand stages within a block's
+    shared memory (RANK_SHARED_BYTES: 64 x 128 x 256 in 3 stages is 288 KB, which cannot launch);
+    decode-sized M takes K steps of 128, the split's granule (16 x 128 x 64 also keeps an 8-byte stack
+    frame under Triton 3.6), larger M generating a projection K steps of 64 at most (the generated tile
+    sits in registers).
     fp32 (``ieee``) has its own table, all usable but for a split (``split``) 32 x 64 tile: the last program's
     sum of the partials adds registers there, and K steps of 32 spilled (sm_80, Triton 3.9)."""
     if kernel == "rank":
         if ieee:
-            return not (split and tile >= 32 * 64 and config.kwargs["BLOCK_K"] > 16)
-        per_warp = tile / config.num_warps
+            return not (split and tile[0] * tile[1] >= 32 * 64 and config.kwargs["BLOCK_K"] > 16)
+        per_warp = tile[0] * tile[1] / config.num_warps
         block_k = config.kwargs["BLOCK_K"]
         k_step = block_k == split_granule(True) if decode else not on_the_fly or block_k <= 64
-        a_fits = not scaled_a or block_m * block_k <= 1024 * config.num_warps
-        return per_warp <= 2048 and (config.num_warps == 4 or per_warp >= 1024) and k_step and a_fits
+        fits = config.num_stages * (tile[0] + tile[1]) * block_k * 2 <= RANK_SHARED_BYTES
+        return per_warp <= 2048 and (config.num_warps == 4 or per_warp >= 1024) and k_step and fits
     if kernel != "gemm":
         return True
     if _decode_tile(config) != decode:
@@ -229,11 +236,10 @@ def _prune(kernel: str, configs_: list[Config], args: dict) -> list[Config]:
     gathered = bool(args.get("HAS_IDS", False))
     scaled_pointers = bool(args.get("SCALE_R", False)) and not args.get("USE_TMA", False)
     delta = bool(args.get("SCALE_R", False)) and not args.get("HAS_BASE_GEMM", True)
-    tile = args.get("BLOCK_M", 0) * args.get("BLOCK_R", 0)
+    tile = (args.get("BLOCK_M", 0), args.get("BLOCK_R", 0))
     kept = [c for c in configs_ if usable(kernel, c, decode=decode, on_the_fly=on_the_fly, gathered=gathered,
                                           scaled_pointers=scaled_pointers, delta=delta,
-                                          tile=tile, block_m=args.get("BLOCK_M", 0),
-                                          scaled_a=args.get("SCALE_P", 0) == 1, ieee=bool(args.get("IEEE", False)),
+                                          tile=tile, ieee=bool(args.get("IEEE", False)),
                                           split=bool(args.get("SPLIT", False)))]
     return kept or list(configs_)
 

@@ -12,11 +12,14 @@ Forward: two launches, the shrink and the GEMM, no M x out intermediate:
                         subtiles where y's rows are aligned). b is never folded into B: b ⊙ B summed ±inf
                         terms of both signs into NaN where b_j is infinite, and overflowed fp16.
 Backward (g = dL/dy), every product a GEMM tile, every reduction over M in a fixed order:
-  _rank_gemm_kernel     dt = (g ⊙ b) B (M x r, K = out; MODE_DT; g's tiles scaled in registers): ds = d ⊙ dt
-                        stored, dd partials Σ_m dt ⊙ s per row block in the epilogue
-  _rank_gemm_kernel     G = gᵀ [s | 1] (out x r, K = M; MODE_G): db partials Σ_j B[n, j] d[j] G[n, j] in the
-                        epilogue (db = Σ_m g ⊙ u with u = t Bᵀ, regrouped so u is never formed); the ones
-                        column gives dbias = Σ_m g on the tensor cores. Split over M to fill the GPU.
+  _rank_gemm_kernel     G = gᵀ s (out x r, K = M; MODE_G), split over M to fill the GPU; in the epilogue the
+                        db partials Σ_j B[n, j] d[j] G[n, j] (db = Σ_m g ⊙ u with u = t Bᵀ, regrouped so u
+                        is never formed) and the dd partials Σ_n b[n] B[n, j] G[n, j] (dd = Σ_m dt ⊙ s
+                        regrouped: fp32 throughout); with a trained bias, dbias partials Σ_m g added from
+                        the g tiles the loop loads (on the CUDA cores, beside the wgmma). Its split-0
+                        programs store the fold b ⊙ B (rounded once) before their K loop.
+  _rank_gemm_kernel     dt = g (b ⊙ B) (M x r, K = out; MODE_DT), the fold as the second operand straight
+                        from memory: ds = d ⊙ dt stored in the epilogue.
   _sum_rows_kernel      the second stage of the reductions, in a fixed order: no atomics, same bits twice
   _fused_gemm_kernel    dx = [g | ds] · [W0 ; A] (the forward's kernel, operands by strides)
 
@@ -26,8 +29,10 @@ the materialized pair is: both modes give the same bits.
 
 Precision (reference.py's policy): GEMM operands in x's dtype, accumulation in fp32, one rounding when a
 result is stored (t = d ⊙ s is stored in x's dtype, as the reference rounds it; b scales the fp32 sum
-t Bᵀ, unrounded). db = Σ_j B d (gᵀ s) takes d ⊙ s unrounded, in fp32. fp32 inputs
-use IEEE fp32 dots.
+t Bᵀ, unrounded). The backward's dt = g (b ⊙ B) takes b ⊙ B rounded once to x's dtype (in fp16 it
+overflows for |b| > 65504 / max|B|, ~4e5 at r = 256). db = Σ_j B d (gᵀ s) and dd = Σ_n b B (gᵀ s) take
+d ⊙ s and b ⊙ B unrounded, in fp32: no rounding to x's dtype on their path but s's. fp32 inputs use IEEE
+fp32 dots.
 
 Interpreter (TRITON_INTERPRET=1) work-arounds, selected by the constexpr INTERPRET so the GPU code is
 unchanged: bf16/fp16 dot operands are upcast to fp32 (exact), and fp32 -> bf16/fp16 roundings go through
@@ -282,16 +287,35 @@ def _fused_gemm_kernel(
 
 
 @triton.jit
-def _rank_epilogue(acc, m0, r0, slot, M, R,
+def _b_tile(b_mat_ptr, stride_bn, stride_br, m0, r0, M, R, seed, proj_scale, ON_THE_FLY: tl.constexpr,
+            OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """B[m0:m0+BLOCK_M, r0:r0+BLOCK_R] in fp32 (0 outside B): loaded, or generated and rounded to the
+    storage dtype as the materialized pair is (the same bits either way)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+    if ON_THE_FLY:
+        tile = _round_to(projection_tile(seed, 1, proj_scale, m0, r0 // 4, BLOCK_M, BLOCK_R // 4), OUT_KIND, INTERPRET)
+        tile = tl.where(mask, tile.to(tl.float32), 0.0)
+    else:
+        tile = tl.load(b_mat_ptr + offs_m[:, None].to(tl.int64) * stride_bn + offs_r[None, :] * stride_br, mask=mask,
+                       other=0.0).to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _rank_epilogue(acc, m0, r0, split, M, R,
                    d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids, s_ptr, stride_sm, stride_sr,
-                   t_ptr, stride_tm, stride_tr, red_ptr, b_mat_ptr, stride_bn, stride_br, colsum_ptr, seed, proj_scale,
-                   MODE: tl.constexpr, HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, ON_THE_FLY: tl.constexpr,
+                   t_ptr, stride_tm, stride_tr, red_ptr, red2_ptr, b_mat_ptr, stride_bn, stride_br, lb_ptr, stride_lb,
+                   seed, proj_scale,
+                   MODE: tl.constexpr, HAS_IDS: tl.constexpr, ON_THE_FLY: tl.constexpr,
                    OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    """What a rank GEMM does with its finished fp32 tile acc (rows m0.., ranks r0..):
+    """What a rank GEMM does with its finished fp32 tile acc (rows m0.., ranks r0..) of K split ``split``:
     MODE_SHRINK  s = round(acc) stored (not with ids), t = round(d ⊙ s) stored (d gathered per row with ids)
-    MODE_DT      (acc = dt) ds = round(d ⊙ dt) stored into t; red[slot, r] = Σ_m dt ⊙ s over the tile rows
-    MODE_G       (acc = G, rows = out) red[slot, n] = Σ_j B[n, j] d[j] G[n, j]; with HAS_BIAS the column R
-                 of acc is Σ_m g (the ones column) and goes to colsum[slot // ranks blocks, n]."""
+    MODE_DT      (acc = dt) ds = round(d ⊙ dt) stored into t
+    MODE_G       (acc = G, rows n = out)
+                 red[split * ranks blocks + rank block, n] = Σ_j B[n, j] G[n, j] d[j]      (db partials)
+                 red2[split * row blocks + row block, j] = Σ_n B[n, j] G[n, j] b[n]        (dd partials)"""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     m_ok = offs_m < M
@@ -312,32 +336,26 @@ def _rank_epilogue(acc, m0, r0, slot, M, R,
         tl.store(t_ptr + rows * stride_tm + offs_r[None, :] * stride_tr, t, mask=mask)
     elif MODE == 1:
         d = tl.load(d_ptr + offs_r * stride_d, mask=r_ok, other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + rows * stride_sm + offs_r[None, :] * stride_sr, mask=mask, other=0.0).to(tl.float32)
-        tl.store(red_ptr + slot.to(tl.int64) * R + offs_r, tl.sum(acc * s, axis=0), mask=r_ok)
         tl.store(t_ptr + rows * stride_tm + offs_r[None, :] * stride_tr, _round_to(acc * d[None, :], OUT_KIND, INTERPRET), mask=mask)
     else:
         d = tl.load(d_ptr + offs_r * stride_d, mask=r_ok, other=0.0).to(tl.float32)
-        if ON_THE_FLY:
-            # B tile (n, j) with B's rows along n, generated as the materialized pair is stored.
-            b_tile = _round_to(projection_tile(seed, 1, proj_scale, m0, r0 // 4, BLOCK_M, BLOCK_R // 4), OUT_KIND, INTERPRET)
-            b_tile = tl.where(r_ok[None, :], b_tile.to(tl.float32), 0.0)
-        else:
-            b_tile = tl.load(b_mat_ptr + rows * stride_bn + offs_r[None, :] * stride_br, mask=mask, other=0.0).to(tl.float32)
-        tl.store(red_ptr + slot.to(tl.int64) * M + offs_m, tl.sum(acc * (b_tile * d[None, :]), axis=1), mask=m_ok)
-        if HAS_BIAS:
-            if (r0 <= R) & (R < r0 + BLOCK_R):
-                ones_col = tl.sum(tl.where(offs_r[None, :] == R, acc, 0.0), axis=1)
-                tl.store(colsum_ptr + (slot // tl.cdiv(R + 1, BLOCK_R)).to(tl.int64) * M + offs_m, ones_col, mask=m_ok)
+        lb = tl.load(lb_ptr + offs_m * stride_lb, mask=m_ok, other=0.0).to(tl.float32)
+        bg = acc * _b_tile(b_mat_ptr, stride_bn, stride_br, m0, r0, M, R, seed, proj_scale, ON_THE_FLY, OUT_KIND,
+                           INTERPRET, BLOCK_M, BLOCK_R)
+        db_slot = split * tl.cdiv(R, BLOCK_R) + r0 // BLOCK_R
+        dd_slot = split * tl.cdiv(M, BLOCK_M) + m0 // BLOCK_M
+        tl.store(red_ptr + db_slot.to(tl.int64) * M + offs_m, tl.sum(bg * d[None, :], axis=1), mask=m_ok)
+        tl.store(red2_ptr + dd_slot.to(tl.int64) * R + offs_r, tl.sum(bg * lb[:, None], axis=0), mask=r_ok)
 
 
 @triton.jit
 def _rank_gemm_kernel(
-    a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pr, pscale_ptr, stride_pscale, part_ptr, count_ptr,
+    a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pr, part_ptr, count_ptr,
     d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids, s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr,
-    red_ptr, b_mat_ptr, stride_bn, stride_br, colsum_ptr,
+    red_ptr, red2_ptr, b_mat_ptr, stride_bn, stride_br, lb_ptr, stride_lb, colsum_ptr,
     M, R, K, K_SPLIT, seed, tag, proj_scale, M_BUCKET,
     MODE: tl.constexpr, SPLIT: tl.constexpr, GENERATE_P: tl.constexpr, P_ROW_IS_R: tl.constexpr,
-    SCALE_P: tl.constexpr, HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, ON_THE_FLY: tl.constexpr,
+    HAS_IDS: tl.constexpr, DBIAS: tl.constexpr, ON_THE_FLY: tl.constexpr,
     OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -345,12 +363,16 @@ def _rank_gemm_kernel(
     MODE_DT): the fp32 partial goes to part[split, m, j], and the last of the tile's programs to finish (a
     ticket counter per tile, count[pid], 0 between launches) sums them in split order and runs the
     epilogue. The GEMMs whose N is the rank r:
-      MODE_SHRINK  a = x, p = Aᵀ (generated: ON_THE_FLY)             -> s, t
-      MODE_DT      a = g scaled by b along k, p = B (or generated)     -> ds, dd partials
-      MODE_G       a = gᵀ, p = [s | 1] (the ones column with HAS_BIAS) -> db (and dbias) partials
+      MODE_SHRINK  a = x, p = Aᵀ (generated: GENERATE_P)              -> s, t
+      MODE_G       a = gᵀ, p = s                                    -> db and dd partials, the fold b ⊙ B;
+                                                                       with DBIAS, dbias partials
+                                                                       colsum[split, n] = Σ_m g
+      MODE_DT      a = g, p = b ⊙ B (the fold MODE_G wrote)          -> ds
+    Both operands come straight from memory into the tensor cores' shared-memory tiles (nothing scaled in
+    registers in the loop: wgmma keeps a group in flight, the static check's pipeline rule).
     Program (i, j) of axis 0 owns rows block i and ranks block j (j fastest: the programs that read the
     same rows of a run together); axis 1 is the K split."""
-    num_r = tl.cdiv(R + HAS_BIAS, BLOCK_R)
+    num_r = tl.cdiv(R, BLOCK_R)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     m0 = (pid // num_r) * BLOCK_M
@@ -358,24 +380,41 @@ def _rank_gemm_kernel(
     k_begin = split * K_SPLIT
     k_end = min(K, k_begin + K_SPLIT)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    if HAS_BIAS:
-        # MODE_G: the K x BLOCK_R tile of [s | 1]: column R is 1 (loaded as the masked-off value).
+    if MODE == 2:
+        if split == 0:
+            # The fold b ⊙ B (fp32, rounded once) into t for dt's GEMM: it needs nothing of G, so it is
+            # stored before the K loop, not beside the accumulator in the epilogue (which then spilled).
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            lb = tl.load(lb_ptr + offs_m * stride_lb, mask=offs_m < M, other=0.0).to(tl.float32)
+            folded = _b_tile(b_mat_ptr, stride_bn, stride_br, m0, r0, M, R, seed, proj_scale, ON_THE_FLY, OUT_KIND,
+                             INTERPRET, BLOCK_M, BLOCK_R) * lb[:, None]
+            tl.store(t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :] * stride_tr,
+                     _round_to(folded, OUT_KIND, INTERPRET), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+    if DBIAS:
+        # MODE_G with a trained bias: dbias = Σ_m g, the row sums of a = gᵀ, taken from the tiles the K loop
+        # loads anyway (not a ones column in p: that widened the GEMM by a rank block). Added elementwise
+        # in fp32 per K step (no reduction across threads inside the loop), summed across the row once
+        # after it; every rank block's programs add (no branch in the loop), rank block 0's store.
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_r = r0 + tl.arange(0, BLOCK_R)
         offs_k = tl.arange(0, BLOCK_K)
-        ones = tl.where(offs_r[None, :] == R, 1.0, 0.0) + tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
         a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + (k_begin + offs_k)[None, :].to(tl.int64) * stride_ak
         p_ptrs = p_ptr + (k_begin + offs_k)[:, None].to(tl.int64) * stride_pk + offs_r[None, :].to(tl.int64) * stride_pr
+        a_sum = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
             k_ok = offs_k < k_end - k0
             a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
-            p = tl.load(p_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=ones.to(a.dtype))
+            p = tl.load(p_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
             acc = _dot(a, p, acc, INTERPRET, IEEE)
+            a_sum += a.to(tl.float32)
             a_ptrs += BLOCK_K * stride_ak
             p_ptrs += BLOCK_K * stride_pk
+        if r0 == 0:
+            tl.store(colsum_ptr + split.to(tl.int64) * M + offs_m, tl.sum(a_sum, axis=1), mask=offs_m < M)
     else:
         acc = _k_loop(acc, a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pr, k_begin, k_end, m0, r0, M, R,
-                      pscale_ptr, stride_pscale, seed, tag, proj_scale, GENERATE_P, P_ROW_IS_R, SCALE_P,
+                      None, 0, seed, tag, proj_scale, GENERATE_P, P_ROW_IS_R, 0,
                       OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_R, BLOCK_K)
     if SPLIT:
         # Last-program reduction: each split stores its fp32 partial and takes a ticket; the program that
@@ -398,15 +437,14 @@ def _rank_gemm_kernel(
                 # .cg: from L2, where the other SMs' partials are (never a stale line of this SM's L1).
                 total += tl.load(part_ptr + rows * R + offs_r[None, :], mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(count_ptr + pid, 0)
-            _rank_epilogue(total, m0, r0, pid // num_r, M, R, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids,
-                           s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr, red_ptr, b_mat_ptr, stride_bn,
-                           stride_br, colsum_ptr, seed, proj_scale, MODE, HAS_IDS, HAS_BIAS, ON_THE_FLY, OUT_KIND,
-                           INTERPRET, BLOCK_M, BLOCK_R)
+            _rank_epilogue(total, m0, r0, 0, M, R, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids,
+                           s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr, red_ptr, red2_ptr, b_mat_ptr,
+                           stride_bn, stride_br, lb_ptr, stride_lb, seed, proj_scale, MODE, HAS_IDS, ON_THE_FLY,
+                           OUT_KIND, INTERPRET, BLOCK_M, BLOCK_R)
     else:
-        slot = pid // num_r if MODE == 1 else split * num_r + pid % num_r
-        _rank_epilogue(acc, m0, r0, slot, M, R, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids,
-                       s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr, red_ptr, b_mat_ptr, stride_bn, stride_br,
-                       colsum_ptr, seed, proj_scale, MODE, HAS_IDS, HAS_BIAS, ON_THE_FLY, OUT_KIND, INTERPRET,
+        _rank_epilogue(acc, m0, r0, split, M, R, d_ptr, stride_d, stride_d_bank, ids_ptr, stride_ids,
+                       s_ptr, stride_sm, stride_sr, t_ptr, stride_tm, stride_tr, red_ptr, red2_ptr, b_mat_ptr, stride_bn,
+                       stride_br, lb_ptr, stride_lb, seed, proj_scale, MODE, HAS_IDS, ON_THE_FLY, OUT_KIND, INTERPRET,
                        BLOCK_M, BLOCK_R)
 
 
@@ -546,13 +584,14 @@ def rank_blocks(mode: int, m: int, r: int, on_the_fly: bool, ieee: bool) -> tupl
     """(BLOCK_M, BLOCK_R) of a rank GEMM: they fix the layout of its partial sums, so the host chooses them
     (autotuning varies BLOCK_K, warps and stages). ``m`` is the GEMM's row count (out for MODE_G); ``ieee``:
     fp32, whose FMA dots keep both operands' slices in registers: tiles of 32 x 64 at most, 16 x 64 for
-    MODE_G (whose ones column adds a tile; larger ones spill in some variants, the static check)."""
+    MODE_G (whose dbias row sums add a BLOCK_M x BLOCK_K fp32 tile; larger ones spilled in some variants,
+    the static check)."""
     fixed = autotune.fixed_config("rank", interpreted())
     if fixed is not None:
         return fixed.kwargs["BLOCK_M"], fixed.kwargs["BLOCK_R"]
     # 64 ranks per block for decode-sized M too: twice the programs to split K over (reading A is the cost).
     narrow = on_the_fly or ieee or (mode != MODE_G and autotune.decode_sized(m))
-    block_r = min(64 if narrow else 128, max(16, triton.next_power_of_2(r + (mode == MODE_G))))
+    block_r = min(64 if narrow else 128, max(16, triton.next_power_of_2(r)))
     if mode == MODE_G:
         return 16 if ieee else 64 if on_the_fly else 128, block_r
     if autotune.decode_sized(m):
@@ -577,13 +616,14 @@ def split_k(tiles: int, k: int, device: torch.device, m_bucket: int) -> tuple[in
     return -(-k // per_split), per_split
 
 
-def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, pscale=None, ids=None,
-               s=None, t=None, red=None, b_mat=None, colsum=None, generate=False, p_row_is_r=False, seed=0, tag=0,
-               proj_scale=1.0, with_ones=False, on_the_fly_b=False, split=True):
-    """One rank GEMM (see _rank_gemm_kernel): one launch, split over K or not."""
+def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, ids=None, s=None, t=None,
+               red=None, red2=None, b_mat=None, lambda_b=None, colsum=None, generate=False, p_row_is_r=False, seed=0,
+               tag=0, proj_scale=1.0, on_the_fly_b=False):
+    """One rank GEMM (see _rank_gemm_kernel): one launch, split over K where that fills the GPU. MODE_G
+    with ``colsum`` (splits x m, fp32) also writes the dbias partials there."""
     block_m, block_r = rank_blocks(mode, m, r, generate or on_the_fly_b, dtype == torch.float32)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(r + with_ones, block_r)
-    splits, k_split = split_k(tiles, k, device, autotune.m_bucket(m)) if split else (1, max(k, 1))
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(r, block_r)
+    splits, k_split = split_k(tiles, k, device, autotune.m_bucket(m))
     split_partials = splits > 1 and mode != MODE_G
     part = workspace("rank", splits * m * r, torch.float32, device) if split_partials else None
     count = workspace("tickets", tiles, torch.int32, device) if split_partials else None
@@ -591,16 +631,18 @@ def _rank_gemm(mode, a, a_strides, p, p_strides, m, r, k, *, dtype, device, d, p
         d_ptr=d, stride_d=d.stride(-1), stride_d_bank=d.stride(0) if ids is not None else 0,
         ids_ptr=ids, stride_ids=0 if ids is None else ids.stride(0),
         s_ptr=s, stride_sm=0 if s is None else s.stride(0), stride_sr=0 if s is None else s.stride(1),
-        t_ptr=t, stride_tm=0 if t is None else t.stride(0), stride_tr=0 if t is None else t.stride(1), red_ptr=red,
+        t_ptr=t, stride_tm=0 if t is None else t.stride(0), stride_tr=0 if t is None else t.stride(1),
+        red_ptr=red, red2_ptr=red2,
     )
     args = dict(
         a_ptr=a, stride_am=a_strides[0], stride_ak=a_strides[1], p_ptr=p, stride_pk=p_strides[0], stride_pr=p_strides[1],
-        pscale_ptr=pscale, stride_pscale=0 if pscale is None else pscale.stride(0), part_ptr=part, count_ptr=count,
+        part_ptr=part, count_ptr=count,
         **epilogue,
         b_mat_ptr=b_mat, stride_bn=0 if b_mat is None else b_mat.stride(0), stride_br=0 if b_mat is None else b_mat.stride(1),
-        colsum_ptr=colsum, M=m, R=r, K=k, K_SPLIT=k_split, seed=seed, tag=tag, proj_scale=proj_scale,
+        lb_ptr=lambda_b, stride_lb=0 if lambda_b is None else lambda_b.stride(0), colsum_ptr=colsum,
+        M=m, R=r, K=k, K_SPLIT=k_split, seed=seed, tag=tag, proj_scale=proj_scale,
         M_BUCKET=autotune.m_bucket(m), MODE=mode, SPLIT=split_partials, GENERATE_P=generate, P_ROW_IS_R=p_row_is_r,
-        SCALE_P=1 if pscale is not None else 0, HAS_IDS=ids is not None, HAS_BIAS=with_ones, ON_THE_FLY=on_the_fly_b,
+        HAS_IDS=ids is not None, DBIAS=colsum is not None, ON_THE_FLY=on_the_fly_b,
         **_flags(dtype), BLOCK_M=block_m, BLOCK_R=block_r,
     )
     _launch("rank", _rank_gemm_kernel, lambda meta: (tiles, splits), args, device)
@@ -719,29 +761,35 @@ def backward(g, s, weight, A, B, lambda_d, lambda_b, *, in_features: int, with_b
     on_the_fly = B is None
     b_scale = projection_scale(r) if on_the_fly else 1.0
 
-    # dt = g (b ⊙ B): ds = d ⊙ dt and the dd partials (one row per row block) in the epilogue.
-    ds = new_output(m, _aligned_stride(r, dtype), dtype=dtype, device=device)[:, :r]
-    dd_part = new_output(triton.cdiv(m, rank_blocks(MODE_DT, m, r, on_the_fly, dtype == torch.float32)[0]), r,
-                                  dtype=torch.float32, device=device)
-    # g ⊙ b is formed tile by tile in registers and rounded (as the reference rounds it): dd is a sum
-    # that can cancel, and a different rounding order (g (b ⊙ B)) doubles its error in such cases.
-    # B generated on the fly has its rows along k (= out).
-    _rank_gemm(MODE_DT, g, _strides(g), B, _strides(B), m, r, n, dtype=dtype, device=device, d=lambda_d,
-               pscale=lambda_b, s=s, t=ds, red=dd_part, generate=on_the_fly, p_row_is_r=False, seed=seed, tag=TAG_B,
-               proj_scale=b_scale)
-    dd = _sum_rows(dd_part, lambda_d.dtype)
-
-    # G = gᵀ [s | 1] (out x r, K = M): db partials Σ_j B[n, j] d[j] G[n, j] (and dbias from the ones column).
+    # G = gᵀ s (out x r, K = M), split over M: in its epilogue the db partials Σ_j B[n, j] d[j] G[n, j], the dd
+    # partials Σ_n b[n] B[n, j] G[n, j] (dd = Σ_m dt ⊙ s regrouped, all in fp32: no rounding on its path but
+    # s's), with a trained bias the dbias partials Σ_m g from the g tiles its loop loads, and the fold
+    # b ⊙ B rounded once to the dtype (split 0's programs; B generated on the fly is rounded to the dtype
+    # first, as the materialized pair is, so both modes give the same bits).
     block_n, block_r = rank_blocks(MODE_G, n, r, on_the_fly, dtype == torch.float32)
-    rank_blocks_g = triton.cdiv(r + with_bias, block_r)
-    splits, _ = split_k(triton.cdiv(n, block_n) * rank_blocks_g, m, device, autotune.m_bucket(n))
+    row_blocks, rank_blocks_g = triton.cdiv(n, block_n), triton.cdiv(r, block_r)
+    splits, _ = split_k(row_blocks * rank_blocks_g, m, device, autotune.m_bucket(n))
     db_part = new_output(splits * rank_blocks_g, n, dtype=torch.float32, device=device)
+    dd_part = new_output(splits * row_blocks, r, dtype=torch.float32, device=device)
     dbias_part = new_output(splits, n, dtype=torch.float32, device=device) if with_bias else None
+    folded = workspace("folded B", n * _aligned_stride(r, dtype), dtype, device).view(n, -1)[:, :r]
     _rank_gemm(MODE_G, g, _strides(g, transpose=True), s, _strides(s), n, r, m, dtype=dtype, device=device,
-               d=lambda_d, red=db_part, b_mat=B, colsum=dbias_part, with_ones=with_bias, on_the_fly_b=on_the_fly,
-               seed=seed, proj_scale=b_scale)
+               d=lambda_d, t=folded, red=db_part, red2=dd_part, b_mat=B, lambda_b=lambda_b, colsum=dbias_part,
+               on_the_fly_b=on_the_fly, seed=seed, proj_scale=b_scale)
     db = _sum_rows(db_part, lambda_b.dtype)
+    dd = _sum_rows(dd_part, lambda_d.dtype)
     dbias = _sum_rows(dbias_part, dtype) if with_bias else None
+
+    # dt = g (b ⊙ B) (M x r, K = out) with the fold as the second operand: both tiles go from memory to the
+    # tensor cores' shared memory untouched, so the K loop keeps a wgmma group in flight (scaling g's tiles
+    # by b in registers made wgmma take them from registers and wait for itself every step). ds = d ⊙ dt
+    # in the epilogue; dt feeds dx alone (dd comes from G above), where each row's error is its own sum:
+    # rounding b ⊙ B (once per element, shared by every row) instead of g ⊙ b costs dx nothing, while for
+    # dd, a sum over M, it made the error grow with √M where g and s are correlated across rows
+    # (docs/DESIGN.md section 4).
+    ds = new_output(m, _aligned_stride(r, dtype), dtype=dtype, device=device)[:, :r]
+    _rank_gemm(MODE_DT, g, _strides(g), folded, _strides(folded), m, r, n, dtype=dtype, device=device, d=lambda_d,
+               t=ds)
 
     dx = None
     if need_dx:
