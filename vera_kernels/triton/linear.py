@@ -110,14 +110,11 @@ def _generated_tile(seed, tag, proj_scale, k0, n0, BLOCK_K: tl.constexpr, BLOCK_
 
 @triton.jit
 def _k_loop(acc, a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pn, k_begin, k_end, m0, n0, M, N,
-            scale_ptr, stride_scale, seed, tag, proj_scale,
-            GENERATE_P: tl.constexpr, P_ROW_IS_N: tl.constexpr, SCALE_P: tl.constexpr,
+            seed, tag, proj_scale, GENERATE_P: tl.constexpr, P_ROW_IS_N: tl.constexpr,
             OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += a[m0:m0+BLOCK_M, k_begin:k_end] @ p[k_begin:k_end, n0:n0+BLOCK_N], a and p by strides, or p
-    generated from the seed (GENERATE_P; p_ptr None). SCALE_P: 0 none; 1 a's columns (k) scaled by
-    scale[k] (dt = (g ⊙ b) B: the g tile, which wgmma takes from registers), the scaled tile rounded to the
-    storage dtype, as the reference rounds g ⊙ b."""
+    generated from the seed (GENERATE_P; p_ptr None)."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -132,9 +129,6 @@ def _k_loop(acc, a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pn, k_beg
         else:
             p = tl.load(p_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
             p_ptrs += BLOCK_K * stride_pk
-        if SCALE_P == 1:
-            k_scale = tl.load(scale_ptr + (k0 + offs_k) * stride_scale, mask=k_ok, other=0.0).to(tl.float32)
-            a = _round_to(a.to(tl.float32) * k_scale[None, :], OUT_KIND, INTERPRET)
         acc = _dot(a, p, acc, INTERPRET, IEEE)
         a_ptrs += BLOCK_K * stride_ak
     return acc
@@ -232,7 +226,7 @@ def _fused_gemm_kernel(
                 acc = _k_loop_tma(acc, t_desc, p_desc, K_ADAPTER, m0, n0, P_IS_NK, INTERPRET, IEEE, BLOCK_K)
             else:
                 acc = _k_loop(acc, t_ptr, stride_tm, stride_tk, p_ptr, stride_pk, stride_pn, 0, K_ADAPTER, m0, n0,
-                              M, N, scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, ON_THE_FLY, PROJ_ROW_IS_N, 0,
+                              M, N, seed, PROJ_TAG, proj_scale, ON_THE_FLY, PROJ_ROW_IS_N,
                               OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
             if HAS_IDS:
                 ids = tl.load(ids_ptr + offs_m.to(tl.int64) * stride_ids, mask=offs_m < M, other=-1)
@@ -246,7 +240,7 @@ def _fused_gemm_kernel(
                     acc = _k_loop_tma(acc, x_desc, w_desc, K_BASE, m0, n0, P_IS_NK, INTERPRET, IEEE, BLOCK_K)
                 else:
                     acc = _k_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, 0, K_BASE, m0, n0,
-                                  M, N, scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, False, False, 0,
+                                  M, N, seed, PROJ_TAG, proj_scale, False, False,
                                   OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         elif USE_TMA:
             # dx. Two pipelined loops (wgmma wait depth 1 each, a drain between them: sass.py): Triton does not
@@ -263,10 +257,10 @@ def _fused_gemm_kernel(
         else:
             if HAS_BASE_GEMM:
                 acc = _k_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, 0, K_BASE, m0, n0,
-                              M, N, scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, False, False, 0,
+                              M, N, seed, PROJ_TAG, proj_scale, False, False,
                               OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
             acc = _k_loop(acc, t_ptr, stride_tm, stride_tk, p_ptr, stride_pk, stride_pn, 0, K_ADAPTER, m0, n0, M, N,
-                          scale_ptr, stride_scale, seed, PROJ_TAG, proj_scale, ON_THE_FLY, PROJ_ROW_IS_N, 0,
+                          seed, PROJ_TAG, proj_scale, ON_THE_FLY, PROJ_ROW_IS_N,
                           OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -414,7 +408,7 @@ def _rank_gemm_kernel(
             tl.store(colsum_ptr + split.to(tl.int64) * M + offs_m, tl.sum(a_sum, axis=1), mask=offs_m < M)
     else:
         acc = _k_loop(acc, a_ptr, stride_am, stride_ak, p_ptr, stride_pk, stride_pr, k_begin, k_end, m0, r0, M, R,
-                      None, 0, seed, tag, proj_scale, GENERATE_P, P_ROW_IS_R, 0,
+                      seed, tag, proj_scale, GENERATE_P, P_ROW_IS_R,
                       OUT_KIND, INTERPRET, IEEE, BLOCK_M, BLOCK_R, BLOCK_K)
     if SPLIT:
         # Last-program reduction: each split stores its fp32 partial and takes a ticket; the program that
