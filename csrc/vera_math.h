@@ -412,20 +412,24 @@ constexpr int64_t kSmallWork = int64_t(1) << 15;
 // given row strides; bias (out, or null), d (r, `d_dtype`), b (out, `b_dtype`), y (rows x out) and s
 // (rows x r): contiguous. fp32 scratch: a row of x and t = d ⊙ s of that row (in + r floats, on the stack
 // up to 16 KB).
-struct SmallForward {
-  const void* x;
+struct SmallOperands {  // what the forward and the backward both read
   const void* W;
-  const void* bias;
-  const void* base_out;
   const void* A;
   const void* B;
-  int64_t x_stride, W_stride, base_stride, A_stride, B_stride;
+  int64_t W_stride, A_stride, B_stride;
   const void* d;
   const void* b;
-  void* y;
-  void* s;
   Dtype dtype, d_dtype, b_dtype;
   int64_t rows, in, r, out;
+};
+
+struct SmallForward : SmallOperands {
+  const void* x;
+  const void* bias;
+  const void* base_out;
+  int64_t x_stride, base_stride;
+  void* y;
+  void* s;
 };
 
 // The backward from g = dL/dy (rows x out) and the saved s (rows x r), both contiguous: per row m,
@@ -434,21 +438,13 @@ struct SmallForward {
 // and over the rows, in row order: dd[k] = Σ_m dt[k] s[m, k], db[j] = Σ_m g[m, j] u[j], dbias[j] = Σ_m g[m, j].
 // A null output is not computed. W, A, B: unit column strides, the given row strides; d, b, the outputs:
 // contiguous; dd and db in the vectors' dtypes, dx and dbias in `dtype`.
-struct SmallBackward {
+struct SmallBackward : SmallOperands {
   const void* g;
   const void* s;
-  const void* W;
-  const void* A;
-  const void* B;
-  int64_t W_stride, A_stride, B_stride;
-  const void* d;
-  const void* b;
   void* dx;
   void* dd;
   void* db;
   void* dbias;
-  Dtype dtype, d_dtype, b_dtype;
-  int64_t rows, in, r, out;
 };
 
 void fold_projection_cpu(const FoldProjection& p);

@@ -421,6 +421,28 @@ bool small_problem(at::ScalarType dtype, int64_t m, int64_t in, int64_t r, int64
 // A row stride that is right for the kernels' indexing also where the tensor has one row (any stride then).
 int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
 
+// The operands both small passes read (sizes already checked: A is r x in, B out x r); d and b contiguous, kept
+// alive by the caller.
+void set_small_operands(SmallOperands& p, const std::optional<at::Tensor>& weight, const at::Tensor& A,
+                        const at::Tensor& B, const at::Tensor& d, const at::Tensor& b, at::ScalarType dtype,
+                        int64_t rows) {
+  p.W = weight ? weight->const_data_ptr() : nullptr;
+  p.W_stride = weight ? row_stride(*weight) : 0;
+  p.A = A.const_data_ptr();
+  p.A_stride = row_stride(A);
+  p.B = B.const_data_ptr();
+  p.B_stride = row_stride(B);
+  p.d = d.const_data_ptr();
+  p.b = b.const_data_ptr();
+  p.dtype = kernel_dtype(dtype);
+  p.d_dtype = kernel_dtype(d.scalar_type());
+  p.b_dtype = kernel_dtype(b.scalar_type());
+  p.rows = rows;
+  p.in = A.size(1);
+  p.r = A.size(0);
+  p.out = B.size(0);
+}
+
 void small_forward(const at::Tensor& y, const at::Tensor& s, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
                    const at::Tensor& lambda_d, const at::Tensor& lambda_b, const std::optional<at::Tensor>& base_out) {
@@ -428,28 +450,14 @@ void small_forward(const at::Tensor& y, const at::Tensor& s, const at::Tensor& x
   const at::Tensor d = lambda_d.contiguous(), b = lambda_b.contiguous();
   const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
   SmallForward p;
+  set_small_operands(p, weight, A, B, d, b, x.scalar_type(), x.size(0));
   p.x = x.const_data_ptr();
   p.x_stride = row_stride(x);
-  p.W = weight ? weight->const_data_ptr() : nullptr;
-  p.W_stride = weight ? row_stride(*weight) : 0;
   p.bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
   p.base_out = base_out ? base_out->const_data_ptr() : nullptr;
   p.base_stride = base_out ? row_stride(*base_out) : 0;
-  p.A = A.const_data_ptr();
-  p.A_stride = row_stride(A);
-  p.B = B.const_data_ptr();
-  p.B_stride = row_stride(B);
-  p.d = d.const_data_ptr();
-  p.b = b.const_data_ptr();
   p.y = y.data_ptr();
   p.s = s.data_ptr();
-  p.dtype = kernel_dtype(x.scalar_type());
-  p.d_dtype = kernel_dtype(d.scalar_type());
-  p.b_dtype = kernel_dtype(b.scalar_type());
-  p.rows = x.size(0);
-  p.in = x.size(1);
-  p.r = A.size(0);
-  p.out = B.size(0);
   small_forward_cpu(p);
 }
 
@@ -460,27 +468,13 @@ void small_backward(const std::optional<at::Tensor>& dx, const std::optional<at:
   RECORD_FUNCTION("vera::small_backward", std::vector<c10::IValue>({g, s, A, B, lambda_d, lambda_b}));
   const at::Tensor d = lambda_d.contiguous(), b = lambda_b.contiguous();
   SmallBackward p;
+  set_small_operands(p, weight, A, B, d, b, g.scalar_type(), g.size(0));
   p.g = g.const_data_ptr();
   p.s = s.const_data_ptr();
-  p.W = weight ? weight->const_data_ptr() : nullptr;
-  p.W_stride = weight ? row_stride(*weight) : 0;
-  p.A = A.const_data_ptr();
-  p.A_stride = row_stride(A);
-  p.B = B.const_data_ptr();
-  p.B_stride = row_stride(B);
-  p.d = d.const_data_ptr();
-  p.b = b.const_data_ptr();
   p.dx = dx ? dx->data_ptr() : nullptr;
   p.dd = dd ? dd->data_ptr() : nullptr;
   p.db = db ? db->data_ptr() : nullptr;
   p.dbias = dbias ? dbias->data_ptr() : nullptr;
-  p.dtype = kernel_dtype(g.scalar_type());
-  p.d_dtype = kernel_dtype(d.scalar_type());
-  p.b_dtype = kernel_dtype(b.scalar_type());
-  p.rows = g.size(0);
-  p.in = A.size(1);
-  p.r = A.size(0);
-  p.out = g.size(1);
   small_backward_cpu(p);
 }
 
