@@ -35,13 +35,20 @@ def capture(monkeypatch):
     return Switch
 
 
-def _forward(m, seed=0):
+def _forward(m, seed=0, backward=False):
+    """y and s of the Triton forward; with ``backward``, also dx, dd, db and dbias (the backward's workspaces:
+    the fold b ⊙ B, split partials and tickets)."""
     from vera_kernels.triton import linear
 
     torch.manual_seed(seed)
     p = verify.random_problem(m, 40, 48, 24, seed=seed)
     p = {k: (v.float() if k.startswith("lambda") else v.to(torch.bfloat16)) for k, v in p.items()}
-    return linear.forward(p["x"], p["weight"], p["bias"], p["A"], p["B"], p["lambda_d"], p["lambda_b"], None, 0, 40)
+    y, s = linear.forward(p["x"], p["weight"], p["bias"], p["A"], p["B"], p["lambda_d"], p["lambda_b"], None, 0, 40)
+    if not backward:
+        return y, s
+    grads = linear.backward(torch.randn_like(y), s, p["weight"], p["A"], p["B"], p["lambda_d"], p["lambda_b"],
+                            in_features=40, with_bias=True, need_dx=True, seed=0, max_in=40)
+    return (y, s, *grads)
 
 
 def test_the_query_is_the_current_streams_capture_status(backend, capture):
@@ -50,11 +57,11 @@ def test_the_query_is_the_current_streams_capture_status(backend, capture):
     assert buffers.graph_capturing() and buffers.graph_capturing(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("m", [4, 40])  # decode (split-K partials, t) and a larger M (t, the fold)
+@pytest.mark.parametrize("m", [4, 40])  # decode (split-K partials and tickets, t) and a larger M
 def test_a_capture_takes_no_cached_workspace_and_leaves_the_cache_alone(backend, capture, monkeypatch, m):
     from vera_kernels.triton import linear
 
-    _forward(m)  # eager: the cache holds this M's workspaces
+    _forward(m, backward=True)  # eager: the cache holds this M's workspaces, the backward's too
     cached = dict(linear._workspaces)
     assert cached
     handed_out = []
@@ -66,23 +73,26 @@ def test_a_capture_takes_no_cached_workspace_and_leaves_the_cache_alone(backend,
 
     capture.on = True
     for captured_m in (m, 2 * m + 7):  # the same M (fits the cache) and a larger one (would grow it)
-        captured = _forward(captured_m, seed=captured_m)
+        captured = _forward(captured_m, seed=captured_m, backward=True)
         assert handed_out and not storages(handed_out) & storages(linear._workspaces.values())
         assert linear._workspaces.keys() == cached.keys()
         assert all(linear._workspaces[k] is v for k, v in cached.items())
         assert all(torch.isfinite(t).all() for t in captured)
     capture.on = False
     # Eager again, larger still: the cache grows (old buffers freed), none of them was a graph's.
-    during_capture = storages(handed_out)
+    # The capture's buffers stay referenced, as a graph's pool keeps them reserved (on CPU, freed memory could
+    # come back to the eager call below).
+    graphs_buffers = list(handed_out)
+    during_capture = storages(graphs_buffers)
     handed_out.clear()
-    _forward(8 * m + 3)
+    _forward(8 * m + 3, backward=True)
     assert not during_capture & storages(cached.values()) and not during_capture & storages(linear._workspaces.values())
 
 
 def test_captured_results_equal_eager_ones(backend, capture):
-    eager = _forward(9, seed=3)
+    eager = _forward(9, seed=3, backward=True)
     capture.on = True
-    captured = _forward(9, seed=3)
+    captured = _forward(9, seed=3, backward=True)
     assert all(torch.equal(verify.bits_of(a), verify.bits_of(b)) for a, b in zip(eager, captured, strict=True))
 
 

@@ -393,7 +393,7 @@ def test_persistent_grid_walks_every_tile(backend, pinned):
 
 @pytest.mark.parametrize("m", [1, 40, 300])
 def test_forward_is_two_launches_at_every_m(backend, m):
-    # The shrink and the GEMM, whose rank sum b scales in its epilogue-free prologue: no fold of b ⊙ B (it
+    # The shrink and the GEMM, which scales its rank sum by b: no fold of b ⊙ B (it
     # was a third launch for M > 16), in the pointer variant and the TMA one alike.
     from vera_kernels.triton import linear
 
