@@ -21,7 +21,7 @@ from vera_kernels import apply_vera, from_peft, to_lora  # noqa: E402
 from vera_kernels.lora_export import cached_export, exact_factors, export_adapter_file, round_once  # noqa: E402
 from vera_kernels.verify import relative_error  # noqa: E402
 
-from test_peft import MODELS, VOCAB, Suffixes, build, peft_vera, randomize  # noqa: E402
+from test_peft import MODELS, VOCAB, _trained_suffixes, build, peft_vera, randomize  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "base_model.model."
@@ -149,17 +149,8 @@ def test_to_lora_of_a_from_peft_model_is_peft_vera_exactly(tmp_path):
 
 @pytest.mark.parametrize("case", ["bias_vera_only", "bias_all", "trained_head"])
 def test_to_lora_exports_every_trained_tensor(case, tmp_path):
-    torch.manual_seed(0)
-    base = Suffixes().eval()
     bias = {"bias_vera_only": "vera_only", "bias_all": "all"}.get(case, "none")
-    ours = apply_vera(copy.deepcopy(base), r"fc|sub\.fc", rank=4, seed=11, bias=bias)
-    if case == "trained_head":
-        ours.head.requires_grad_(True)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in ours.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    base, ours = _trained_suffixes(bias=bias, head=case == "trained_head")
     x = torch.randn(5, 12)
     want = ours(x).detach()
     lora = to_lora(ours)
