@@ -381,7 +381,13 @@ def describe_compiled(row: dict) -> str:
     units = "tiles" if row["units"] != row["programs"] else "programs"
     return (f"{row['sm']} {row['config']}: {row['registers']} regs, {row['shared'] / 1024:.0f} KB smem, "
             f"{row['blocks_per_sm']} block(s)/SM, {row['programs']} programs, {row['waves']:.2f} waves of {units}; "
-            f"{row['pipeline']['summary']}; est. {kernel_efficiency(row):.0%} of peak")
+            f"{row['pipeline']['summary']}{_judged(row)}; est. {kernel_efficiency(row):.0%} of peak")
+
+
+def _judged(row: dict) -> str:
+    """The static check's verdict on the pipeline: the findings it lets pass (and why), those it fails."""
+    out = "".join(f" (allowed: {text})" for text in row.get("pipeline_allowed", ()))
+    return out + "".join(f" (BREAKS THE RULE: {text})" for text in row.get("pipeline_violations", ()))
 
 
 def compiled_facts(shape: dict) -> dict:

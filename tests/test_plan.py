@@ -314,6 +314,8 @@ def test_compiled_facts_attach_in_launch_order():
                 plan.Launch("triton::_rank", [], 1e12, 0, 0)]
     p = plan.Plan("triton", {"backward": launches})
     first, second = _compiled_row("_rank", [(True, 0)], store="TMA"), _compiled_row("_rank", [(True, 1)], store="TMA")
+    first["pipeline_violations"] = ["wgmma K loop at 0x0 waits to depth 0"]  # the static check's verdicts
+    second["pipeline_allowed"] = ["1 drain(s) [b scales the finished rank sum]"]
     at_peak = launches[0].seconds()
     plan.attach_facts(p, {"forward": [], "backward": [first, _compiled_row("_sum", []), second]})
     assert launches[0].efficiency == pytest.approx(plan.WGMMA_WAIT_ZERO)
@@ -321,6 +323,8 @@ def test_compiled_facts_attach_in_launch_order():
     assert launches[1].efficiency == 1.0 and "wgmma" not in launches[1].facts
     assert launches[0].seconds() == pytest.approx(at_peak / plan.WGMMA_WAIT_ZERO)
     assert "est. 35% of peak" in launches[0].facts
+    assert "(BREAKS THE RULE: wgmma K loop at 0x0 waits to depth 0)" in launches[0].facts
+    assert "(allowed: 1 drain(s) [b scales the finished rank sum])" in launches[2].facts
 
 
 def test_triton_decode_is_two_launches():
