@@ -5,6 +5,8 @@ Implementations of one adapted linear layer (x: M x in, W0: out x in frozen, bia
   merged        FusedVeRALinear after merge(): the base GEMM on W0 + ΔW (inference only)
   vera-<b>      FusedVeRALinear on each fused backend b that runs here (cpu; triton and cuda on a GPU; the
                 Triton interpreter's timings say nothing, so never on CPU)
+  vera-triton-pointers  on a GPU, at the first layer's training Ms: vera-triton with the fused GEMM on pointer
+                (cp.async) loads instead of TMA descriptors (one K loop for dx against one per source)
   unfused       the card's formula in plain torch, autograd's backward: y = x W0ᵀ + bias + ((x Aᵀ) d) Bᵀ b
   peft          PEFT's own VeRA layer, eager (its defaults: λ vectors in fp32)
   peft-compile  the same under torch.compile (only a few shapes: each compiles for tens of seconds)
@@ -35,6 +37,7 @@ Settings come from the environment (the suite runs under plain ``pytest bench/ -
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
@@ -64,6 +67,11 @@ DRY_RUN = dict(dtype=torch.float32, layers=[(64, 96)], ranks=[16], ms=[32, 1], r
 DECODE_M = 16  # M at or under this: decode, forward only (nobody trains on one token)
 LORA_RANKS = (8, 64)
 GRAPHED = ("base", "peft", "lora-8")  # besides the fused backends: replayed from a CUDA graph at decode M
+# The Triton backend with its fused GEMM on pointer (cp.async) loads where it would take TMA descriptors:
+# dx then runs one K loop over [in | r] (no drain), the TMA variant a loop per source with one drain per
+# tile (docs/DESIGN.md section 4, "a TMA loop per source"). Timed beside vera-triton at the primary shape's
+# training Ms so that the GPU says which pipeline the default should be.
+POINTER_LOADS = "vera-triton-pointers"
 GROUPS = ("target", "decode", "compile", "rest")
 
 
@@ -125,6 +133,8 @@ def cases(device: str = DEVICE, quick: bool | None = None, dry_run: bool | None 
                         if pass_ == "forward":
                             out.append(Case("merged", pass_, m, in_f, out_f, None))
                     out += [Case(impl, pass_, m, in_f, out_f, rank) for impl in vera]
+                    if primary and device == "cuda" and "vera-triton" in vera and m > DECODE_M and pass_ != "backward":
+                        out.append(Case(POINTER_LOADS, pass_, m, in_f, out_f, rank))
                     # torch.compile: the largest decode M and the largest M of the primary shapes only (the
                     # dry run: the first of those, the plumbing of bench/gpu_check.sh's compile step).
                     if (primary and m in (max(decode_ms, default=None), max(s["ms"])) and pass_ != "backward"
@@ -197,6 +207,14 @@ class Unfused(nn.Module):
         return self.linear(x) + ((x @ self.A.t()) * d) @ self.B.t() * b
 
 
+@contextlib.contextmanager
+def _pointer_loads():
+    from vera_kernels.triton import linear
+
+    with linear.forced_tma(False):
+        yield
+
+
 def _randomize(parameters) -> None:
     # PEFT starts lambda_b and lora_B at 0: train from a nonzero point, as after a few steps (same cost).
     with torch.no_grad():
@@ -216,7 +234,7 @@ def build(impl: str, in_features: int, out_features: int, rank: int | None, dtyp
     if impl == "base":
         return Layer(linear, [], base_storages)
     if impl in ("merged",) or impl.startswith("vera-"):
-        backend = impl.removeprefix("vera-") if impl != "merged" else "auto"
+        backend = "auto" if impl == "merged" else "triton" if impl == POINTER_LOADS else impl.removeprefix("vera-")
         layer = vera_kernels.FusedVeRALinear.from_linear(linear, rank or settings(device)["ranks"][0], backend=backend)
         _randomize([layer.lambda_d, layer.lambda_b])
         if impl == "merged":
@@ -262,6 +280,8 @@ class Runner:
         self.layer = build(case.impl.removesuffix("+graph"), case.in_features, case.out_features, case.rank, dtype,
                            device)
         self.graph = None
+        # Every call of the layer (forward and backward) under the case's load variant.
+        self.loads = _pointer_loads if case.impl == POINTER_LOADS else contextlib.nullcontext
         torch.manual_seed(1)
         self.x = torch.randn(case.m, case.in_features, device=device, dtype=dtype, requires_grad=True)
         self.grad = torch.randn(case.m, case.out_features, device=device, dtype=dtype)
@@ -278,21 +298,23 @@ class Runner:
     def setup(self):
         self._clear_grads()
         if self.case.pass_ == "backward":
-            self.y = self.layer.module(self.x)
+            with self.loads():
+                self.y = self.layer.module(self.x)
         if self._flush is not None:
             self._flush.zero_()
 
     def op(self):
-        if self.graph is not None:
-            self.graph.replay()
-        elif self.case.pass_ == "forward":
-            with torch.no_grad():
-                self.layer.module(self.x)
-        elif self.case.pass_ == "backward":
-            self.y.backward(self.grad)
-            self.y = None
-        else:
-            self.layer.module(self.x).backward(self.grad)
+        with self.loads():
+            if self.graph is not None:
+                self.graph.replay()
+            elif self.case.pass_ == "forward":
+                with torch.no_grad():
+                    self.layer.module(self.x)
+            elif self.case.pass_ == "backward":
+                self.y.backward(self.grad)
+                self.y = None
+            else:
+                self.layer.module(self.x).backward(self.grad)
 
     def target(self):
         """The timed call: on a GPU the op between two CUDA events, then a sync (for the wall clock)."""
@@ -331,7 +353,8 @@ class Runner:
         """Bytes of the distinct storages autograd saves for backward in one forward (None for inference)."""
         if self.case.pass_ == "forward":
             return None
-        return saved_activation_bytes(self.layer.module, self.x, self.layer.owned)
+        with self.loads():
+            return saved_activation_bytes(self.layer.module, self.x, self.layer.owned)
 
     def peak_bytes(self) -> int | None:
         """What one op adds to the allocated memory at its peak (GPU only: torch's CPU allocator keeps no count)."""

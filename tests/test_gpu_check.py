@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "bench")
 sys.path.insert(0, BENCH)
@@ -411,3 +412,42 @@ def test_each_case_is_recorded_as_it_finishes(tmp_path):
         assert "test_generate_projections" in row["test"] and row["median_seconds"] > 0 and row["rounds"] >= 1
         assert row["extra_info"]["elements"] > 0 and row["kernels"] == [] and row["autotune"] == []
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_the_pointer_loads_variant_is_timed_beside_vera_triton(monkeypatch):
+    # On a GPU with the Triton backend: vera-triton-pointers after vera-triton's case of the same pass and M,
+    # at the primary shape's training Ms, forward and forward+backward (the target group: it decides a default).
+    monkeypatch.setattr(harness, "fused_backends", lambda device=harness.DEVICE: ["triton", "cuda"])
+    cases = harness.cases("cuda", quick=False, dry_run=False)
+    pointers = [c for c in cases if c.impl == harness.POINTER_LOADS]
+    assert {(c.m, c.pass_) for c in pointers} == {(m, p) for m in (8192, 2048, 512) for p in ("forward", "forward+backward")}
+    assert all((c.in_features, c.out_features, c.rank) == (4096, 4096, 256) for c in pointers)
+    assert {harness.group(c, "cuda", quick=False, dry_run=False) for c in pointers} == {"target"}
+    for c in pointers:
+        assert cases.index(harness.Case("vera-triton", c.pass_, c.m, 4096, 4096, 256)) < cases.index(c)
+    monkeypatch.setattr(harness, "fused_backends", lambda device=harness.DEVICE: ["cuda"])
+    assert not any(c.impl == harness.POINTER_LOADS for c in harness.cases("cuda", quick=False, dry_run=False))
+
+
+@pytest.mark.parametrize("impl, expected", [(harness.POINTER_LOADS, False), ("vera-triton", None)])
+def test_every_call_of_the_pointer_loads_variant_refuses_descriptors(monkeypatch, impl, expected):
+    """Its forward and its backward both run with linear.FORCE_TMA False (pointer loads), and the setting is
+    put back after each call; vera-triton keeps the default (None: descriptors where they can address)."""
+    pytest.importorskip("triton")
+    from vera_kernels.triton import linear
+
+    seen = []
+    real = linear._fused_gemm
+
+    def spy(*args, **kwargs):
+        seen.append(linear.FORCE_TMA)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(linear, "_fused_gemm", spy)
+    harness.build.cache_clear()
+    runner = harness.Runner(harness.Case(impl, "forward+backward", 40, 64, 96, 16), torch.float32, device="cpu")
+    runner.setup()
+    runner.op()
+    harness.build.cache_clear()
+    assert len(seen) == 2 and seen == [expected, expected]  # the forward's GEMM, then dx's
+    assert linear.FORCE_TMA is None

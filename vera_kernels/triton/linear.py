@@ -43,6 +43,7 @@ Offsets: row indices are widened to int64 before they are multiplied by a stride
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -557,8 +558,19 @@ def tma_ok(*tensors) -> bool:
 
 
 # None: tensor descriptors on sm_90+ (and under the interpreter) when tma_ok; True/False forces the choice
-# (the static check compiles both variants; tests compare them).
+# (the static check compiles both variants; tests compare them; the GPU benchmark times both).
 FORCE_TMA: bool | None = None
+
+
+@contextlib.contextmanager
+def forced_tma(tma: bool | None):
+    """Within this block the fused GEMM takes tensor descriptors (True, where tma_ok) or pointers (False)."""
+    global FORCE_TMA
+    previous, FORCE_TMA = FORCE_TMA, tma
+    try:
+        yield
+    finally:
+        FORCE_TMA = previous
 
 
 def _tma_capable(device: torch.device) -> bool:

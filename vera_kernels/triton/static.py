@@ -176,27 +176,18 @@ def captured():
         autotune._capture = None
 
 
-@contextlib.contextmanager
-def _forced_tma(tma: bool):
-    from . import linear
-
-    previous, linear.FORCE_TMA = linear.FORCE_TMA, tma
-    try:
-        yield
-    finally:
-        linear.FORCE_TMA = previous
-
-
 def capture(scenarios=SCENARIOS, dtypes=DTYPES, ms=MS) -> list[tuple[str, torch.dtype, int, object]]:
     """(scenario name, dtype, M, autotune.Launch) of every launch of every scenario (the scenario's archs
     in ``launch_archs``)."""
+    from . import linear
+
     out = []
     for scenario in scenarios:
         for dtype in dtypes:
             for m in ms:
                 torch.manual_seed(0)
                 problem = Problem(dtype, m)
-                with captured() as launches, _forced_tma(scenario.tma):
+                with captured() as launches, linear.forced_tma(scenario.tma):
                     scenario.call(problem)
                 out += [(scenario.name, dtype, m, launch) for launch in launches]
                 _LAUNCH_ARCHS[scenario.name] = scenario.archs
@@ -615,7 +606,7 @@ def plan_rows(m: int, in_features: int, out_features: int, rank: int, dtype: tor
     passes = {"forward": lambda p: _forward(p), "backward": lambda p: _backward(p, with_bias=False)}
     out, done = {}, {}
     for name, call in passes.items():
-        with captured() as launches, _forced_tma(tma):
+        with captured() as launches, linear.forced_tma(tma):
             call(problem)
         rows = []
         for launch in launches:
