@@ -4,12 +4,13 @@ docs/DESIGN.md section 4): two GEMMs over the same K concatenation [x | t] · [w
   per_step                    ONE K loop that picks its two descriptors per step,
   per_step_warp_specialized   the same loop under Triton's automatic warp specialization,
   two_loops                   a K loop per source, one accumulator (what the fused GEMM does),
-and each one's software pipeline as its SASS has it (sass.py), as JSON on stdout.
+and each one's software pipeline as its SASS has it (sass.py), as JSON on stdout; the exit status is 1 when
+the evidence no longer holds (``problems``: a Triton that pipelines the one loop).
 
     python tests/pipeline_probes.py          (no GPU; needs cuobjdump; never under TRITON_INTERPRET)
 
-tests/test_static.py runs it: while Triton compiles per_step to a wgmma wait to depth 0 every step, the two
-loops and their one drain per tile are the better pipeline; the day it does not, the test says so.
+tests/test_static.py runs it under the newest Triton, CI under Triton 3.6 too: while Triton compiles per_step
+to a wgmma wait to depth 0 every step, the two loops and their one drain per tile are the better pipeline.
 """
 
 import json
@@ -98,7 +99,25 @@ def main() -> dict:
     return out
 
 
+def problems(probes: dict) -> list[str]:
+    """What no longer holds of the allowance's evidence (empty: it all holds)."""
+    out = []
+    for name in ("per_step", "per_step_warp_specialized"):
+        if not any(loop["wgmma"] and loop["wait_depth"] == 0 for loop in probes[name]["loops"]):
+            out.append(f"Triton {triton.__version__} pipelines {name} ({probes[name]['summary']}): fold the fused "
+                       "GEMM's TMA loops into one and drop the allowance 'a TMA loop per source'")
+    two = probes["two_loops"]
+    if [loop["wait_depth"] for loop in two["loops"]] != [1, 1] or two["drains"] != 1 or two["store"] != "TMA":
+        out.append(f"two_loops is not two loops at depth 1 with one drain and a TMA store: {two['summary']}")
+    return out
+
+
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("run with TRITON_INTERPRET unset: this compiles for sm_90a")
-    print(json.dumps(dict(triton=triton.__version__, **main())))
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    probes = main()
+    print(json.dumps(dict(triton=triton.__version__, **probes)))
+    found = problems(probes)
+    print("\n".join(found) or f"Triton {triton.__version__}: the evidence holds", file=sys.stderr)
+    sys.exit(1 if found else 0)
