@@ -63,18 +63,6 @@ class Pipeline:
     drains: int = 0  # how many consecutive K-loop pairs drain between them
     store: str = "none"  # "TMA", "STG.E.128", ... or "none"
 
-    @property
-    def waits_to_zero(self) -> bool:
-        return any(loop.wgmma and loop.wait_depth == 0 for loop in self.loops)
-
-    def violations(self) -> list[str]:
-        """The failing rule's findings: a wgmma K loop that waits to depth 0, a drain between K loops."""
-        out = [f"wgmma K loop at {loop.start:#x} waits to depth 0" for loop in self.loops
-               if loop.wgmma and loop.wait_depth == 0]
-        if self.drains:
-            out.append(f"{self.drains} drain(s) between K loops")
-        return out
-
     def describe(self) -> str:
         loops = "; ".join(loop.describe() for loop in self.loops) or "no K loop"
         return f"{loops}; drains {self.drains}; store {self.store}"

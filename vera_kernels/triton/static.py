@@ -452,7 +452,7 @@ def judge_pipeline(kernel: str, flags: str, pipeline: dict) -> tuple[list[str], 
     loops = [sass.KLoop(**loop) for loop in pipeline["loops"]]
     waits = [loop for loop in loops if loop.wgmma and loop.wait_depth == 0]
     drains = pipeline["drains"]
-    violations, allowed = [], []
+    allowed = []
     for allowance in allowances(kernel, flags):
         take_waits, take_drains = min(len(waits), allowance.waits_to_zero), min(drains, allowance.drains)
         if take_waits:
