@@ -770,7 +770,8 @@ def main(argv=None) -> int:
 
 
 def static_main(json_path: str | None = None) -> int:
-    """``--static``: the table and the totals; exit status 1 when a kernel fails to compile or spills."""
+    """``--static``: the table and the totals; exit status 1 when a kernel fails to compile, spills or breaks
+    the pipeline rule (static.passed)."""
     from .triton import static
 
     result = static.report()

@@ -3,7 +3,8 @@ of time for sm_90a and sm_80 in every dtype, every constexpr combination an op c
 configuration autotuning can pick for it; each cubin read with cuobjdump (registers, shared memory, local
 memory and stack, the SASS instruction mix: HGMMA/HMMA are the tensor cores).
 
-    python -m vera_kernels.verify --static [--json PATH]        the table; exit 1 on a failure or a spill
+    python -m vera_kernels.verify --static [--json PATH]        the table; exit 1 on a failure, a spill or
+                                                                a pipeline finding no allowance names
     python -m vera_kernels.triton.static [--kernel NAME] [--dtype bf16] [--scenario NAME] [--configs first]
 
 How. Each line of SCENARIOS is a host call of the package (an op in one mode) made on CPU tensors of a
@@ -685,7 +686,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Print the table and the totals; exit 1 when a kernel fails to compile or spills."""
+    """Print the table and the totals; exit 1 unless ``passed`` (no compile failure, spill, pipeline finding
+    beyond its allowances, nor, in a full run, a stale allowance)."""
     args = parser().parse_args(argv)
     if args.plan:
         m, k, n, r = map(int, args.plan.split(","))
