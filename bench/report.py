@@ -31,7 +31,8 @@ import sys
 import torch
 
 IMPL_ORDER = ["base", "merged", "vera-cuda", "vera-triton", "vera-triton-pointers", "vera-cpu", "unfused", "peft",
-              "peft-compile", "lora-8", "lora-64", "base+graph", "vera-cuda+graph", "vera-triton+graph", "peft+graph", "lora-8+graph"]
+              "peft-compile", "lora-8", "lora-64", "base+graph", "vera-cuda+graph", "vera-triton+graph", "peft+graph",
+              "lora-8+graph"]
 PASS_ORDER = ["forward", "backward", "forward+backward"]
 
 # A row whose IQR exceeds this fraction of its median is too noisy for its ratios to mean anything at the

@@ -1,6 +1,6 @@
 """The compiled evidence behind the static check's allowance "a TMA loop per source" (static.py,
-docs/DESIGN.md section 4): two GEMMs over the same K concatenation [x | t] · [w ; p] with tensor-descriptor
-(TMA) loads, compiled for sm_90a in bf16 at the fused GEMM's wide tile,
+docs/DESIGN.md section 4): three forms of one GEMM over the K concatenation [x | t] · [w ; p] with
+tensor-descriptor (TMA) loads, compiled for sm_90a in bf16 at the fused GEMM's wide tile,
   per_step                    ONE K loop that picks its two descriptors per step,
   per_step_warp_specialized   the same loop under Triton's automatic warp specialization,
   two_loops                   a K loop per source, one accumulator (what the fused GEMM does),
