@@ -2,7 +2,7 @@
 docs/DESIGN.md section 4): three forms of one GEMM over the K concatenation [x | t] · [w ; p] with
 tensor-descriptor (TMA) loads, compiled for sm_90a in bf16 at the fused GEMM's wide tile,
   per_step                    ONE K loop that picks its two descriptors per step,
-  per_step_warp_specialized   the same loop under Triton's automatic warp specialization,
+  per_step_warp_specialized   the same kernel with that loop under Triton's automatic warp specialization,
   two_loops                   a K loop per source, one accumulator (what the fused GEMM does),
 and each one's software pipeline as its SASS has it (sass.py), as JSON on stdout; the exit status is 1 when
 the evidence no longer holds (``problems``: a Triton that pipelines the one loop).
@@ -30,31 +30,13 @@ BLOCK_M, BLOCK_N, BLOCK_K, WARPS, STAGES = 128, 256, 64, 8, 3  # the TMA forward
 
 
 @triton.jit
-def per_step(xd, wd, td, pd, od, K_BASE, K_ADAPTER,
+def per_step(xd, wd, td, pd, od, K_BASE, K_ADAPTER, WARP_SPECIALIZE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     n0 = tl.program_id(1) * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     base_steps = tl.cdiv(K_BASE, BLOCK_K)
-    for step in range(0, base_steps + tl.cdiv(K_ADAPTER, BLOCK_K)):
-        if step < base_steps:
-            a = xd.load([m0, step * BLOCK_K])
-            p = wd.load([step * BLOCK_K, n0])
-        else:
-            a = td.load([m0, (step - base_steps) * BLOCK_K])
-            p = pd.load([(step - base_steps) * BLOCK_K, n0])
-        acc = tl.dot(a, p, acc)
-    od.store([m0, n0], acc.to(tl.bfloat16))
-
-
-@triton.jit
-def per_step_warp_specialized(xd, wd, td, pd, od, K_BASE, K_ADAPTER,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    m0 = tl.program_id(0) * BLOCK_M
-    n0 = tl.program_id(1) * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    base_steps = tl.cdiv(K_BASE, BLOCK_K)
-    for step in tl.range(0, base_steps + tl.cdiv(K_ADAPTER, BLOCK_K), warp_specialize=True):
+    for step in tl.range(0, base_steps + tl.cdiv(K_ADAPTER, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
         if step < base_steps:
             a = xd.load([m0, step * BLOCK_K])
             p = wd.load([step * BLOCK_K, n0])
@@ -89,13 +71,14 @@ def main() -> dict:
                 od=desc(m, n, [BLOCK_M, BLOCK_N]), K_BASE=k, K_ADAPTER=r)
     config = triton.Config(dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K), num_warps=WARPS,
                            num_stages=STAGES)
+    forms = dict(per_step=(per_step, False), per_step_warp_specialized=(per_step, True), two_loops=(two_loops, None))
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["TRITON_CACHE_DIR"] = tmp
-        for fn in (per_step, per_step_warp_specialized, two_loops):
-            signature, constexprs, attrs = static.compile_spec(fn, args, config)
+        for name, (fn, warp_specialize) in forms.items():
+            signature, constexprs, attrs = static.compile_spec(fn, dict(args, WARP_SPECIALIZE=warp_specialize), config)
             compiled = static._compile(fn, signature, constexprs, attrs, WARPS, STAGES, 90)
-            out[fn.__name__] = static.analyse(compiled.asm["cubin"], tmp)["pipeline"]
+            out[name] = static.analyse(compiled.asm["cubin"], tmp)["pipeline"]
     return out
 
 
